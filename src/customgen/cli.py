@@ -1,0 +1,105 @@
+"""`customgen` command line: thin wiring over the package.
+
+Exit codes: 0 success; 2 bad input or usage (one line `error: ...` on stderr, no traceback);
+1 unexpected failure. `--debug` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+from customgen.errors import Notice, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _cmd_inspect(args) -> int:
+    from customgen.models import load_components
+    from customgen.models.inspect import format_report, inspect_components
+
+    comps = load_components(args.ref, meta=True)  # architecture only: counts need no weights
+    report = inspect_components(comps, rank=args.rank)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_data_scan(args) -> int:
+    from customgen.data import format_summary, scan_report
+
+    report = scan_report(
+        args.root, layout=args.layout, out=args.out, seed=args.seed, overwrite=args.overwrite,
+        min_size=args.min_size,
+    )
+    print(format_summary(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI surface (documented in the README)."""
+    p = _Parser(prog="customgen", description="Customized image generation with Stable Diffusion v1.5.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("inspect", help="components, classes and parameter counts of a model reference")
+    s.add_argument("ref", help="Hub id, local folder, .safetensors file, tiny or sd15-random")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--rank", type=int, default=4, help="LoRA rank for the LoRA parameter count")
+    s.set_defaults(func=_cmd_inspect)
+
+    d = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    s = d.add_parser("scan", help="scan a dataset, write the selection JSON and a report")
+    s.add_argument("root")
+    s.add_argument("--layout", choices=["wikiart", "coco", "folder", "kohya"], default=None,
+                   help="how ROOT is organised (default: detect)")
+    s.add_argument("--out", type=Path, default=None, help="write content/style selection JSON and the report here")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--min-size", type=int, default=64, help="shorter side below this is listed as small")
+    s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    s.set_defaults(func=_cmd_data_scan)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+EXTRA_COMMANDS: list = []  # (subparsers) -> None; train/stylize/evaluate/demo add themselves here
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            if not debug:  # library deprecation chatter is for developers; users see our notices
+                warnings.simplefilter("ignore")
+                warnings.simplefilter("always", Notice)
+            warnings.formatwarning = lambda msg, cat, *a, **k: f"note: {msg}\n"
+            return int(args.func(args) or 0)
+    except UserError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: unexpected failure: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

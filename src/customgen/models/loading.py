@@ -1,0 +1,222 @@
+"""Model references → SD v1.5 components: a Hub id, a local diffusers folder, a single file, or a
+reserved reference (`tiny`, `sd15-random`). The safety checker is never loaded (its false-positive
+black images poison metrics)."""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from customgen.errors import Notice, UserError
+from customgen.models.builders import RESERVED, Components, build_reserved
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+ALIASES = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # deleted from the Hub in 2024
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+UNREACHABLE = (
+    "cannot load {ref!r}: its weights are not on this machine and the Hub cannot be reached. "
+    "On Kaggle turn on Internet in the notebook settings, or attach the model as an input and pass "
+    "its path (e.g. --model /kaggle/input/...); or pass a local diffusers folder or a .safetensors file"
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference: `kind` is tiny | sd15-random | hub | local | single-file."""
+
+    kind: str
+    value: str
+
+
+def resolve_ref(ref: str | Path) -> ModelRef:
+    """Classify a model reference (one-line warning for the deleted runwayml id)."""
+    ref = str(ref).strip()
+    if ref in RESERVED:
+        return ModelRef(ref, ref)
+    if ref in ALIASES:
+        warnings.warn(f"{ref} was deleted from the Hub; using {ALIASES[ref]}", Notice, stacklevel=2)
+        return ModelRef("hub", ALIASES[ref])
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise UserError(f"{ref} is not a diffusers model folder (no model_index.json or unet/ inside)")
+        return ModelRef("local", str(path))
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise UserError(f"model file {ref} does not exist")
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"{ref}: single-file checkpoints must be .safetensors or .ckpt")
+        return ModelRef("single-file", str(path))
+    if ref.startswith(("/", ".", "~")) or ref.count("/") != 1:
+        raise UserError(f"model {ref!r} is neither a folder, a .safetensors/.ckpt file, a Hub id (owner/name) nor one of: tiny, sd15-random")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        raise UserError(f"{ref!r} is not a valid Hub id (owner/name)")
+    return ModelRef("hub", ref)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connect (False at once when HF_HUB_OFFLINE is set)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether a snapshot of `repo_id` is in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable from the cache"
+        return False
+
+
+def preflight(ref: ModelRef) -> dict:
+    """Fail fast with one line when a Hub id is neither cached nor reachable (no retries, no traceback)."""
+    if ref.kind != "hub":
+        return {}
+    if hub_cached(ref.value):
+        return {"local_files_only": not hub_reachable()}
+    if not hub_reachable():
+        raise UserError(UNREACHABLE.format(ref=ref.value))
+    return {}
+
+
+def _is_unreachable(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}".lower()
+    keys = ("not fully cached", "offline", "connect", "cannot find an appropriate cached", "localentrynotfound",
+            "name or service not known", "max retries", "timed out", "cannot reach")
+    return any(k in text for k in keys)
+
+
+@contextmanager
+def _loading_errors(ref: str):
+    """Turn the loaders' network/cache errors into one actionable line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        if _is_unreachable(err):
+            raise UserError(UNREACHABLE.format(ref=ref)) from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {ref!r}: {first[:300]}") from err
+
+
+def _quiet_hub_logs():
+    """diffusers/transformers log multi-line hub warnings before raising; the CLI wants one line."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def _from_pipeline(pipe, ref: ModelRef) -> Components:
+    from diffusers import DDPMScheduler
+
+    return Components(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        scheduler=pipe.scheduler, ref=ref.value, kind=ref.kind,
+    )
+
+
+def load_pretrained(ref: ModelRef, dtype) -> Components:
+    """Load a Hub id, local folder or single file through diffusers' stock loaders."""
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_hub_logs()
+    common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **preflight(ref))
+    with _loading_errors(ref.value):
+        if ref.kind == "single-file":
+            pipe = StableDiffusionPipeline.from_single_file(ref.value, config=str(sd15_config_dir()), **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(ref.value, **common)
+    return _from_pipeline(pipe, ref)
+
+
+def load_pretrained_meta(ref: ModelRef) -> Components:
+    """Architecture only (meta device, no weights): configs and tokenizer of a Hub id, folder or file."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.schedulers import SchedulerMixin
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import torch
+
+    _quiet_hub_logs()
+    root = str(sd15_config_dir()) if ref.kind == "single-file" else ref.value
+    if ref.kind == "hub":
+        preflight(ref)
+    with _loading_errors(ref.value):
+        unet_cfg = UNet2DConditionModel.load_config(root, subfolder="unet")
+        vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
+        te_cfg = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        sched_cfg = SchedulerMixin.load_config(root, subfolder="scheduler")
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(te_cfg)
+    sched = DDPMScheduler.from_config(sched_cfg)
+    return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=sched,
+                      scheduler=sched, ref=ref.value, kind=ref.kind)
+
+
+def sd15_config_dir() -> Path:
+    """A weightless diffusers folder for SD v1.5 (configs + tokenizer) so single files load offline."""
+    import json
+    import shutil
+
+    from customgen.models.builders import CONFIGS
+    from customgen.models.tokenizer import sd15_tokenizer
+
+    out = Path.home() / ".cache" / "customgen" / "sd15-config"
+    if (out / "model_index.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(CONFIGS / "sd15", tmp)
+    sd15_tokenizer().save_pretrained(tmp / "tokenizer")
+    index = {
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written folder is never taken for a complete one
+    return out
+
+
+def load_components(ref: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, meta: bool = False) -> Components:
+    """Model reference → `Components` on `device` in `dtype` (defaults from the GPU probe)."""
+    from customgen.memory import probe
+
+    parsed = resolve_ref(ref)
+    info = probe(device, dtype) if not meta else None
+    if parsed.kind in RESERVED:
+        comps = build_reserved(parsed.kind, meta=meta)
+    elif meta:
+        comps = load_pretrained_meta(parsed)
+    else:
+        comps = load_pretrained(parsed, info.dtype if info else None)
+    if info is not None:
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            m.to(info.device)
+            if m.dtype != info.dtype:  # diffusers warns on any dtype-carrying .to(), even a no-op
+                m.to(info.dtype)
+    return comps
