@@ -64,7 +64,7 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value: Any, tp, key: str) -> Any:
-    """Check `value` against the annotation `tp`; int→float is the only conversion."""
+    """Check `value` against the annotation `tp`; int→float and '1e-4'→float are the only conversions."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         if value not in args:
@@ -97,6 +97,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     return value
