@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how ROOT is organised (default: detect)")
     s.add_argument("--out", type=Path, default=None, help="write content/style selection JSON and the report here")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--min-size", type=int, default=64, help="shorter side below this is listed as small")
+    s.add_argument("--min-size", type=int, default=None, help="shorter side below this is listed as small (default per layout)")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.set_defaults(func=_cmd_data_scan)
 

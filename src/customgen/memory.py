@@ -91,3 +91,85 @@ def peak_memory(device: str | torch.device | None = None):
         if cuda:
             torch.cuda.synchronize()
             out["bytes"] = torch.cuda.max_memory_allocated()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Settings the probe picked for training, with the reason shown to the user."""
+
+    mixed_precision: str  # no | fp16 | bf16
+    gradient_checkpointing: bool
+    optimizer: str  # adamw | adamw8bit
+
+    def describe(self, info: DeviceInfo) -> str:
+        where = f"{info.name} ({info.total_gib:.1f} GiB)" if info.total_bytes else info.device
+        return (f"device {where}: mixed precision {self.mixed_precision}, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optimizer}")
+
+
+def bnb_works(device: str) -> bool:
+    """Whether bitsandbytes imports and runs an 8-bit Adam step on `device` (Pascal has a history of failures)."""
+    if not device.startswith("cuda"):
+        return False
+    try:
+        import bitsandbytes as bnb
+
+        p = torch.nn.Parameter(torch.zeros(4096, device=device))
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return bool(torch.isfinite(p).all())
+    except Exception:  # noqa: BLE001 - any failure means "don't use it"
+        return False
+
+
+def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
+    """What fits: fp16 + checkpointing + 8-bit Adam on a 16 GB T4; none of it on CPU."""
+    import warnings
+
+    from customgen.errors import Notice
+
+    mp = train_cfg.mixed_precision
+    if mp == "auto":
+        mp = "no" if info.device == "cpu" else ("bf16" if info.dtype == torch.bfloat16 else "fp16")
+    if mp == "bf16" and info.device != "cpu" and not info.bf16:
+        raise UserError(f"{info.name} has no bf16: set train.mixed_precision=fp16")
+    gc = train_cfg.gradient_checkpointing
+    if gc is None:
+        gc = info.device != "cpu" and info.total_bytes < 24 * 2**30
+    opt = train_cfg.optimizer
+    if opt in ("auto", "adamw8bit"):
+        works = bnb_works(info.device)
+        if opt == "adamw8bit" and not works:
+            warnings.warn("8-bit Adam unavailable here (bitsandbytes missing or failing on this GPU); using AdamW", Notice)
+        opt = "adamw8bit" if works else "adamw"
+    return MemoryPlan(mp, bool(gc), opt)
+
+
+def make_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float):
+    """AdamW, or bitsandbytes' 8-bit AdamW when the plan says it works."""
+    if plan.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def offloaded(*modules):
+    """Move modules to the CPU for the block and back afterwards: `with offloaded(vae, text_encoder):`."""
+    return moved(*modules, device="cpu")
+
+
+@contextlib.contextmanager
+def moved(*modules, device):
+    """Move modules to `device` for the block and back to where each was afterwards."""
+    homes = [(m, next(m.parameters()).device) for m in modules if m is not None]
+    for m, _ in homes:
+        m.to(device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for m, home in homes:
+            m.to(home)

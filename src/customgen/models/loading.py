@@ -151,7 +151,6 @@ def load_pretrained(ref: ModelRef, dtype) -> Components:
 def load_pretrained_meta(ref: ModelRef) -> Components:
     """Architecture only (meta device, no weights): configs and tokenizer of a Hub id, folder or file."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     import torch
@@ -165,7 +164,7 @@ def load_pretrained_meta(ref: ModelRef) -> Components:
         vae_cfg = AutoencoderKL.load_config(root, subfolder="vae")
         te_cfg = CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-        sched_cfg = SchedulerMixin.load_config(root, subfolder="scheduler")
+        sched_cfg = DDPMScheduler.load_config(root, subfolder="scheduler")
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg)
         text_encoder = CLIPTextModel(te_cfg)

@@ -1,0 +1,213 @@
+"""The one training loop (encode → add noise → UNet → loss → step) for every method.
+
+LoRA, DreamBooth and Textual Inversion differ only by their method object (customgen.methods).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from customgen.errors import UserError
+from customgen.losses import combine, noise_l2
+from customgen.train.checkpoint import checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from customgen.train.data import batch_positions
+from customgen.train.setup import Run
+
+LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf: the run stops and keeps its last good checkpoint."""
+
+
+def encode_prompts(run: Run, captions: list[str]) -> torch.Tensor:
+    """Text embeddings (B, 77, D); cached per caption while the text encoder is frozen."""
+    tok = run.comps.tokenizer
+    ids = lambda texts: tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,  # noqa: E731
+                            return_tensors="pt").input_ids.to(run.accelerator.device)
+    if run.method.trains_text_encoder:
+        return run.text_encoder(ids(captions))[0]
+    missing = sorted({c for c in captions if c not in run.prompt_cache})
+    if missing:
+        with torch.no_grad():
+            for c, e in zip(missing, run.comps.text_encoder(ids(missing))[0]):
+                run.prompt_cache[c] = e
+    return torch.stack([run.prompt_cache[c] for c in captions])
+
+
+def _target(run: Run, latents, noise, t):
+    sched = run.comps.noise_scheduler
+    if sched.config.prediction_type == "v_prediction":
+        return sched.get_velocity(latents, noise, t)
+    return noise
+
+
+def _denoise(run: Run, latents: torch.Tensor, captions: list[str], t: torch.Tensor | None = None):
+    """Noise the latents, predict with the UNet: (noisy, prediction, target, t)."""
+    sched = run.comps.noise_scheduler
+    latents = latents.to(run.accelerator.device)
+    noise = torch.randn_like(latents)
+    if t is None:
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    cond = encode_prompts(run, captions)
+    with run.accelerator.autocast():
+        pred = run.unet(noisy.to(run.weight_dtype), t, cond.to(run.weight_dtype)).sample
+    return noisy, pred, _target(run, latents, noise, t), t
+
+
+def _weighted_l2(run: Run, pred, target, t) -> torch.Tensor:
+    """Per-sample L2, Min-SNR weighted when loss.snr_gamma > 0 (Hang et al. 2023)."""
+    l2 = noise_l2(pred, target)
+    if run.cfg.loss.snr_gamma > 0:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(run.comps.noise_scheduler, t)
+        l2 = l2 * torch.clamp(snr, max=run.cfg.loss.snr_gamma) / snr
+    return l2
+
+
+def step_losses(run: Run, step: int) -> dict[str, torch.Tensor]:
+    """Losses of one micro-step; all randomness comes from the (seed, step, rank) seed."""
+    cfg, acc = run.cfg, run.accelerator
+    torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index)
+    pos = batch_positions(len(run.images), step=step, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                          rank=acc.process_index, world=acc.num_processes)
+    flip = torch.rand(len(pos)) < 0.5 if cfg.data.random_flip else torch.zeros(len(pos), dtype=torch.bool)
+    perceptual = run.perceptual is not None and run.perceptual.active(step) and run.contents is None
+    batch = run.images.batch(pos, vae=run.comps.vae, flip=flip, need_pixels=perceptual and run.needs_pixels)
+    gen = torch.Generator().manual_seed(step)
+    captions = [run.method.caption(c, gen) for c in batch["captions"]]
+    latents, n_inst = batch["latents"], len(pos)
+    if run.classes is not None:  # prior preservation: class images join the batch
+        cpos = batch_positions(len(run.classes), step=step, batch_size=n_inst, seed=cfg.train.seed + 1,
+                               rank=acc.process_index, world=acc.num_processes)
+        cb = run.classes.batch(cpos, vae=run.comps.vae, flip=torch.zeros(n_inst, dtype=torch.bool), need_pixels=False)
+        latents, captions = torch.cat([latents, cb["latents"]]), captions + cb["captions"]
+    noisy, pred, target, t = _denoise(run, latents, captions)
+    l2 = _weighted_l2(run, pred, target, t)
+    terms = {}
+    if perceptual:
+        terms = run.perceptual.terms(run.comps.vae, noisy[:n_inst], pred[:n_inst], t[:n_inst],
+                                     run.comps.noise_scheduler.alphas_cumprod, batch["pixels"])
+    elif run.perceptual is not None and run.perceptual.active(step):
+        terms = content_pair_terms(run, step, captions[:n_inst])
+    prior = l2[n_inst:] if run.classes is not None else None
+    return combine(l2=l2[:n_inst], weights=cfg.loss, lpips=terms.get("lpips"), gram=terms.get("gram"),
+                   prior=prior, prior_weight=cfg.prompt.prior_weight)
+
+
+def content_pair_terms(run: Run, step: int, captions: list[str]) -> dict:
+    """Perceptual terms on content images noised to the img2img strength: LPIPS to content, Gram to style."""
+    cfg, acc = run.cfg, run.accelerator
+    pos = batch_positions(len(run.contents), step=step, batch_size=len(captions), seed=cfg.train.seed + 2,
+                          rank=acc.process_index, world=acc.num_processes)
+    cb = run.contents.batch(pos, vae=run.comps.vae, flip=torch.zeros(len(pos), dtype=torch.bool), need_pixels=True)
+    T = run.comps.noise_scheduler.config.num_train_timesteps
+    t = torch.full((len(pos),), min(T - 1, int(cfg.loss.content_strength * T)), device=acc.device)
+    noisy, pred, _, t = _denoise(run, cb["latents"], captions, t)
+    return run.perceptual.terms(run.comps.vae, noisy, pred, t, run.comps.noise_scheduler.alphas_cumprod, cb["pixels"],
+                                threshold=False)  # the strength sets t here
+
+
+def optimizer_step(run: Run, step: int) -> dict[str, float]:
+    """grad_accum micro-steps, clip, step; NaN/inf stops the run before any weight changes."""
+    cfg, acc = run.cfg, run.accelerator
+    modules = [m for m in (run.unet, run.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    logs = {}
+    for micro in range(cfg.train.grad_accum):
+        with acc.accumulate(*modules):
+            losses = step_losses(run, step * cfg.train.grad_accum + micro)
+            if not torch.isfinite(losses["loss"]):
+                last = checkpoints(run.out)
+                raise TrainingDiverged(
+                    f"loss became {float(losses['loss'])} at step {step}; last good checkpoint: "
+                    f"{last[-1] if last else 'none'}; lower train.lr or use train.mixed_precision=no/bf16")
+            acc.backward(losses["loss"])
+            if acc.sync_gradients and cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.train.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        logs = {k: logs.get(k, 0.0) + float(v.detach()) / cfg.train.grad_accum for k, v in losses.items()}
+    run.method.after_step(run.comps)
+    return logs
+
+
+class LossLog:
+    """CSV (logs/loss.csv) + TensorBoard rows; the CSV is appended to on resume."""
+
+    def __init__(self, run: Run):
+        self.run, self.path = run, run.out / "logs" / "loss.csv"
+        if run.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                self.path.write_text(",".join(LOG_COLUMNS) + "\n")
+
+    def write(self, step: int, logs: dict, sec_per_it: float) -> None:
+        row = {"step": step, **{k: round(v, 6) for k, v in logs.items()}, "sec_per_it": round(sec_per_it, 4),
+               "lr": self.run.lr_scheduler.get_last_lr()[0]}
+        self.run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if self.run.accelerator.is_main_process:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore").writerow(row)
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Save checkpoint `step` (main process) and wait for everyone."""
+    from customgen.config import config_hash
+
+    if run.accelerator.is_main_process:
+        save_checkpoint(run.out, step=step, tensors=run.method.trained_params(run.comps), optimizer=run.optimizer,
+                        lr_scheduler=run.lr_scheduler, info={"config_hash": config_hash(run.cfg)},
+                        keep=run.cfg.train.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def resume(run: Run, how: str) -> int:
+    """Continue from a checkpoint (`auto`: the latest, if any); returns the first step to run."""
+    path = resolve_resume(run.out, how)
+    if path is None:
+        return 0
+    state = load_checkpoint(path, tensors=run.method.trained_params(run.comps), optimizer=run.optimizer,
+                            lr_scheduler=run.lr_scheduler)
+    run.accelerator.print(f"resumed from {path} at step {state['step']}")
+    return int(state["step"])
+
+
+def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> dict:
+    """Steps `start`..train.steps with logging, checkpoints (every N steps / T minutes) and validation."""
+    from tqdm.auto import tqdm
+
+    cfg, acc = run.cfg, run.accelerator
+    log, last_ckpt, t0 = LossLog(run), time.monotonic(), time.monotonic()
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and acc.is_local_main_process), desc="train")
+    logs, tic = {}, time.monotonic()
+    for step in range(start, cfg.train.steps):
+        logs = optimizer_step(run, step)
+        done, sec = step + 1, time.monotonic() - tic
+        tic = time.monotonic()
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}", s_it=f"{sec:.2f}")
+        if done % max(1, cfg.train.log_every) == 0 or done == cfg.train.steps:
+            log.write(done, logs, sec)
+        by_steps = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+        by_time = cfg.train.checkpoint_minutes > 0 and time.monotonic() - last_ckpt > 60 * cfg.train.checkpoint_minutes
+        if (by_steps or by_time) and done < cfg.train.steps:
+            checkpoint(run, done)
+            last_ckpt = time.monotonic()
+        if validate and cfg.train.validate_every and done % cfg.train.validate_every == 0 and done < cfg.train.steps:
+            validate(run, done)
+    bar.close()
+    return {"seconds": time.monotonic() - t0, "last": logs}
+
+
+def out_path(cfg, output: str | Path | None) -> Path:
+    """The artifact folder: --output, else train.output/NAME."""
+    if output:
+        return Path(output)
+    name = cfg.name or "-".join(x for x in (cfg.method, cfg.data.style or Path(cfg.data.root).name) if x)
+    return Path(cfg.train.output) / name

@@ -1,0 +1,51 @@
+"""Decoder-based loss terms for style LoRA: LPIPS to the source and Gram to the style set on the
+decoded x0 prediction, optionally on content images noised to the img2img strength.
+
+The VAE decoder pass is the expensive part: terms run every N steps, below a timestep threshold,
+optionally on a random latent crop; with both weights at 0 this module is never built.
+"""
+from __future__ import annotations
+
+import torch
+
+from customgen.losses import VGGFeatures, gram_loss, lpips_loss, predicted_x0, style_grams
+
+
+class Perceptual:
+    """LPIPS and Gram terms on decoded x0 predictions (weights from cfg.loss)."""
+
+    def __init__(self, cfg, style_pixels: torch.Tensor, device):
+        from customgen.metrics.networks import build_lpips_scorer
+
+        self.cfg = cfg.loss
+        self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device)).model if self.cfg.lpips > 0 else None
+        self.vgg = VGGFeatures().to(device) if self.cfg.gram > 0 else None
+        self.grams = style_grams(self.vgg, style_pixels.to(device)) if self.vgg is not None else None
+        self.smoke = bool(getattr(self.vgg, "smoke", False))
+
+    def active(self, step: int) -> bool:
+        return step % max(1, self.cfg.perceptual_every) == 0
+
+    def _crop(self, x0: torch.Tensor, pixels: torch.Tensor | None):
+        """A random latent crop of `decode_crop` (and the matching pixel crop): decode less."""
+        c = self.cfg.decode_crop
+        if not c or c >= x0.shape[-1]:
+            return x0, pixels
+        i, j = (int(torch.randint(0, x0.shape[-1] - c + 1, (1,))) for _ in range(2))
+        x0 = x0[..., i:i + c, j:j + c]
+        return x0, None if pixels is None else pixels[..., 8 * i:8 * (i + c), 8 * j:8 * (j + c)]
+
+    def terms(self, vae, noisy, eps, t, alphas_cumprod, pixels, *, threshold: bool = True) -> dict[str, torch.Tensor]:
+        """{'lpips': (b,), 'gram': (b,)} on the samples with t below the threshold (maybe none)."""
+        keep = t < self.cfg.perceptual_max_timestep if threshold else torch.ones_like(t, dtype=torch.bool)
+        if not keep.any():
+            return {}
+        x0 = predicted_x0(noisy[keep], eps[keep], alphas_cumprod, t[keep])  # (b, 4, h, w)
+        x0, pixels = self._crop(x0, None if pixels is None else pixels[keep])
+        image = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()  # (b, 3, H, W) in ~[-1, 1]
+        out = {}
+        if self.lpips is not None and pixels is not None:
+            out["lpips"] = lpips_loss(self.lpips, image, pixels.to(image.device))
+        if self.vgg is not None:
+            out["gram"] = gram_loss(self.vgg(image), self.grams)
+        return out
