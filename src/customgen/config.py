@@ -123,6 +123,33 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    styles: str = ""  # style library: a folder of artifacts (each with style.json)
+    methods: list[str] = dataclasses.field(default_factory=list)  # only these methods ([] = every style found)
+    content_root: str = ""  # content images (COCO val2017 or any folder); or...
+    content_paths: str = ""  # ... a content_paths.json from `customgen data scan`
+    style_root: str = ""  # style reference images (WikiArt root: one folder per style); or...
+    style_paths: str = ""  # ... a style_paths.json from `customgen data scan`
+    max_contents: int = 20  # at most this many content images (seeded choice)
+    output: str = "results/metrics"  # CSV/JSON/plots go here; stylized images under OUTPUT/images
+    strength: float = 0.6  # img2img strength for every method and the baseline
+    style_scale: float = 1.0  # LoRA adapter scale
+    steps: int = 25  # inference steps
+    guidance: float = 7.5  # classifier-free guidance scale
+    scheduler: str = "dpm++"  # dpm++ | ddim | euler | pndm | ddpm
+    size: int = 512  # working resolution (short side)
+    seed: int = 0  # the same seed for every method and the baseline
+    clip_model: str = "ViT-B-32"  # open_clip model for CLIP-content / CLIP-style
+    clip_pretrained: str = "openai"  # open_clip weights tag (or a local checkpoint path)
+    lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS backbone
+    smoke: bool = False  # force random-weight metric networks (tests, `tiny`); rows are marked smoke anyway
+    kid_subset: int = 50  # KID subset size (clipped to the sample size)
+    sweep: bool = False  # also run the strength × style-scale trade-off sweep
+    sweep_strengths: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.45, 0.6, 0.75])
+    sweep_scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75, 1.0])
+
+
+@dataclasses.dataclass
 class Config:
     """Root config: one section per concern."""
 
@@ -137,6 +164,7 @@ class Config:
     dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)
     textual_inversion: TextualInversionConfig = dataclasses.field(default_factory=TextualInversionConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 # --- checking -----------------------------------------------------------------------------------
