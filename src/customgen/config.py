@@ -131,6 +131,8 @@ class EvalConfig:
     style_root: str = ""  # style reference images (WikiArt root: one folder per style); or...
     style_paths: str = ""  # ... a style_paths.json from `customgen data scan`
     max_contents: int = 20  # at most this many content images (seeded choice)
+    max_references: int = 20  # at most this many reference images per style (seeded choice)
+    min_size: int | None = None  # content/reference images with a shorter side below this are skipped (None: 256)
     output: str = "results/metrics"  # CSV/JSON/plots go here; stylized images under OUTPUT/images
     strength: float = 0.6  # img2img strength for every method and the baseline
     style_scale: float = 1.0  # LoRA adapter scale

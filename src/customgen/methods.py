@@ -135,14 +135,14 @@ class TextualInversionMethod(Method):
         if comps.tokenizer.add_tokens(self.tokens) != len(self.tokens):
             raise UserError(f"token {c.token!r} is already in the tokenizer; choose a new one (e.g. <my-style>)")
         init = comps.tokenizer.encode(c.init_word, add_special_tokens=False)
-        if len(init) != 1:
-            raise UserError(f"textual_inversion.init_word {c.init_word!r} must be a single token; try a common word")
+        if not init:
+            raise UserError(f"textual_inversion.init_word {c.init_word!r} gives no token; use a word like 'painting'")
         self.token_ids = comps.tokenizer.convert_tokens_to_ids(self.tokens)
         comps.text_encoder.resize_token_embeddings(len(comps.tokenizer))
         freeze(comps.unet, comps.vae, comps.text_encoder)
         emb = comps.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            emb[self.token_ids] = emb[init[0]].clone()
+            emb[self.token_ids] = emb[init].mean(0)  # a word of several tokens starts from their mean
         self.original = emb.detach().clone()
         self.keep = torch.ones(len(comps.tokenizer), dtype=torch.bool)
         self.keep[self.token_ids] = False

@@ -201,6 +201,13 @@ def sd15_config_dir() -> Path:
     return out
 
 
+def place(module, device, dtype) -> None:
+    """module.to(device) and, only if it differs, .to(dtype) (diffusers warns on any dtype-carrying .to())."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype)
+
+
 def load_components(ref: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, meta: bool = False) -> Components:
     """Model reference → `Components` on `device` in `dtype` (defaults from the GPU probe)."""
     from customgen.memory import probe
@@ -215,7 +222,5 @@ def load_components(ref: str | Path = DEFAULT_MODEL, *, dtype=None, device=None,
         comps = load_pretrained(parsed, info.dtype if info else None)
     if info is not None:
         for m in (comps.unet, comps.vae, comps.text_encoder):
-            m.to(info.device)
-            if m.dtype != info.dtype:  # diffusers warns on any dtype-carrying .to(), even a no-op
-                m.to(info.dtype)
+            place(m, info.device, info.dtype)
     return comps

@@ -31,10 +31,12 @@ def build_run(cfg, out: Path):
     from customgen.memory import make_optimizer, plan_memory, probe
     from customgen.methods import make_method
     from customgen.models import load_components
+    from customgen.models.loading import place
     from customgen.train import setup as S
     from customgen.train.data import ensure_class_images, image_set, training_records
     from customgen.train.perceptual import Perceptual
 
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation is seeded too
     method, info = make_method(cfg), probe(dtype=cfg.model.dtype)
     plan = plan_memory(cfg.train, info)
     acc = S.make_accelerator(cfg, out, method, plan)
@@ -43,7 +45,7 @@ def build_run(cfg, out: Path):
     comps = load_components(cfg.model.ref, device="cpu", dtype=torch.float32)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
     for m in (comps.unet, comps.vae, comps.text_encoder):
-        m.to(acc.device, dtype=weight_dtype)
+        place(m, acc.device, weight_dtype)
     classes = None
     if cfg.prompt.prior:  # the *base* model makes the class images, before any adapter exists
         folder = Path(cfg.prompt.class_dir or out / "class_images")

@@ -7,26 +7,27 @@ from pathlib import Path
 
 import torch
 
-from customgen.data import ImageDataset, ImageRecord, LatentCache, scan_images
+from customgen.data import ImageDataset, ImageRecord, LatentCache, find_kaggle_roots, scan_images
 from customgen.errors import UserError
 
 
 def training_records(cfg) -> list[ImageRecord]:
     """The training images of `cfg.data`: one WikiArt style, an instance folder or kohya folders."""
     d = cfg.data
-    if not d.root:
+    root = d.root or (find_kaggle_roots().get("wikiart") if d.layout == "wikiart" else None)
+    if not root:
         raise UserError("data.root is not set: pass --set data.root=PATH (a WikiArt root, photo folder or kohya root)")
-    scan = scan_images(d.root, layout=d.layout, min_size=d.min_size, max_pixels=d.max_pixels)
+    scan = scan_images(root, layout=d.layout, min_size=d.min_size, max_pixels=d.max_pixels)
     records = scan.records
     if d.layout == "wikiart":
         styles = scan.counts()
         if not d.style:
             raise UserError(f"data.style is not set; available styles: {', '.join(list(styles)[:12])}")
         if d.style not in styles:
-            raise UserError(f"style {d.style!r} not found under {d.root}; available: {', '.join(list(styles)[:12])}")
+            raise UserError(f"style {d.style!r} not found under {root}; available: {', '.join(list(styles)[:12])}")
         records = [r for r in records if r.label == d.style]
     if not records:
-        raise UserError(f"no usable training images under {d.root} (layout {d.layout}); run `customgen data scan` to see why")
+        raise UserError(f"no usable training images under {root} (layout {d.layout}); run `customgen data scan` to see why")
     records = sorted(records, key=lambda r: r.path)
     if len(records) > d.max_images:
         records = sorted(random.Random(d.seed).sample(records, d.max_images), key=lambda r: r.path)

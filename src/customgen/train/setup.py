@@ -51,11 +51,13 @@ def place_components(run_cfg, comps, accelerator, plan, method) -> torch.dtype:
     """Frozen weights in the mixed-precision dtype, trainables in fp32 (no 'unscale FP16 gradients')."""
     from diffusers.training_utils import cast_training_params
 
+    from customgen.models.loading import place
+
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision, torch.float32)
     for m in (comps.unet, comps.vae, comps.text_encoder):
-        m.to(accelerator.device, dtype=weight_dtype)
+        place(m, accelerator.device, weight_dtype)
     if run_cfg.loss.lpips > 0 or run_cfg.loss.gram > 0:
-        comps.vae.to(dtype=torch.float32)  # gradients flow through the decoder: keep it fp32
+        place(comps.vae, accelerator.device, torch.float32)  # gradients flow through the decoder: keep it fp32
     cast_training_params([comps.unet, comps.text_encoder], dtype=torch.float32)
     if plan.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()

@@ -1,0 +1,226 @@
+"""Training on `tiny`: every recipe, frozen weights stay frozen, stock reloading, losses, resume, DDP."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from customgen import artifacts
+from customgen.cli import main
+from customgen.config import load_config
+from customgen.models import build_pipeline, load_pipeline
+from customgen.train import build_run, finish, prepare_output, train
+from customgen.train import loop
+from customgen.train.checkpoint import checkpoints
+from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "train.steps=3", "train.batch_size=1",
+         "validation.steps=2", "prompt.num_class_images=2", "prompt.class_steps=2", "train.checkpoint_every=0",
+         "train.validate_every=0", "loss.perceptual_every=1", "loss.perceptual_max_timestep=1000", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "wikiart": make_wikiart_tree(root / "wikiart", styles={"Cubism": 3, "Ukiyo_e": 2}, size=(80, 72)),
+        "photos": make_instance_folder(root / "photos", n=3, size=(72, 72)),
+        "kohya": make_kohya_tree(root / "kohya", folders={"3_sks girl": 2}),
+    }
+
+
+RECIPES = {
+    "lora_style": lambda d: [f"data.root={d['wikiart']}", "data.style=Cubism"],
+    "dreambooth_style": lambda d: [f"data.root={d['wikiart']}", "data.style=Cubism"],
+    "textual_inversion": lambda d: [f"data.root={d['wikiart']}", "data.style=Cubism"],
+    "dreambooth_lora_subject": lambda d: [f"data.root={d['photos']}"],
+    "lora_anime_kohya": lambda d: [f"data.root={d['kohya']}"],
+}
+
+
+def recipe_cfg(name, data, *extra):
+    return load_config(ROOT / "configs" / f"{name}.yaml", SMALL + RECIPES[name](data) + list(extra))
+
+
+def snapshot(comps):
+    return {(m, n): p.detach().clone() for m in ("unet", "vae", "text_encoder")
+            for n, p in getattr(comps, m).named_parameters()}
+
+
+def render(pipe, prompt):
+    g = torch.Generator("cpu").manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, height=64, width=64, guidance_scale=3.0, generator=g,
+                output_type="np").images[0]
+
+
+def stock_reload(manifest, out):
+    """The artifact through stock diffusers loaders into a fresh base pipeline."""
+    pipe = load_pipeline("tiny", kind="txt2img", device="cpu")
+    if manifest.kind == "lora":
+        pipe.load_lora_weights(str(out))  # picks pytorch_lora_weights.safetensors
+    elif manifest.kind == "textual_inversion":
+        pipe.load_textual_inversion(str(out / artifacts.TI_WEIGHTS), token=manifest.token)
+    else:
+        artifacts.load_dreambooth(pipe.unet, out)
+    return pipe
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_trains_only_its_parameters_and_reloads_with_stock_loaders(recipe, data, tmp_path):
+    fast = ("train.lr=0.02", "lora.text_encoder_lr=0.02", "train.lr_scheduler=constant")  # visible after 3 steps
+    cfg = recipe_cfg(recipe, data, "loss.lpips=0", "loss.gram=0", *fast)
+    out = tmp_path / "art"
+    prepare_output(out, resume="never", overwrite=False)
+    run = build_run(cfg, out)
+    before = snapshot(run.comps)
+    trained = {id(p) for p in run.method.trained_params(run.comps).values()}
+    stats = loop.run_loop(run, start=0, progress=False)
+    assert torch.isfinite(torch.tensor(stats["last"]["loss"]))
+    changed = 0
+    for (m, n), p in ((k, dict(getattr(run.comps, k[0]).named_parameters())[k[1]]) for k in before):
+        if id(p) not in trained:
+            assert torch.equal(p, before[(m, n)]), f"frozen {m}.{n} changed"
+        elif recipe == "textual_inversion":
+            rows = torch.ones(p.shape[0], dtype=torch.bool)
+            rows[run.method.token_ids] = False
+            assert torch.equal(p[rows], before[(m, n)][rows]), "TI changed other embedding rows"
+            changed += int(not torch.equal(p[~rows], before[(m, n)][~rows]))
+        else:
+            changed += int(not torch.equal(p, before[(m, n)]))
+    assert changed > 0
+    prompt = run.method.default_prompt()
+    trained_image = render(build_pipeline(run.comps, kind="txt2img"), prompt)
+    finish(run, stats["seconds"], 0)
+    manifest = artifacts.read_manifest(out)
+    assert manifest.method == recipe and manifest.trainable_params == run.method.trainable_count(run.comps)
+    assert manifest.file_bytes == (out / manifest.weights).stat().st_size > 0
+    assert (out / "config.yaml").is_file() and (out / "logs" / "loss.csv").is_file()
+    assert list((out / "samples").glob("step-*.png"))
+    reloaded = render(stock_reload(manifest, out), prompt)
+    base = render(load_pipeline("tiny", kind="txt2img", device="cpu"), prompt)
+    assert abs(reloaded - trained_image).max() < 1e-4
+    assert abs(reloaded - base).max() > 1e-4
+    if manifest.kind == "lora":  # the kohya/WebUI export loads and gives the same model
+        kohya = load_pipeline("tiny", kind="txt2img", device="cpu")
+        kohya.load_lora_weights(str(out / artifacts.KOHYA_WEIGHTS))
+        assert abs(render(kohya, prompt) - reloaded).max() < 1e-4
+
+
+def test_perceptual_losses_reach_lora_and_decoder_is_skipped_without_them(data, tmp_path, monkeypatch):
+    cfg = recipe_cfg("lora_style", data, "loss.l2=0", "loss.lpips=1", "loss.gram=1")
+    run = build_run(cfg, tmp_path / "p")
+    losses = loop.step_losses(run, 0)
+    assert losses["lpips"] > 0 and losses["gram"] > 0 and losses["loss"] == losses["lpips"] + losses["gram"]
+    losses["loss"].backward()
+    grads = [p.grad for n, p in run.comps.unet.named_parameters() if "lora_B" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+    cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0")
+    run = build_run(cfg, tmp_path / "q")
+    assert run.perceptual is None
+
+    def no_decode(*a, **k):
+        raise AssertionError("the VAE decoder ran although beta = gamma = 0")
+
+    monkeypatch.setattr(run.comps.vae, "decode", no_decode)
+    loop.run_loop(run, start=0, progress=False)
+
+
+def test_content_pairs_use_the_img2img_strength(data, tmp_path):
+    cfg = recipe_cfg("lora_style", data, "loss.lpips=1", "loss.gram=1", "loss.perceptual_max_timestep=10",
+                     f"loss.content_root={data['wikiart'] / 'Ukiyo_e'}")
+    run = build_run(cfg, tmp_path / "c")
+    losses = loop.step_losses(run, 0)
+    assert losses["lpips"] > 0 and losses["gram"] > 0  # the threshold does not apply: t comes from the strength
+
+
+def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path, monkeypatch):
+    extra = ("train.steps=4", "train.checkpoint_every=2", "loss.lpips=0", "loss.gram=0")
+    whole = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "whole", progress=False)
+
+    real = loop.optimizer_step
+
+    def killed_at_3(run, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(run, step)
+
+    monkeypatch.setattr(loop, "optimizer_step", killed_at_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", progress=False)
+    assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-000002"]
+    assert not (tmp_path / "cut" / artifacts.MANIFEST).exists()
+    monkeypatch.setattr(loop, "optimizer_step", real)
+    resumed = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", resume="auto", progress=False)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(p / artifacts.LORA_WEIGHTS)) for p in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_half_written_checkpoints_are_ignored_and_only_k_kept(data, tmp_path):
+    out = tmp_path / "k"
+    train(recipe_cfg("lora_style", data, "train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                     "loss.lpips=0", "loss.gram=0"), output=out, progress=False)
+    assert [p.name for p in checkpoints(out)] == ["step-000004", "step-000005"]
+    (out / "checkpoints" / ".tmp-step-000009").mkdir()
+    (out / "checkpoints" / "step-000010").mkdir()  # no state.json: not complete
+    assert [p.name for p in checkpoints(out)] == ["step-000004", "step-000005"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real = loop.noise_l2
+    calls = {"n": 0}
+
+    def nan_at_third(pred, target):
+        calls["n"] += 1
+        out = real(pred, target)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(loop, "noise_l2", nan_at_third)
+    cfg = recipe_cfg("lora_style", data, "train.steps=4", "train.checkpoint_every=2", "loss.lpips=0", "loss.gram=0")
+    with pytest.raises(loop.TrainingDiverged, match="step-000002"):
+        train(cfg, output=tmp_path / "n", progress=False)
+    assert [p.name for p in checkpoints(tmp_path / "n")] == ["step-000002"]
+
+
+def test_class_images_are_generated_once(data, tmp_path, monkeypatch):
+    cfg = recipe_cfg("dreambooth_style", data, f"prompt.class_dir={tmp_path / 'cls'}")
+    build_run(cfg, tmp_path / "a")
+    assert len(list((tmp_path / "cls").glob("*.png"))) == 2
+    import customgen.models as models
+
+    monkeypatch.setattr(models, "build_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    run = build_run(cfg, tmp_path / "b")
+    assert len(run.classes) == 2
+
+
+def test_cli_train_and_bad_inputs(data, tmp_path, capsys):
+    args = ["train", str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--max-steps", "1",
+            "--output", str(tmp_path / "cli")] + sum((["--set", s] for s in SMALL[1:] + RECIPES["lora_style"](data)
+                                                      + ["loss.lpips=0", "loss.gram=0"]), [])
+    assert main(args) == 0
+    assert artifacts.read_manifest(tmp_path / "cli").steps == 1
+    capsys.readouterr()
+    assert main(args) == 2  # an artifact exists: no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    for bad in (["--set", "data.root=/no/such/dir"], ["--set", "train.nosuch=1"], ["--set", "data.style=Nope"]):
+        assert main(args + ["--overwrite"] + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(data, tmp_path):
+    sets = SMALL[1:] + RECIPES["lora_style"](data) + ["loss.lpips=0", "loss.gram=0", "train.steps=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "customgen", "train",
+           str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output", str(tmp_path / "ddp")]
+    cmd += sum((["--set", s] for s in sets), [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = artifacts.read_manifest(tmp_path / "ddp")
+    assert m.steps == 2 and (tmp_path / "ddp" / artifacts.KOHYA_WEIGHTS).is_file()
