@@ -224,3 +224,48 @@ def test_two_process_accelerate_launch(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = artifacts.read_manifest(tmp_path / "ddp")
     assert m.steps == 2 and (tmp_path / "ddp" / artifacts.KOHYA_WEIGHTS).is_file()
+
+
+def test_memory_plan_picks_what_fits_a_t4():
+    import warnings
+
+    from customgen.config import TrainConfig
+    from customgen.errors import Notice, UserError
+    from customgen.memory import DeviceInfo, plan_memory
+
+    t4 = DeviceInfo("cuda:0", "Tesla T4", 15 * 2**30, (7, 5), torch.float16, False)
+    plan = plan_memory(TrainConfig(optimizer="adamw"), t4)
+    assert (plan.mixed_precision, plan.gradient_checkpointing) == ("fp16", True)
+    assert "Tesla T4" in plan.describe(t4) and "fp16" in plan.describe(t4)
+    h100 = DeviceInfo("cuda:0", "H100", 80 * 2**30, (9, 0), torch.bfloat16, True)
+    assert plan_memory(TrainConfig(optimizer="adamw"), h100).mixed_precision == "bf16"
+    assert not plan_memory(TrainConfig(optimizer="adamw"), h100).gradient_checkpointing
+    with pytest.raises(UserError, match="no bf16"):
+        plan_memory(TrainConfig(mixed_precision="bf16"), t4)
+    cpu = DeviceInfo("cpu", "cpu", 0, None, torch.float32, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_memory(TrainConfig(optimizer="adamw8bit"), cpu)
+    assert plan.optimizer == "adamw" and any(issubclass(w.category, Notice) for w in caught)
+    assert plan.mixed_precision == "no"
+
+
+def test_fp16_plan_keeps_trainables_fp32(data, tmp_path):
+    """The 'Attempting to unscale FP16 gradients' trap: frozen weights fp16, trainable weights fp32."""
+    from types import SimpleNamespace
+
+    from customgen.memory import MemoryPlan
+    from customgen.methods import make_method
+    from customgen.models import load_components
+    from customgen.train.setup import place_components
+
+    cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0")
+    comps = load_components("tiny", device="cpu", dtype=torch.float32)
+    method = make_method(cfg)
+    method.setup(comps)
+    place_components(cfg, comps, SimpleNamespace(device=torch.device("cpu")), MemoryPlan("fp16", False, "adamw"), method)
+    dtypes = {p.requires_grad: set() for p in comps.unet.parameters()}
+    for p in comps.unet.parameters():
+        dtypes[p.requires_grad].add(p.dtype)
+    assert dtypes[True] == {torch.float32} and dtypes[False] == {torch.float16}
+    assert {p.dtype for p in comps.vae.parameters()} == {torch.float16}

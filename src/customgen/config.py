@@ -169,6 +169,26 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
+SMOKE_OVERRIDES = (  # notebooks' SMOKE mode: a few tiny steps so every cell runs in seconds on a CPU
+    "data.resolution=64", "data.min_size=32", "data.max_images=8", "train.steps=2", "train.batch_size=1",
+    "train.checkpoint_every=0", "train.validate_every=0", "validation.steps=2", "prompt.num_class_images=2",
+    "prompt.class_steps=2", "loss.perceptual_every=1", "loss.decode_crop=0",
+)
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # configs/ of an editable install (Kaggle: the clone)
+
+
+def find_config(name: str | Path) -> Path:
+    """A config by path, or by recipe name from the repository's configs/ (`lora_style` → configs/lora_style.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = REPO_CONFIGS / f"{path.stem}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))) or "none found"
+    raise UserError(f"no config {name!r}; recipes in {REPO_CONFIGS}: {known}")
+
+
 # --- checking -----------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:

@@ -1,0 +1,28 @@
+"""The training notebooks run top to bottom in smoke mode on `tiny` (Kaggle defaults overridden)."""
+from pathlib import Path
+
+import pytest
+
+from customgen import artifacts
+from tests.image_fixtures import make_instance_folder, make_wikiart_tree
+from tests.notebook_harness import run_notebook
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("01a_LoRA_Training", "lora_style"),
+                                         ("01b_DreamBooth_Training", "dreambooth_style"),
+                                         ("01c_Textual_Inversion_Training", "textual_inversion"),
+                                         ("01d_Subject_DreamBooth_LoRA", "dreambooth_lora_subject")])
+def test_training_notebook_smoke(name, method, tmp_path):
+    params = {"MODEL": "tiny", "OUTPUT_DIR": str(tmp_path / "styles"), "SMOKE": True}
+    if method == "dreambooth_lora_subject":
+        params["PHOTOS_DIR"] = str(make_instance_folder(tmp_path / "photos", n=3, size=(72, 72)))
+    else:
+        params |= {"WIKIART_ROOT": str(make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 3}, size=(80, 72))),
+                   "STYLE": "Cubism"}
+    run_notebook(NOTEBOOKS / f"{name}.ipynb", params, cwd=tmp_path)
+    (folder,) = (tmp_path / "styles").iterdir()
+    manifest = artifacts.read_manifest(folder)
+    assert manifest.method == method and manifest.base_model == "tiny" and manifest.steps == 2
