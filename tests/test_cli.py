@@ -56,3 +56,25 @@ def test_unexpected_failure_exits_1_and_debug_shows_traceback(monkeypatch, capsy
     assert "ZeroDivisionError" in err and "Traceback" not in err and "--debug" in err
     assert main(["--debug", "inspect", "tiny"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_data_samples_writes_a_scannable_dataset(tmp_path, capsys):
+    from customgen.data import scan_images
+
+    assert main(["data", "samples", str(tmp_path / "s")]) == 0
+    wikiart = scan_images(tmp_path / "s" / "wikiart", layout="wikiart", min_size=64)
+    assert wikiart.counts() == {"Dots": 8, "Stripes": 8, "Waves": 8} and not wikiart.skipped
+    assert len(scan_images(tmp_path / "s" / "coco" / "val2017", layout="coco", min_size=64).records) == 6
+    capsys.readouterr()
+    assert main(["data", "samples", str(tmp_path / "s")]) == 2  # not empty: no silent overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_smoke_flag_applies_the_smoke_overrides():
+    from customgen.cli import build_parser, load_cli_config
+
+    from customgen.config import find_config
+
+    args = build_parser().parse_args(["train", str(find_config("lora_style")), "--smoke", "--set", "train.steps=5"])
+    cfg = load_cli_config(args)
+    assert cfg.data.resolution == 64 and cfg.train.steps == 5  # --set wins over --smoke

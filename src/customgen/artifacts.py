@@ -108,7 +108,7 @@ def _peft_state(model, adapter_name: str) -> dict:
 def save_lora(folder: str | Path, unet, text_encoder=None, *, adapter_name: str = "default") -> None:
     """Save LoRA weights in diffusers format (with rank/alpha metadata) plus a kohya export."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_diffusers
 
     unet_state = _peft_state(unet, adapter_name)
     te_state = _peft_state(text_encoder, adapter_name) if text_encoder is not None else None
@@ -172,7 +172,7 @@ def load_dreambooth(unet, folder: str | Path) -> dict:
         state = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt files
         raise UserError(f"{path} is not a readable safetensors file: {err}") from err
-    own = unet.state_dict()
+    own = unet_parameters(unet)
     for key, value in state.items():
         if key not in own:
             raise UserError(f"{path}: key {key} is not in this UNet (was it trained on another base model?)")
@@ -185,7 +185,13 @@ def load_dreambooth(unet, folder: str | Path) -> dict:
 
 def swap_weights(unet, state: dict) -> None:
     """Copy `state` into `unet`'s parameters in place (dtype/device of the UNet)."""
-    params = dict(unet.named_parameters())
+    params = unet_parameters(unet)
     with torch.no_grad():
         for key, value in state.items():
             params[key].copy_(value.to(params[key].dtype))
+
+
+def unet_parameters(unet) -> dict:
+    """Parameters by diffusers name, also for layers peft wrapped for LoRA (`x.base_layer.weight` as `x.weight`)."""
+    params = dict(unet.named_parameters())
+    return params | {k.replace(".base_layer.", "."): v for k, v in params.items() if ".base_layer." in k}

@@ -44,11 +44,23 @@ def _cmd_data_scan(args) -> int:
     return 0
 
 
+def _cmd_data_samples(args) -> int:
+    from customgen.data.samples import write_samples
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise UserError(f"{args.out} is not empty; pass --overwrite or choose another folder")
+    roots = write_samples(args.out, seed=args.seed)
+    print(f"synthetic WikiArt-like styles: {roots['wikiart']}\nsynthetic COCO-like contents: {roots['coco']}")
+    return 0
+
+
 def load_cli_config(args):
     """CONFIG + --set overrides + --model, as the train/evaluate commands take them."""
     from customgen.config import load_config
 
-    overrides = list(args.set or [])
+    from customgen.config import SMOKE_OVERRIDES
+
+    overrides = (list(SMOKE_OVERRIDES) if getattr(args, "smoke", False) else []) + list(args.set or [])
     if args.model:
         overrides.append(f"model.ref={args.model}")
     return load_config(args.config, overrides)
@@ -73,7 +85,7 @@ def _cmd_evaluate(args) -> int:
     parts += [f"--set {shlex.quote(kv)}" for kv in args.set or []] + (["--overwrite"] if args.overwrite else [])
     command = " ".join(parts)  # recorded in run.json and every figure's footer
     table = evaluate(cfg, overwrite=args.overwrite, command=command)
-    print(f"{len(table)} result rows; files in {cfg.eval.output} (metrics.csv, per_image.csv, summary.md, run.json, plots/)")
+    print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
     return 0
 
 
@@ -81,6 +93,7 @@ def _add_config_args(s) -> None:
     s.add_argument("config", help="a YAML file of overrides (configs/*.yaml)")
     s.add_argument("--model", default=None, help="model reference (overrides model.ref)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.root=/data")
+    s.add_argument("--smoke", action="store_true", help="tiny settings (64 px, 2 steps): a plumbing check, not a result")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="regenerate stylized images already in eval.output")
     s.set_defaults(func=_cmd_evaluate)
 
+    s = d.add_parser("samples", help="write a small synthetic dataset (3 procedural styles + contents) for smoke runs")
+    s.add_argument("out", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_data_samples)
+
     for register in EXTRA_COMMANDS:
         register(sub)
     return p
@@ -126,18 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 EXTRA_COMMANDS: list = []  # (subparsers) -> None; train/stylize/evaluate/demo add themselves here
 
+from customgen.demo import register as _register_demo  # noqa: E402 - light imports; gradio loads on use
+from customgen.inference.commands import register as _register_inference  # noqa: E402
+
+EXTRA_COMMANDS += [_register_inference, _register_demo]
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        fmt = warnings.formatwarning
         with warnings.catch_warnings():
             if not debug:  # library deprecation chatter is for developers; users see our notices
                 warnings.simplefilter("ignore")
                 warnings.simplefilter("always", Notice)
             warnings.formatwarning = lambda msg, cat, *a, **k: f"note: {msg}\n"
-            return int(args.func(args) or 0)
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                warnings.formatwarning = fmt
     except UserError as err:
         if debug:
             traceback.print_exc()

@@ -1,0 +1,227 @@
+"""Gradio demo over customgen.inference: stylize an uploaded photo with a library style (or a style image),
+an optional painted mask and structure guidance; a text-to-image tab. Local by default (127.0.0.1, no share
+link unless asked), upload size and pixel limits, and every bad input shown as a message, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports to Gradio's servers
+
+from customgen.errors import Notice, UserError  # noqa: E402
+
+log = logging.getLogger("customgen.demo")
+MAX_FILE_SIZE = "20mb"  # per upload, enforced by Gradio before our code runs
+MAX_PIXELS = 4096 * 4096  # larger uploads are refused (decoding and resizing them would stall the demo)
+NONE = "(none)"
+ALL = "all methods"
+STRUCTURES = ("none", "canny", "depth")
+HELP = ("Upload a photo, pick a style from the library (or upload a style image), set the style strength and "
+        "click **Stylize**. Paint on the mask to stylize only part of the image. The PNG download carries "
+        "every setting in its metadata.")
+
+
+def _ui(fn):
+    """Run a handler: UserError → gr.Error (message only), Notices → gr.Warning, other failures logged."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        import gradio as gr
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("always", Notice)
+            try:
+                result = fn(*args)
+            except UserError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            except gr.Error:
+                raise
+            except Exception as err:  # noqa: BLE001 - the UI shows one line; the log keeps the traceback
+                log.exception("demo handler failed")
+                raise gr.Error(f"unexpected failure: {type(err).__name__}: {err}", print_exception=False) from None
+        for w in caught:
+            if issubclass(w.category, Notice):
+                gr.Warning(str(w.message))
+        return result
+    return wrapped
+
+
+def editor_mask(value) -> np.ndarray | None:
+    """The painted strokes of a gr.ImageEditor value as a white-on-black mask; None when nothing is painted."""
+    layers = (value or {}).get("layers") or []
+    alphas = [np.asarray(layer)[..., 3] for layer in layers if layer is not None and np.asarray(layer).ndim == 3
+              and np.asarray(layer).shape[-1] == 4]
+    if not alphas or max(int(a.max()) for a in alphas) == 0:
+        return None
+    return np.where(np.maximum.reduce(alphas) > 0, 255, 0).astype(np.uint8)  # (H, W)
+
+
+class DemoState:
+    """What the handlers share: the model reference, the style library and the output folder."""
+
+    def __init__(self, model, styles_dir, device, dtype, max_pixels: int):
+        from customgen.inference.library import StyleLibrary
+        from customgen.inference.session import get_session
+
+        self.session = get_session(model, device=device, dtype=dtype)  # load now: errors show before the UI
+        self.library = StyleLibrary(styles_dir)
+        self.styles = {s.name: s for s in self.library.styles()}
+        self.max_pixels = max_pixels
+        self.out = Path(tempfile.mkdtemp(prefix="customgen-demo-"))
+
+    def choices(self, method: str = ALL) -> list[str]:
+        """Style names for the dropdown, filtered by method."""
+        return [NONE] + [n for n, s in self.styles.items() if method in (ALL, None) or s.manifest.method == method]
+
+    def methods(self) -> list[str]:
+        return [ALL] + sorted({s.manifest.method for s in self.styles.values()})
+
+    def table(self) -> list[list[str]]:
+        return [[n, s.manifest.method, s.kind, s.manifest.base_model, s.default_prompt] for n, s in self.styles.items()]
+
+    def save(self, img, prefix: str) -> str:
+        from customgen.inference.images import save_image
+
+        return str(save_image(img, self.out / f"{prefix}-{uuid.uuid4().hex[:8]}.png"))
+
+
+def _seed(value) -> int | None:
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def stylize_handler(state: DemoState, content, style, style_image, mode, mask_value, style_strength, steps, seed,
+                    structure):
+    """Stylize button: returns (result path, download path, settings)."""
+    from customgen.inference.images import load_content, read_settings
+    from customgen.inference.img2img import stylize
+
+    if not content:
+        raise UserError("upload a content image first")
+    image = load_content(content, max_pixels=state.max_pixels)
+    image.info["source"] = Path(content).name  # not the server's temp path
+    if style_image:
+        load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
+    styles = [state.styles[style]] if style and style != NONE else []
+    out = stylize(image, styles, style_strength=float(style_strength), steps=int(steps), seed=_seed(seed),
+                  model=state.session, mask=editor_mask(mask_value), style_image=style_image or None,
+                  style_image_mode=mode, structure=None if structure == "none" else structure,
+                  styles_dir=state.library.root)
+    path = state.save(out, "stylized")
+    return path, path, read_settings(out)
+
+
+def generate_handler(state: DemoState, prompt, negative, style, scale, steps, guidance, seed, count):
+    """Generate button: returns (gallery paths, download paths)."""
+    from customgen.inference.txt2img import generate
+
+    styles = [state.styles[style]] if style and style != NONE else []
+    out = generate(prompt or None, styles, scales=float(scale), model=state.session, negative_prompt=negative or "",
+                   steps=int(steps), guidance=float(guidance), seed=_seed(seed), num_images=int(count),
+                   styles_dir=state.library.root)
+    paths = [state.save(img, "generated") for img in (out if isinstance(out, list) else [out])]
+    return paths, paths
+
+
+def _stylize_tab(gr, state: DemoState) -> None:
+    with gr.Row():
+        content = gr.Image(type="filepath", label="Content", sources=["upload"], height=360, elem_id="content")
+        result = gr.Image(type="filepath", label="Result", interactive=False, height=360, elem_id="result")
+    with gr.Row():
+        method = gr.Dropdown(state.methods(), value=ALL, label="Method", elem_id="method")
+        style = gr.Dropdown(state.choices(), value=NONE, label="Style", elem_id="style")
+        style_image = gr.Image(type="filepath", label="…or a style image", sources=["upload"], elem_id="style-image")
+        mode = gr.Radio(["auto", "ip-adapter", "nearest"], value="auto", label="Style image mode")
+    with gr.Row():
+        strength = gr.Slider(0, 1, value=0.67, step=0.01, label="Style strength", elem_id="style-strength")
+        steps = gr.Slider(1, 50, value=25, step=1, label="Steps")
+        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+        structure = gr.Radio(list(STRUCTURES), value="none", label="Structure guidance")
+    with gr.Accordion("Mask (optional): paint where the style applies", open=False):
+        mask = gr.ImageEditor(type="numpy", label="Mask", sources=[], elem_id="mask",
+                              brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff"))
+    button = gr.Button("Stylize", variant="primary", elem_id="stylize")
+    download = gr.File(label="Download (PNG with settings)", interactive=False, elem_id="download")
+    settings = gr.JSON(label="Settings")
+    method.change(lambda m: gr.Dropdown(choices=state.choices(m), value=NONE), method, style)
+    content.change(lambda p: {"background": p, "layers": [], "composite": p} if p else None, content, mask)
+    button.click(_ui(functools.partial(stylize_handler, state)),
+                 [content, style, style_image, mode, mask, strength, steps, seed, structure],
+                 [result, download, settings])
+
+
+def _generate_tab(gr, state: DemoState) -> None:
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", placeholder="a photo of sks person wearing a suit", elem_id="prompt")
+        negative = gr.Textbox(label="Negative prompt")
+    with gr.Row():
+        style = gr.Dropdown(state.choices(), value=NONE, label="Style or subject")
+        scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style scale")
+        steps = gr.Slider(1, 50, value=25, step=1, label="Steps")
+        guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
+        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+        count = gr.Slider(1, 4, value=1, step=1, label="Images")
+    button = gr.Button("Generate", variant="primary", elem_id="generate")
+    gallery = gr.Gallery(label="Images", elem_id="gallery")
+    files = gr.File(label="Download", file_count="multiple", interactive=False)
+    button.click(_ui(functools.partial(generate_handler, state)),
+                 [prompt, negative, style, scale, steps, guidance, seed, count], [gallery, files])
+
+
+def create_app(*, model="stable-diffusion-v1-5/stable-diffusion-v1-5", styles_dir=None, device=None, dtype=None,
+               max_pixels: int = MAX_PIXELS):
+    """Build the Gradio Blocks app (loads the base model once; does not launch)."""
+    import gradio as gr
+
+    state = DemoState(model, styles_dir, device, dtype, max_pixels)
+    with gr.Blocks(title="customgen", analytics_enabled=False) as app:
+        gr.Markdown(f"# customgen\n{HELP}\n\nModel: `{state.session.comps.ref}` · styles: `{state.library.root}`")
+        with gr.Tab("Stylize"):
+            _stylize_tab(gr, state)
+        with gr.Tab("Text to image"):
+            _generate_tab(gr, state)
+        with gr.Tab("Library"):
+            gr.Dataframe(state.table(), headers=["name", "method", "kind", "base model", "prompt"],
+                         interactive=False)
+    app.queue(default_concurrency_limit=1)  # one generation at a time: the model is shared
+    app.customgen_state = state
+    return app
+
+
+def launch(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           prevent_thread_lock: bool = False):
+    """Serve the app on host:port (127.0.0.1 unless told); a public share link only with share=True."""
+    if share:
+        warnings.warn("--share makes the demo reachable by anyone with the link for 72 hours", Notice, stacklevel=2)
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+                      prevent_thread_lock=prevent_thread_lock, allowed_paths=[str(app.customgen_state.out)],
+                      show_error=True, quiet=True)
+
+
+def cmd_demo(args) -> int:
+    """Handler of `customgen demo`."""
+    if args.styles is not None and not Path(args.styles).is_dir():
+        raise UserError(f"--styles {args.styles} is not a folder (the style library: one artifact folder per style)")
+    app = create_app(model=args.model, styles_dir=args.styles, device=args.device, dtype=args.dtype)
+    launch(app, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def register(sub) -> None:
+    """Add `customgen demo` to the CLI's subparsers."""
+    d = sub.add_parser("demo", help="Gradio app: stylize photos and generate images in the browser")
+    d.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model reference")
+    d.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
+    d.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the demo)")
+    d.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if present)")
+    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    d.set_defaults(func=cmd_demo)

@@ -1,0 +1,155 @@
+"""The Gradio demo: CLI binding defaults, readable errors, mask handling, and a real browser session
+(headless Chromium via Playwright) against the app served on 127.0.0.1 with the `tiny` model."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported anywhere
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from customgen.cli import main  # noqa: E402
+from customgen.errors import Notice, UserError  # noqa: E402
+from customgen.inference import read_settings  # noqa: E402
+from tests.artifact_fixtures import content_image, make_library  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).parent / "_artifacts"
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_styles")
+    make_library(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(lib):
+    from customgen.demo import create_app
+
+    app = create_app(model="tiny", styles_dir=lib)
+    yield app
+    app.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_cli_binds_localhost_without_share_by_default(lib, monkeypatch):
+    import gradio as gr
+
+    seen = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: seen.append(kw))
+    assert main(["demo", "--model", "tiny", "--styles", str(lib)]) == 0
+    assert seen[0]["server_name"] == "127.0.0.1" and seen[0]["share"] is False and seen[0]["max_file_size"]
+    with pytest.warns(Notice, match="anyone with the link"):
+        assert main(["demo", "--model", "tiny", "--styles", str(lib), "--share", "--port", "7861"]) == 0
+    assert seen[1]["share"] is True and seen[1]["server_port"] == 7861
+
+
+def test_demo_cli_missing_styles_folder_exits_2(tmp_path, capsys):
+    assert main(["demo", "--model", "tiny", "--styles", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "not a folder" in err[0]
+
+
+def test_handler_errors_become_messages_not_tracebacks():
+    import gradio as gr
+
+    from customgen.demo import _ui
+
+    def bad_input():
+        raise UserError("upload a content image first")
+
+    def crash():
+        raise ZeroDivisionError("boom")
+    with pytest.raises(gr.Error, match="upload a content image first"):
+        _ui(bad_input)()
+    with pytest.raises(gr.Error, match="unexpected failure: ZeroDivisionError: boom"):
+        _ui(crash)()
+
+
+def test_stylize_handler_with_a_painted_mask_and_pixel_limit(app, tmp_path):
+    import gradio as gr
+
+    from customgen.demo import _ui, editor_mask, stylize_handler
+
+    state = app.customgen_state
+    src = tmp_path / "c.png"
+    content_image(7).save(src)
+    layer = np.zeros((64, 80, 4), np.uint8)
+    layer[16:48, 20:60] = (255, 255, 255, 255)  # a painted rectangle
+    value = {"background": None, "layers": [layer], "composite": None}
+    assert editor_mask({"layers": [np.zeros((64, 80, 4), np.uint8)]}) is None
+    path, download, settings = stylize_handler(state, str(src), "lora_a", None, "auto", value, 0.8, 10, 3, "none")
+    out, original = np.asarray(Image.open(path)), np.asarray(Image.open(src))
+    assert path == download and settings["mask"] is True and settings["styles"][0]["name"] == "lora_a"
+    assert np.array_equal(out[:8, :8], original[:8, :8]) and not np.array_equal(out[28:36, 36:44], original[28:36, 36:44])
+    state.max_pixels = 1000
+    try:
+        with pytest.raises(gr.Error, match="too_large"):
+            _ui(stylize_handler)(state, str(src), "lora_a", None, "auto", None, 0.5, 10, 3, "none")
+    finally:
+        from customgen.demo import MAX_PIXELS
+        state.max_pixels = MAX_PIXELS
+
+
+def test_generate_handler_batch_with_a_subject(app):
+    from customgen.demo import generate_handler
+
+    paths, downloads = generate_handler(app.customgen_state, "", "", "subject", 1.0, 5, 7.5, 4, 2)
+    assert paths == downloads and len(paths) == 2
+    settings = [read_settings(p) for p in paths]
+    assert [s["batch_index"] for s in settings] == [0, 1] and settings[0]["prompt"] == "a photo of sks person"
+    assert settings[0]["seed"] == 4 and settings[0]["styles"][0]["method"] == "dreambooth_lora_subject"
+
+
+@pytest.mark.browser
+def test_browser_upload_stylize_download(app, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from customgen.demo import launch
+
+    port = free_port()
+    launch(app, port=port, prevent_thread_lock=True)
+    src = tmp_path / "photo.png"
+    content_image(8, (96, 72)).save(src)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#stylize").click()  # nothing uploaded yet: a readable message, not a traceback
+            page.get_by_text("upload a content image first").first.wait_for(timeout=20_000)
+            page.locator("#content input[type=file]").set_input_files(str(src))
+            page.locator("#content img").wait_for(timeout=20_000)
+            page.locator("#style input").click()
+            page.get_by_role("option", name="lora_a", exact=True).click()
+            page.locator("#stylize").click()
+            page.locator("#result img").wait_for(timeout=60_000)
+            page.locator("#download a[download]").wait_for(timeout=20_000)
+            with page.expect_download() as download:
+                page.locator("#download a[download]").first.click()
+            saved = tmp_path / "downloaded.png"
+            download.value.save_as(saved)
+            page.screenshot(path=str(ARTIFACTS / "demo_stylize.png"), full_page=True)
+        finally:
+            browser.close()
+            app.close()
+    settings = read_settings(saved)
+    assert Image.open(saved).size == (96, 72)
+    assert settings["styles"][0]["name"] == "lora_a" and settings["model"] == "tiny" and settings["content"] == "photo.png"
+    assert (ARTIFACTS / "demo_stylize.png").stat().st_size > 10_000
