@@ -23,11 +23,9 @@ if [ "$MODEL" = tiny ]; then
   WIKIART_ROOT=${WIKIART_ROOT:-$OUT/data/wikiart}
   COCO_ROOT=${COCO_ROOT:-$OUT/data/coco/val2017}
   STYLE=${STYLE:-Stripes}
-  SMOKE=(--smoke --set data.min_size=64)
-  EVAL_SMOKE=(--set eval.smoke=true --set eval.size=64 --set eval.steps=4 --set eval.max_contents=4 --set eval.min_size=64)
+  SMOKE=(--smoke)
 else
   : "${WIKIART_ROOT:?set WIKIART_ROOT}" "${COCO_ROOT:?set COCO_ROOT}" "${STYLE:?set STYLE}"
-  EVAL_SMOKE=()
 fi
 
 echo "== 1/5 scan data"
@@ -47,5 +45,5 @@ cg stylize --model "$MODEL" --content "$first" --style "$OUT/styles/lora_style" 
 
 echo "== 4/5 + 5/5 evaluate every style and the baseline; metrics and plots"
 cg evaluate configs/eval.yaml --model "$MODEL" --set "eval.styles=$OUT/styles" --set "eval.content_root=$COCO_ROOT" \
-   --set "eval.style_root=$WIKIART_ROOT" --set "eval.output=$OUT/results" "${EVAL_SMOKE[@]}" --overwrite
+   --set "eval.style_root=$WIKIART_ROOT" --set "eval.output=$OUT/results" "${SMOKE[@]}" --overwrite
 echo "done: artifacts in $OUT/styles, metrics and plots in $OUT/results"

@@ -62,9 +62,9 @@ def test_data_samples_writes_a_scannable_dataset(tmp_path, capsys):
     from customgen.data import scan_images
 
     assert main(["data", "samples", str(tmp_path / "s")]) == 0
-    wikiart = scan_images(tmp_path / "s" / "wikiart", layout="wikiart", min_size=64)
+    wikiart = scan_images(tmp_path / "s" / "wikiart", layout="wikiart")  # default min size: big enough
     assert wikiart.counts() == {"Dots": 8, "Stripes": 8, "Waves": 8} and not wikiart.skipped
-    assert len(scan_images(tmp_path / "s" / "coco" / "val2017", layout="coco", min_size=64).records) == 6
+    assert len(scan_images(tmp_path / "s" / "coco" / "val2017", layout="coco").records) == 6
     capsys.readouterr()
     assert main(["data", "samples", str(tmp_path / "s")]) == 2  # not empty: no silent overwrite
     assert "--overwrite" in capsys.readouterr().err

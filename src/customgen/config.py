@@ -61,7 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # at most this many checkpoints are kept
     validate_every: int = 500  # steps between validation images (0: only at the end)
     log_every: int = 10  # steps between log rows
-    output: str = "outputs"  # artifacts go to OUTPUT/NAME unless --output names the folder
+    output: str = "outputs/styles"  # artifacts go to OUTPUT/NAME unless --output names the folder
 
 
 @dataclasses.dataclass
@@ -173,6 +173,8 @@ SMOKE_OVERRIDES = (  # notebooks' SMOKE mode: a few tiny steps so every cell run
     "data.resolution=64", "data.min_size=32", "data.max_images=8", "train.steps=2", "train.batch_size=1",
     "train.checkpoint_every=0", "train.validate_every=0", "validation.steps=2", "prompt.num_class_images=2",
     "prompt.class_steps=2", "loss.perceptual_every=1", "loss.decode_crop=0",
+    "eval.smoke=true", "eval.size=64", "eval.steps=4", "eval.min_size=32", "eval.max_contents=4",
+    "eval.max_references=4",
 )
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # configs/ of an editable install (Kaggle: the clone)
 

@@ -42,7 +42,7 @@ def _content_image(rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
-def write_samples(out: str | Path, *, per_style: int = 8, n_content: int = 6, size: int = 96, seed: int = 0) -> dict:
+def write_samples(out: str | Path, *, per_style: int = 8, n_content: int = 6, size: int = 256, seed: int = 0) -> dict:
     """Write OUT/wikiart/<Style>/*.jpg and OUT/coco/val2017/*.jpg; returns their roots."""
     out, rng = Path(out), np.random.default_rng(seed)
     for style in STYLES:

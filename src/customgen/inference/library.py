@@ -15,7 +15,7 @@ from customgen import artifacts
 from customgen.artifacts import Manifest
 from customgen.errors import Notice, UserError
 
-DEFAULT_STYLES_DIR = "outputs"  # where `customgen train` writes artifacts (config `output`)
+DEFAULT_STYLES_DIR = "outputs/styles"  # where `customgen train` writes artifacts (config `train.output`)
 STYLES_ENV = "CUSTOMGEN_STYLES"  # overrides the default library folder
 _LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|"
                        r"lora_linear_layer\.up|lora_A|lora_B)\.weight$")

@@ -1,0 +1,210 @@
+"""Write notebooks/04a, 04b (evaluation) and 05 (results analysis). Run after editing; the notebooks are
+committed without outputs. All logic lives in customgen.evaluate and customgen.plots_results."""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell as code, new_markdown_cell as md, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+KAGGLE_MD = """**On Kaggle**: Settings → Accelerator **GPU T4**, and **Internet on**: SD v1.5 and the metric networks'
+weights (CLIP ViT-B/32, AlexNet for LPIPS, the FID Inception) are downloaded once. Without them the metrics fall
+back to random-weight *smoke* networks and every table and figure says so. Then run once:
+```
+!git clone https://github.com/<you>/customgen /kaggle/working/customgen
+!pip install -q -r /kaggle/working/customgen/requirements.txt
+```
+Attach WikiArt and COCO 2017 and leave the roots `None`: they are found under `/kaggle/input`."""
+
+def params(src):
+    return code(src, metadata={"tags": ["parameters"]})
+
+COMMON_PARAMS = '''import os
+
+KAGGLE = os.path.isdir("/kaggle/input")
+MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # Hub id, local folder or .safetensors (tests: "tiny")
+STYLES_DIR = "/kaggle/working/styles" if KAGGLE else "outputs/styles"  # artifacts of the training notebooks
+CONTENT_ROOT = None  # COCO val2017 (or any photo folder); None → detected under /kaggle/input
+STYLE_ROOT = None  # WikiArt root (one folder per style); None → detected under /kaggle/input
+CONTENT_PATHS = None  # optional content_paths.json from 00_Data_EDA (used instead of CONTENT_ROOT)
+STYLE_PATHS = None  # optional style_paths.json from 00_Data_EDA (used instead of STYLE_ROOT)
+OUTPUT_DIR = "/kaggle/working/{out}" if KAGGLE else "outputs/{out}"
+METHODS = {methods}  # manifest methods evaluated here (the baseline always runs)
+MAX_CONTENTS = 20  # content photos (seeded choice)
+STRENGTH = 0.6  # img2img strength for every method and the baseline
+STYLE_SCALE = 1.0  # LoRA adapter scale (DreamBooth/TI run at 1)
+STEPS = 25
+SIZE = 512  # working resolution (short side)
+SEED = 0
+SWEEP = True  # strength × scale trade-off sweep
+SWEEP_STRENGTHS = [0.3, 0.45, 0.6, 0.75]
+SWEEP_SCALES = {scales}
+MIN_SIZE = None  # skip content/reference images with a shorter side below this (None: 256)
+SMOKE = False  # True: random-weight metric networks (tests); results are marked smoke
+'''
+
+SETUP = '''%matplotlib inline
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from customgen import plots_results
+from customgen.config import load_config
+from customgen.data import resolve_data_roots
+from customgen.evaluate import describe_front, evaluate, load_results
+
+need = [k for k, given in (("coco", CONTENT_PATHS), ("wikiart", STYLE_PATHS)) if not given]
+roots = resolve_data_roots(wikiart=STYLE_ROOT, coco=CONTENT_ROOT, need=need)
+cfg = load_config(None, model__ref=MODEL, eval__styles=str(STYLES_DIR), eval__methods=list(METHODS),
+                  eval__content_root=str(roots["coco"] or ""), eval__content_paths=CONTENT_PATHS or "",
+                  eval__style_root=str(roots["wikiart"] or ""), eval__style_paths=STYLE_PATHS or "",
+                  eval__output=str(OUTPUT_DIR), eval__max_contents=MAX_CONTENTS, eval__strength=STRENGTH,
+                  eval__style_scale=STYLE_SCALE, eval__steps=STEPS, eval__size=SIZE, eval__seed=SEED,
+                  eval__sweep=SWEEP, eval__sweep_strengths=SWEEP_STRENGTHS, eval__sweep_scales=SWEEP_SCALES,
+                  eval__min_size=MIN_SIZE, eval__smoke=SMOKE)
+print(f"model {MODEL}\\nstyles {STYLES_DIR}\\ncontent {CONTENT_PATHS or roots['coco']}\\n"
+      f"references {STYLE_PATHS or roots['wikiart']}\\noutput {Path(OUTPUT_DIR).resolve()}")
+'''
+
+RUN = '''table = evaluate(cfg, command=f"notebooks/{name}.ipynb (MODEL={{MODEL}}, METHODS={{METHODS}})")
+results = load_results(OUTPUT_DIR)
+fig_kw = dict(smoke=results.smoke, provenance=results.provenance)
+display(Markdown((Path(OUTPUT_DIR) / "summary.md").read_text()))
+'''
+
+PLOTS = '''display(plots_results.plot_metric_bars(results.metrics, **fig_kw))
+display(plots_results.plot_baseline_comparison(results.metrics, **fig_kw))
+'''
+
+SWEEP = '''if results.sweep is not None:
+    display(plots_results.plot_tradeoff(results.sweep, **fig_kw))
+    print(describe_front(results.sweep))
+'''
+
+SAMPLES = '''for style in sorted(set(results.per_image["style"])):
+    display(plots_results.plot_samples(results.per_image, style, **fig_kw))
+'''
+
+COST = '''cost = ["model", "method", "style", "seconds_per_image", "infer_peak_memory_bytes", "trainable_params",
+        "artifact_bytes", "train_seconds", "peak_memory_bytes"]
+display(results.metrics[cost])
+print("figures:", *sorted(p.name for p in (Path(OUTPUT_DIR) / "plots").glob("*.png")))
+'''
+
+def eval_nb(name, title, intro, methods, scales, out, sweep_note):
+    return new_notebook(cells=[
+        md(f"# {title}\n\n{intro}\n\n"
+           "Every style in `STYLES_DIR` whose method is in `METHODS` stylizes the same content photos with the same seed and "
+           "strength as the **baseline** (plain SD v1.5 img2img, no style). The metrics are defined in "
+           "`docs/evaluation_metrics.md`; all logic lives in `customgen.evaluate` and `customgen.plots_results`.\n\n"
+           "Re-running resumes: stylized images already in `OUTPUT_DIR/images` are reused.\n\n" + KAGGLE_MD),
+        params(COMMON_PARAMS.format(out=out, methods=methods, scales=scales)),
+        code(SETUP),
+        md("## 1. Run the evaluation\n\nA progress bar shows the stylization, then the metrics. The table below is "
+           "`summary.md`, written by the run (numbers come from `metrics.csv`). Smoke runs say so at the top."),
+        code(RUN.format(name=name)),
+        md("## 2. Metrics against the baseline\n\nBars are means ± standard deviation over content images; the second "
+           "figure subtracts the baseline of the same style. Black/NaN outputs are flagged in `per_image.csv` and left "
+           "out of every mean (`n_flagged`)."),
+        code(PLOTS),
+        md(f"## 3. Trade-off sweep\n\n{sweep_note} Each point is the mean (CLIP-content, CLIP-style) over the content "
+           "set; lower is better on both axes, so the black Pareto front joins the settings no other setting beats on "
+           "both. Labels give the img2img strength."),
+        code(SWEEP),
+        md("## 4. Samples\n\nContent | baseline | each evaluated style, for the first content photos."),
+        code(SAMPLES),
+        md("## 5. Cost\n\nGeneration time is the median per image on this device (the first image also loads "
+           "weights); training cost comes from each artifact's `style.json`."),
+        code(COST),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                 "language_info": {"name": "python"}})
+
+nb_a = eval_nb("04a_Evaluation_Metrics_LoRA", "04a · Evaluation metrics: LoRA styles",
+               "Evaluates the LoRA style artifacts: CLIP-content, CLIP-style, Style Strength, SSIM, LPIPS, FID/KID "
+               "(with sample sizes), ArtFID and cost, plus the strength × LoRA-scale trade-off sweep.",
+               '["lora_style"]', "[0.5, 0.75, 1.0]", "eval/lora",
+               "For LoRA both the img2img strength and the adapter scale move the result: one curve per scale.")
+nb_b = eval_nb("04b_Evaluation_Metrics_DreamBooth_TI", "04b · Evaluation metrics: DreamBooth and Textual Inversion",
+               "Evaluates the DreamBooth and Textual Inversion style artifacts with the same metrics, contents, seed "
+               "and baseline as 04a, so 05 can compare all three methods.",
+               '["dreambooth_style", "textual_inversion"]', "[1.0]", "eval/dreambooth_ti",
+               "DreamBooth and Textual Inversion have no adapter scale here: the sweep varies the strength only.")
+
+RESULTS_PARAMS = '''import os
+
+KAGGLE = os.path.isdir("/kaggle/input")
+BASE = "/kaggle/working" if KAGGLE else "outputs"
+RESULTS_DIRS = [f"{BASE}/eval/lora", f"{BASE}/eval/dreambooth_ti"]  # eval.output folders of 04a and 04b
+OUTPUT_DIR = f"{BASE}/eval/analysis"  # combined figures go here
+N_SAMPLES = 3  # content rows in the sample grids
+'''
+
+RESULTS_SETUP = '''%matplotlib inline
+from pathlib import Path
+
+from IPython.display import display
+
+from customgen import plots_results
+from customgen.evaluate import best_per_style, describe_front, load_results
+
+results = load_results(*RESULTS_DIRS)
+fig_kw = dict(smoke=results.smoke, provenance=results.provenance)
+out = Path(OUTPUT_DIR)
+out.mkdir(parents=True, exist_ok=True)
+for run in results.runs:
+    print(f"{run['command']}\\n  device {run['device']['name']}, model {run['model']}, finished {run['finished']}")
+if results.smoke:
+    print("SMOKE: random-weight metric networks — these numbers check plumbing, not quality")
+'''
+
+nb_c = new_notebook(cells=[
+    md("# 05 · Results analysis\n\nReads the results of 04a (LoRA) and 04b (DreamBooth, Textual Inversion) — "
+       "`metrics.csv`, `per_image.csv`, `sweep.csv`, `run.json` — and compares the methods. Every number shown is "
+       "read from those files; the figures name the command, device and model that produced them."),
+    params(RESULTS_PARAMS),
+    code(RESULTS_SETUP),
+    md("## 1. All methods side by side\n\nOne row per model and reference style (baselines shared by both runs are "
+       "kept once)."),
+    code('''cols = ["model", "method", "style", "clip_content", "clip_style", "style_strength", "ssim", "lpips", "fid",
+        "fid_n", "fid_n_ref", "kid", "kid_std", "art_fid", "n_images", "n_flagged", "smoke"]
+display(results.metrics[cols].round(4))
+display(best_per_style(results.metrics))
+'''),
+    md("## 2. Figures\n\nMetric bars (mean ± std over content images) and the difference to plain SD img2img. "
+       "Style Strength is CLIP-content relative to the baseline: above 1 the method moves further from the photo."),
+    code('''figs = {"metric_bars": plots_results.plot_metric_bars(results.metrics, **fig_kw),
+        "baseline_comparison": plots_results.plot_baseline_comparison(results.metrics, **fig_kw)}
+if results.sweep is not None:
+    figs["tradeoff"] = plots_results.plot_tradeoff(results.sweep, **fig_kw)
+for style in sorted(set(results.per_image["style"])):
+    figs[f"samples_{style}"] = plots_results.plot_samples(results.per_image, style, n_contents=N_SAMPLES, **fig_kw)
+for name, fig in figs.items():
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+    display(fig)
+'''),
+    md("## 3. The content–style trade-off\n\n"
+       "Stronger img2img (and, for LoRA, a larger adapter scale) moves the output away from the photo (CLIP-content ↑) "
+       "and, if the method learned the style, towards the style references (CLIP-style ↓). A method is worth its cost "
+       "where its curve lies below and left of the baseline's: the same content change buys more style. The Pareto "
+       "front (all methods pooled, per style) lists the settings no other setting beats on both axes; the lines "
+       "below are generated from `sweep.csv`.\n\n"
+       "Caveats: CLIP mixes content and style, FID on a few dozen images is biased upward (read KID and the sample "
+       "sizes beside it), and smoke runs carry no quality information at all."),
+    code('''if results.sweep is not None:
+    print(describe_front(results.sweep))
+    front = results.sweep[results.sweep["pareto"]]
+    display(front.groupby(["style", "method"]).size().rename("points on the front").reset_index())
+'''),
+    md("## 4. Cost\n\nTraining cost from each artifact's manifest, generation cost measured during evaluation."),
+    code('''cost = ["model", "method", "style", "trainable_params", "artifact_bytes", "train_seconds", "peak_memory_bytes",
+        "seconds_per_image", "infer_peak_memory_bytes"]
+display(results.metrics[results.metrics["model"] != "baseline"][cost])
+'''),
+], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+             "language_info": {"name": "python"}})
+
+for name, nb in [("04a_Evaluation_Metrics_LoRA", nb_a), ("04b_Evaluation_Metrics_DreamBooth_TI", nb_b),
+                 ("05_Results_Analysis", nb_c)]:
+    nbformat.validate(nb)
+    nbformat.write(nb, ROOT / "notebooks" / f"{name}.ipynb")
+    print("wrote", ROOT / "notebooks" / f"{name}.ipynb")

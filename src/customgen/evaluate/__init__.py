@@ -1,0 +1,82 @@
+"""The evaluation runner: methods × styles × contents plus the plain SD img2img baseline → results files.
+
+    from customgen.config import load_config
+    from customgen.evaluate import evaluate
+    table = evaluate(load_config("configs/eval.yaml", ["eval.styles=outputs"]))
+
+Outputs (under eval.output): images/ (stylized PNGs, reused on re-runs), metrics.csv/.json (one row per
+model/style), per_image.csv, summary.md, sweep.csv (eval.sweep), run.json, plots/. See docs/evaluation_metrics.md.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from customgen.errors import UserError
+from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, style_point
+from customgen.evaluate.inputs import EvalInputs, EvalStyle, resolve_inputs
+from customgen.evaluate.report import (COLUMNS, SMOKE_NOTE, Results, best_per_style, load_results, ordered, run_info,
+                                       write_results)
+from customgen.evaluate.score import aggregate, image_rows, per_image_table
+from customgen.evaluate.sweep import describe_front, pareto_front, sweep_points, sweep_table
+
+__all__ = ["evaluate", "pareto_front", "load_results", "describe_front", "best_per_style", "Results", "EvalInputs",
+           "EvalStyle", "resolve_inputs", "Point", "BASELINE", "COLUMNS", "SMOKE_NOTE"]
+
+
+def check_settings(e) -> None:
+    """Strengths in (0, 1] that run at least one denoising step; a sweep needs strengths and scales."""
+    strengths = [e.strength] + (list(e.sweep_strengths) if e.sweep else [])
+    for s in strengths:
+        if not 0.0 < s <= 1.0:
+            raise UserError(f"eval strength {s} must be in (0, 1]")
+        if int(e.steps * s) < 1:
+            raise UserError(f"eval strength {s} × {e.steps} steps runs no denoising step: raise eval.steps")
+    if e.sweep and not (e.sweep_strengths and e.sweep_scales):
+        raise UserError("eval.sweep needs eval.sweep_strengths and eval.sweep_scales (non-empty lists)")
+
+
+def grid_points(styles, e) -> list[Point]:
+    """The baseline and every style at eval.strength (LoRA at eval.style_scale)."""
+    return [baseline_point(e.strength)] + [style_point(s, e.strength, e.style_scale) for s in styles]
+
+
+def _key(model: str, strength: float, scale: float) -> tuple:
+    """Hashable point identity (nan scale of the baseline → None, since nan != nan)."""
+    return (model, float(strength), None if math.isnan(scale) else float(scale))
+
+
+def evaluate(config, *, overwrite: bool = False, progress: bool = True, command: str | None = None,
+             plots: bool = True) -> pd.DataFrame:
+    """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style."""
+    from customgen.config import Config, load_config
+    from customgen.metrics import MetricNetworks
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    e = cfg.eval
+    check_settings(e)
+    inputs = resolve_inputs(cfg)
+    out = Path(e.output).expanduser()
+    nets = MetricNetworks(smoke=e.smoke, clip_model=e.clip_model, clip_pretrained=e.clip_pretrained,
+                          feature_cache_dir=out / "features")
+    grid = grid_points(inputs.styles, e)
+    sweep = sweep_points(inputs.styles, e) if e.sweep else []
+    points = list({_key(p.model, p.strength, p.scale): p for p in grid + sweep}.values())
+    outputs = generate(points, inputs, cfg, out, overwrite=overwrite, progress=progress)
+    rows = image_rows(outputs, inputs, nets, lpips_net=e.lpips_net, progress=progress)
+    pick = lambda pts: [r for r in rows if _key(r["model"], r["strength"], r["style_scale"])  # noqa: E731
+                        in {_key(p.model, p.strength, p.scale) for p in pts}]
+    grid_rows = pick(grid)
+    metrics = ordered(aggregate(grid_rows, inputs, nets, cfg))
+    sweep_df = sweep_table(aggregate(pick(sweep), inputs, nets, cfg, set_metrics=False)) if e.sweep else None
+    counts = {"generated": sum(not o.reused for o in outputs), "reused": sum(o.reused for o in outputs),
+              "contents": len(inputs.contents), "references": {k: len(v) for k, v in inputs.references.items()}}
+    run = run_info(cfg, command=command, nets=nets, counts=counts)
+    write_results(out, metrics=metrics, per_image=per_image_table(grid_rows), sweep=sweep_df, run=run)
+    if plots:
+        from customgen.plots_results import save_result_plots
+
+        save_result_plots(load_results(out), out / "plots")
+    return metrics

@@ -1,0 +1,167 @@
+"""Stylize every (point, content) pair once: outputs on disk are reused, so an interrupted evaluation resumes.
+
+A *point* is one model (a library style, or the plain SD img2img baseline) at one strength and style scale.
+Each output PNG carries its settings (customgen.inference metadata) plus the generation time and peak
+memory, so a re-run needs nothing but the images; settings that differ from the config are an error
+unless `overwrite`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from customgen.errors import UserError
+
+BASELINE = "baseline"  # model and method name of plain SD img2img (no style)
+EVAL_KEY = "eval"  # key in the PNG settings holding seconds / peak memory of the generation
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model at one strength and style scale (scale is nan for the baseline)."""
+
+    model: str  # library style name, or BASELINE
+    method: str  # manifest method, or BASELINE
+    kind: str  # lora | dreambooth | textual_inversion | baseline
+    strength: float
+    scale: float
+
+    @property
+    def folder(self) -> str:
+        """images/<model>/s<strength>_w<scale> (stable across runs)."""
+        scale = "none" if math.isnan(self.scale) else f"{self.scale:g}"
+        return f"{self.model}/s{self.strength:g}_w{scale}"
+
+
+@dataclass
+class Output:
+    """A generated image for (point, content): where it is, what it cost, whether it was reused."""
+
+    point: Point
+    content: Path
+    path: Path
+    seconds: float
+    peak_memory_bytes: int | None
+    reused: bool
+
+
+def baseline_point(strength: float) -> Point:
+    return Point(BASELINE, BASELINE, BASELINE, float(strength), math.nan)
+
+
+def style_point(style, strength: float, scale: float) -> Point:
+    """A style at (strength, scale); the scale is applied to LoRA only (DreamBooth/TI run at 1)."""
+    return Point(style.name, style.method, style.kind, float(strength), float(scale) if style.kind == "lora" else 1.0)
+
+
+def output_names(contents: list[Path]) -> dict[Path, str]:
+    """content → PNG file name (its stem; an index suffix where two contents share a stem)."""
+    seen: dict[str, int] = {}
+    names = {}
+    for c in contents:
+        n = seen.get(c.stem, 0)
+        seen[c.stem] = n + 1
+        names[c] = f"{c.stem}.png" if n == 0 else f"{c.stem}-{n}.png"
+    return names
+
+
+def expected_settings(point: Point, content: Path, e, model_ref: str) -> dict:
+    """The settings an output for (point, content) must have been made with."""
+    from customgen.models import resolve_ref
+
+    styles = [] if point.kind == BASELINE else [{"name": point.model, "scale": point.scale}]
+    model = resolve_ref(model_ref).value  # as the session records it (aliases, local paths resolved)
+    return {"model": model, "strength": point.strength, "seed": e.seed, "steps": e.steps,
+            "scheduler": e.scheduler, "guidance": e.guidance, "size": e.size, "content": content.name,
+            "styles": styles}
+
+
+def found_settings(s: dict) -> dict:
+    """The comparable part of the settings stored in an output PNG."""
+    return {"model": s.get("model"), "strength": s.get("strength"), "seed": s.get("seed"), "steps": s.get("steps"),
+            "scheduler": s.get("scheduler"), "guidance": s.get("guidance"),
+            "size": min(s.get("working_size") or [0]), "content": Path(s.get("content") or "").name,
+            "styles": [{"name": x.get("name"), "scale": x.get("scale")} for x in s.get("styles", [])]}
+
+
+def reuse(path: Path, want: dict) -> dict | None:
+    """The stored settings of an existing output made with `want`; UserError when made with other settings."""
+    from customgen.inference.images import read_settings
+
+    try:
+        stored = read_settings(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); delete it or pass --overwrite") from err
+    if not stored:
+        raise UserError(f"{path} holds no customgen settings (not made by this evaluation); "
+                        "delete it or pass --overwrite")
+    have = found_settings(stored)
+    diff = [k for k in want if have.get(k) != want[k]]
+    if diff:
+        k = diff[0]
+        raise UserError(f"{path} was made with {k}={have.get(k)!r}, this run uses {want[k]!r}; "
+                        "pass --overwrite to regenerate or choose another eval.output")
+    return stored
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg):
+    """One output through customgen.inference.stylize (looked up at call time, so tests can count calls)."""
+    from customgen import inference
+    from customgen.metrics import peak_memory
+
+    e = cfg.eval
+    styles = None if style_folder is None else [str(style_folder)]
+    scales = None if style_folder is None else point.scale
+    with peak_memory() as mem:
+        _sync()
+        t0 = time.perf_counter()
+        img = inference.stylize(str(content), styles, scales=scales, strength=point.strength, model=cfg.model.ref,
+                                styles_dir=e.styles, guidance=e.guidance, steps=e.steps, scheduler=e.scheduler,
+                                seed=e.seed, size=e.size, dtype=cfg.model.dtype)
+        _sync()
+        seconds = time.perf_counter() - t0
+    return img, seconds, mem.peak_bytes
+
+
+def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = False,
+             progress: bool = True) -> list[Output]:
+    """Every (point, content) output under OUT/images, generating only those not on disk yet."""
+    from customgen.inference.images import save_image, with_settings
+
+    folders = {s.name: s.folder for s in inputs.styles}
+    names = output_names(inputs.contents)
+    plan = []  # every existing output is checked before anything runs: a mismatch fails fast, in one line
+    for point in points:
+        for content in inputs.contents:
+            path = out / "images" / point.folder / names[content]
+            want = expected_settings(point, content, cfg.eval, cfg.model.ref)
+            plan.append((point, content, path, reuse(path, want) if path.is_file() and not overwrite else None))
+    outputs = []
+    todo = sum(stored is None for *_, stored in plan)
+    bar = tqdm(total=todo, desc="stylize", unit="img", disable=not progress or todo == 0)
+    for point, content, path, stored in plan:
+        if stored is not None:
+            cost = stored.get(EVAL_KEY, {})
+            outputs.append(Output(point, content, path, float(cost.get("seconds", math.nan)),
+                                  cost.get("peak_memory_bytes"), True))
+            continue
+        bar.set_postfix_str(f"{point.model} s={point.strength:g}", refresh=False)
+        img, seconds, peak = stylize_one(point, content, folders.get(point.model), cfg)
+        settings = json.loads(img.info.get("customgen", "{}"))
+        settings[EVAL_KEY] = {"seconds": seconds, "peak_memory_bytes": peak}
+        save_image(with_settings(img, settings), path, overwrite=True)
+        outputs.append(Output(point, content, path, seconds, peak, False))
+        bar.update()
+    bar.close()
+    return outputs

@@ -1,0 +1,128 @@
+"""Metrics for generated outputs: per-image rows, then one row per model/style (means, stds, set metrics, cost).
+
+Degenerate outputs (black, NaN, constant) are kept in the per-image table with their `flag` and left out of
+every mean and of FID/KID (customgen.metrics.summarize / fid_images do the exclusion).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from customgen import metrics as M
+from customgen.evaluate.generate import BASELINE, Output
+
+PAIR_METRICS = ("clip_content", "clip_style", "style_strength", "ssim", "lpips")  # per image
+SET_METRICS = ("fid", "kid", "art_fid")  # per model/style
+
+
+def _img(path):
+    return M.load_image(path)
+
+
+def image_rows(outputs: list[Output], inputs, nets, *, lpips_net: str, progress: bool = True) -> list[dict]:
+    """Per-image metric rows (MetricResults under '_results'); a baseline image gets one row per reference style."""
+    lp = nets.lpips(lpips_net)
+    refs = {s: [_img(p) for p in paths] for s, paths in inputs.references.items()}
+    ref_of = {s.name: s.reference for s in inputs.styles}
+    rows = []
+    for o in tqdm(outputs, desc="metrics", unit="img", disable=not progress):
+        out, content = _img(o.path), _img(o.content)
+        pair = {"clip_content": M.clip_content(out, content, embedder=nets.clip, cache=nets.feature_cache),
+                "ssim": M.ssim(out, content), "lpips": M.lpips(out, content, net=lp)}
+        styles = (inputs.reference_styles or [None]) if o.point.model == BASELINE else [ref_of[o.point.model]]
+        for style in styles:
+            res = dict(pair)
+            if style is not None:
+                res["clip_style"] = M.clip_style(out, refs[style], embedder=nets.clip, cache=nets.feature_cache)
+            rows.append({"model": o.point.model, "method": o.point.method, "style": style or "",
+                         "strength": o.point.strength, "style_scale": o.point.scale, "content": str(o.content),
+                         "output": str(o.path), "flag": M.is_degenerate(out), "seconds": o.seconds,
+                         "peak_memory_bytes": o.peak_memory_bytes, "reused": o.reused, "_results": res})
+    add_style_strength(rows)
+    return rows
+
+
+def add_style_strength(rows: list[dict]) -> None:
+    """Style Strength = CLIP-content / baseline CLIP-content of the same content and strength (baseline: 1)."""
+    base = {(r["content"], r["strength"]): r["_results"]["clip_content"] for r in rows if r["model"] == BASELINE}
+    for r in rows:
+        ref = base.get((r["content"], r["strength"]))
+        r["_results"]["style_strength"] = (M.style_strength(r["_results"]["clip_content"], ref) if ref is not None
+                                           else M.MetricResult("style_strength", math.nan, flag="no_baseline"))
+
+
+def per_image_table(rows: list[dict]) -> pd.DataFrame:
+    """The per-image rows as a DataFrame: one column per metric, plus `smoke`."""
+    flat = []
+    for r in rows:
+        res = r["_results"]
+        flat.append({k: v for k, v in r.items() if k != "_results"}
+                    | {m: float(res[m]) if m in res else math.nan for m in PAIR_METRICS}
+                    | {"smoke": any(x.smoke for x in res.values())})
+    return pd.DataFrame(flat)
+
+
+def _cost(group: list[dict], style) -> dict:
+    """Generation time (median over images: the first call also loads weights) and artifact cost columns."""
+    secs = np.array([r["seconds"] for r in group], dtype=float)
+    secs = secs[np.isfinite(secs)]
+    peaks = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
+    m = style.manifest if style is not None else None
+    return {"seconds_per_image": float(np.median(secs)) if secs.size else math.nan,
+            "seconds_per_image_std": float(secs.std(ddof=1)) if secs.size > 1 else math.nan,
+            "infer_peak_memory_bytes": max(peaks) if peaks else None,
+            "trainable_params": m.trainable_params if m else 0,
+            "artifact_bytes": M.artifact_bytes(style.folder / m.weights) if m else 0,
+            "train_seconds": m.train_seconds if m else 0.0,
+            "peak_memory_bytes": m.peak_memory_bytes if m else None}
+
+
+def _set_metrics(group: list[dict], refs: list, nets, e, lpips_mean: float) -> dict:
+    """FID and KID between the group's outputs and the style references, and ArtFID; with sample sizes."""
+    if not refs:
+        return {k: math.nan for k in ("fid", "fid_std", "kid", "kid_std", "art_fid", "art_fid_std")} | {
+            "fid_n": 0, "fid_n_ref": 0, "kid_subset_size": 0, "_smoke": False}
+    outs = [_img(r["output"]) for r in group]
+    kw = dict(extractor=nets.inception, cache=nets.feature_cache)
+    fid = M.fid_images(outs, refs, **kw)
+    kid = M.kid_images(outs, refs, subset_size=e.kid_subset, seed=e.seed, **kw)
+    art = M.art_fid(lpips_mean, fid)
+    return {"fid": fid.value, "fid_std": math.nan, "kid": kid.value, "kid_std": kid.std, "art_fid": art.value,
+            "art_fid_std": math.nan, "fid_n": fid.n, "fid_n_ref": fid.n_ref,
+            "kid_subset_size": min(e.kid_subset, kid.n, kid.n_ref), "_smoke": fid.smoke or kid.smoke}
+
+
+def aggregate(rows: list[dict], inputs, nets, cfg, *, set_metrics: bool = True) -> pd.DataFrame:
+    """One row per (model, style, strength, scale): means/stds of per-image metrics, FID/KID/ArtFID, cost."""
+    e = cfg.eval
+    styles = {s.name: s for s in inputs.styles}
+    refs = {s: [_img(p) for p in paths] for s, paths in inputs.references.items()} if set_metrics else {}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["style"], r["strength"], r["style_scale"])].append(r)
+    table = []
+    for (model, style, strength, scale), group in groups.items():
+        row = {"model": model, "method": group[0]["method"], "style": style, "strength": strength,
+               "style_scale": scale, "steps": e.steps, "seed": e.seed, "base_model": cfg.model.ref}
+        smoke = False
+        for m in PAIR_METRICS:
+            vals = [r["_results"].get(m, M.MetricResult(m, math.nan)) for r in group]
+            s = M.summarize(vals)
+            row[m], row[f"{m}_std"], smoke = s.mean, s.std, smoke or s.smoke
+        row["n_images"] = len(group)
+        row["n_flagged"] = sum(1 for r in group if r["flag"])
+        if set_metrics:
+            kept = [r for r in group if not r["flag"]]
+            sm = _set_metrics(kept, refs.get(style, []) if kept else [], nets, e, row["lpips"])
+            set_smoke = sm.pop("_smoke")
+            smoke = smoke or set_smoke
+            row |= sm
+        row |= _cost(group, styles.get(model))
+        row["n_references"] = len(inputs.references.get(style, []))
+        row["smoke"] = smoke
+        table.append(row)
+    return pd.DataFrame(table)
