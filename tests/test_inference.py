@@ -26,6 +26,7 @@ RUN = dict(model="tiny", steps=STEPS, seed=7)
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
+    clear_sessions()  # a session cached by another module may hold the same TI token (then loaded under an alias)
     root = tmp_path_factory.mktemp("styles")
     make_library(root)
     return root

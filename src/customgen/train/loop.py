@@ -124,7 +124,7 @@ def optimizer_step(run: Run, step: int) -> dict[str, float]:
             if not torch.isfinite(losses["loss"]):
                 last = checkpoints(run.out)
                 raise TrainingDiverged(
-                    f"loss became {float(losses['loss'])} at step {step}; last good checkpoint: "
+                    f"loss became {losses['loss'].item()} at step {step}; last good checkpoint: "
                     f"{last[-1] if last else 'none'}; lower train.lr or use train.mixed_precision=no/bf16")
             acc.backward(losses["loss"])
             if acc.sync_gradients and cfg.train.max_grad_norm > 0:
