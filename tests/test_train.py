@@ -269,3 +269,17 @@ def test_fp16_plan_keeps_trainables_fp32(data, tmp_path):
         dtypes[p.requires_grad].add(p.dtype)
     assert dtypes[True] == {torch.float32} and dtypes[False] == {torch.float16}
     assert {p.dtype for p in comps.vae.parameters()} == {torch.float16}
+
+
+def test_validation_uses_fixed_content_images(data, tmp_path):
+    from PIL import Image
+
+    from customgen.train.validation import validation_content
+
+    contents = data["wikiart"] / "Ukiyo_e"
+    cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0", f"validation.content_root={contents}",
+                     "validation.num_images=2", "train.steps=1")
+    assert validation_content(cfg) == sorted(str(p) for p in contents.iterdir())[:2]
+    out = train(cfg, output=tmp_path / "v", progress=False)
+    (sample,) = (out / "samples").glob("step-*.png")
+    assert Image.open(sample).size == (2 * 64, 64)  # img2img of each content image, side by side

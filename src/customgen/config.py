@@ -5,6 +5,7 @@ output (`save_config`), and its hash goes into manifests.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -115,6 +116,7 @@ class TextualInversionConfig:
 @dataclasses.dataclass
 class ValidationConfig:
     content: list[str] = dataclasses.field(default_factory=list)  # content images for img2img validation
+    content_root: str = ""  # or the first num_images of this folder ("" for styles on Kaggle: COCO if attached)
     prompts: list[str] = dataclasses.field(default_factory=list)  # txt2img prompts (subjects)
     strength: float = 0.6  # img2img strength of validation images
     steps: int = 25  # inference steps
@@ -232,10 +234,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            pass
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     return value

@@ -1,6 +1,7 @@
 """Robust image I/O: refuse decompression bombs from the header, classify broken files, convert any mode to RGB."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -158,11 +159,8 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     """CMYK → RGB through the embedded ICC profile when there is one, else PIL's plain formula."""
     icc = img.info.get("icc_profile")
     if icc:
-        try:
-            srgb = ImageCms.createProfile("sRGB")
-            return ImageCms.profileToProfile(img, io.BytesIO(icc), srgb, outputMode="RGB")
-        except Exception:  # an unusable profile: fall back to the naive conversion
-            pass
+        with contextlib.suppress(Exception):  # an unusable profile: fall back to the naive conversion
+            return ImageCms.profileToProfile(img, io.BytesIO(icc), ImageCms.createProfile("sRGB"), outputMode="RGB")
     return img.convert("RGB")
 
 

@@ -163,8 +163,7 @@ def check_compatible(style: Style, comps) -> None:
     elif style.kind == "textual_inversion":
         check_textual_inversion(weights, comps.text_encoder)
     else:
-        with _readable(weights):  # DreamBooth keys/shapes are checked by load_dreambooth
-            pass
+        _readable(weights).keys()  # a readable file; DreamBooth keys/shapes are checked by load_dreambooth
     base = style.manifest.base_model
     if base and comps.ref and base != comps.ref:
         warnings.warn(f"style {style.name} was trained on {base}; applying it to {comps.ref}", Notice, stacklevel=2)

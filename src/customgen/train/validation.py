@@ -31,6 +31,24 @@ def grid(images: list[Image.Image], cols: int) -> Image.Image:
     return out
 
 
+STYLE_METHODS = ("lora_style", "dreambooth_style", "textual_inversion")
+
+
+def validation_content(cfg) -> list[str]:
+    """Fixed content images: validation.content, else the first of validation.content_root (styles on
+    Kaggle: the attached COCO folder), else none (txt2img)."""
+    from customgen.data import find_kaggle_roots
+    from customgen.data.io import is_image_name
+
+    v = cfg.validation
+    if v.content:
+        return list(v.content)
+    root = v.content_root or (find_kaggle_roots().get("coco") if cfg.method in STYLE_METHODS else None)
+    if not root or not Path(root).is_dir():
+        return []
+    return [str(p) for p in sorted(Path(root).iterdir()) if is_image_name(p.name)][: v.num_images]
+
+
 @torch.no_grad()
 def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
     """Validation samples with the model as it is now (LoRA/TI/DreamBooth weights active)."""
@@ -38,7 +56,8 @@ def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
     from customgen.models import build_pipeline
 
     v, res = cfg.validation, cfg.data.resolution
-    kind = "img2img" if v.content else "txt2img"
+    content = validation_content(cfg)
+    kind = "img2img" if content else "txt2img"
     pipe = build_pipeline(comps, kind=kind)
     prompts = v.prompts or [prompt]
     out = []
@@ -46,7 +65,7 @@ def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
         g = torch.Generator("cpu").manual_seed(cfg.train.seed + i)
         common = dict(num_inference_steps=v.steps, guidance_scale=v.guidance, generator=g)
         if kind == "img2img":
-            for path in v.content:
+            for path in content:
                 image = load_image(path).resize((res, res))
                 out += pipe(p, image=image, strength=v.strength, **common).images
         else:
@@ -66,5 +85,5 @@ def validate(run, step: int) -> Path | None:
         images = sample_images(c, run.cfg, run.method.default_prompt(), device=run.accelerator.device)
     path = run.out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid(images, cols=max(1, len(run.cfg.validation.content) or run.cfg.validation.num_images)).save(path)
+    grid(images, cols=max(1, len(validation_content(run.cfg)) or run.cfg.validation.num_images)).save(path)
     return path
