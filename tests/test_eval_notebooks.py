@@ -22,10 +22,11 @@ def evaluated(tmp_path_factory):
     common = SMOKE | {"STYLES_DIR": str(env["styles"]), "CONTENT_ROOT": str(env["coco"]),
                       "STYLE_ROOT": str(env["wikiart"])}
     runs = {}
-    for name, extra in [("04a_Evaluation_Metrics_LoRA", {"SWEEP_SCALES": [0.5, 1.0]}),
-                        ("04b_Evaluation_Metrics_DreamBooth_TI", {})]:
+    for notebook, extra in [("04a_Evaluation_Metrics_LoRA.ipynb", {"SWEEP_SCALES": [0.5, 1.0]}),
+                            ("04b_Evaluation_Metrics_DreamBooth_TI.ipynb", {})]:
+        name = notebook.removesuffix(".ipynb")
         out = root / name
-        nb = run_notebook(NOTEBOOKS / f"{name}.ipynb", common | extra | {"OUTPUT_DIR": str(out)}, timeout=300)
+        nb = run_notebook(NOTEBOOKS / notebook, common | extra | {"OUTPUT_DIR": str(out)}, timeout=300)
         runs[name] = (out, cell_outputs_text(nb))
     return runs
 

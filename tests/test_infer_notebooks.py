@@ -14,8 +14,8 @@ from tests.artifact_fixtures import make_contents, make_library
 from tests.notebook_harness import cell_outputs_text, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = {"lora_a": "01-LoRA-Inference-Test", "dreambooth": "02-DreamBooth-Inference-Test",
-             "ti": "03-Textual-Inversion-Inference-Test"}
+NOTEBOOKS = {"lora_a": "01-LoRA-Inference-Test.ipynb", "dreambooth": "02-DreamBooth-Inference-Test.ipynb",
+             "ti": "03-Textual-Inversion-Inference-Test.ipynb"}
 SMOKE = dict(MODEL="tiny", N_CONTENT=2, STRENGTHS=[0.3, 0.6], SCALES=[0.0, 1.0], FIXED_STRENGTH=0.6, STEPS=5,
              SEED=3, SMOKE=True)
 
@@ -37,7 +37,7 @@ def _kernel_env(monkeypatch):
 def test_inference_notebook_smoke(style, fixtures, tmp_path):
     styles, contents = fixtures
     out = tmp_path / "out"
-    nb = run_notebook(ROOT / "testInfer" / f"{NOTEBOOKS[style]}.ipynb",
+    nb = run_notebook(ROOT / "testInfer" / NOTEBOOKS[style],
                       {**SMOKE, "ARTIFACT": str(styles[style]), "CONTENT_DIR": str(contents), "OUTPUT_DIR": str(out)},
                       timeout=300)
     for grid, values in (("strength", [0.3, 0.6]), ("scale", [0.0, 1.0])):

@@ -11,10 +11,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method", [("01a_LoRA_Training", "lora_style"),
-                                         ("01b_DreamBooth_Training", "dreambooth_style"),
-                                         ("01c_Textual_Inversion_Training", "textual_inversion"),
-                                         ("01d_Subject_DreamBooth_LoRA", "dreambooth_lora_subject")])
+@pytest.mark.parametrize("name,method", [("01a_LoRA_Training.ipynb", "lora_style"),
+                                         ("01b_DreamBooth_Training.ipynb", "dreambooth_style"),
+                                         ("01c_Textual_Inversion_Training.ipynb", "textual_inversion"),
+                                         ("01d_Subject_DreamBooth_LoRA.ipynb", "dreambooth_lora_subject")])
 def test_training_notebook_smoke(name, method, tmp_path):
     params = {"MODEL": "tiny", "OUTPUT_DIR": str(tmp_path / "styles"), "SMOKE": True}
     if method == "dreambooth_lora_subject":
@@ -22,7 +22,7 @@ def test_training_notebook_smoke(name, method, tmp_path):
     else:
         params |= {"WIKIART_ROOT": str(make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 3}, size=(80, 72))),
                    "STYLE": "Cubism"}
-    run_notebook(NOTEBOOKS / f"{name}.ipynb", params, cwd=tmp_path)
+    run_notebook(NOTEBOOKS / name, params, cwd=tmp_path)
     (folder,) = (tmp_path / "styles").iterdir()
     manifest = artifacts.read_manifest(folder)
     assert manifest.method == method and manifest.base_model == "tiny" and manifest.steps == 2
