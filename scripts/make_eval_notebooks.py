@@ -11,7 +11,8 @@ weights (CLIP ViT-B/32, AlexNet for LPIPS, the FID Inception) are downloaded onc
 back to random-weight *smoke* networks and every table and figure says so. Then run once:
 ```
 !git clone https://github.com/<you>/customgen /kaggle/working/customgen
-!pip install -q -r /kaggle/working/customgen/requirements.txt
+!cd /kaggle/working/customgen && pip install -q -r requirements.txt
+import sys; sys.path.insert(0, "/kaggle/working/customgen/src")  # use it without restarting the kernel
 ```
 Attach WikiArt and COCO 2017 and leave the roots `None`: they are found under `/kaggle/input`."""
 

@@ -10,7 +10,8 @@ SETUP_MD = """**On Kaggle**: Settings → Accelerator **GPU T4 x2**, and **Inter
 it as an input and set `MODEL` to its folder). Then run once:
 ```
 !git clone https://github.com/<you>/customgen /kaggle/working/customgen
-!pip install -q -r /kaggle/working/customgen/requirements.txt
+!cd /kaggle/working/customgen && pip install -q -r requirements.txt
+import sys; sys.path.insert(0, "/kaggle/working/customgen/src")  # use it without restarting the kernel
 ```
 `SMOKE = True` is for the test suite: it runs on the `tiny` model in seconds (a check that the notebook works,
 not a result)."""

@@ -9,7 +9,8 @@ SETUP_MD = """**On Kaggle**: Settings → Accelerator **GPU T4 x2** (the P100 no
 **Internet on** (to download SD v1.5), or attach SD v1.5 as an input and set `MODEL` to its folder. Then run once:
 ```
 !git clone https://github.com/<you>/customgen /kaggle/working/customgen
-!pip install -q -r /kaggle/working/customgen/requirements.txt
+!cd /kaggle/working/customgen && pip install -q -r requirements.txt
+import sys; sys.path.insert(0, "/kaggle/working/customgen/src")  # use it without restarting the kernel
 ```
 `SMOKE = True` runs every cell in seconds on the `tiny` model (a check that the notebook works, not a result)."""
 
