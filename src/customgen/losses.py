@@ -39,21 +39,37 @@ def lpips_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return net(x.float(), y.float()).flatten()
 
 
+def _vgg19_weights():
+    """torchvision's ImageNet VGG19 weights if cached or downloadable now, else None (offline: no attempt)."""
+    from torchvision.models import VGG19_Weights
+
+    from customgen.metrics.networks import hub_checkpoint, is_offline, reachable
+
+    w = VGG19_Weights.IMAGENET1K_V1
+    if hub_checkpoint(w.url) is not None:
+        return w
+    if is_offline() or not reachable("download.pytorch.org"):
+        return None
+    try:
+        w.get_state_dict(progress=False)  # downloads into the torch hub cache
+        return w
+    except Exception:  # noqa: BLE001 - any download failure means "no weights"
+        return None
+
+
 class VGGFeatures(torch.nn.Module):
     """VGG19 activations at GRAM_LAYERS for images in [-1, 1]; frozen."""
 
     def __init__(self, *, pretrained: bool | None = None):
         super().__init__()
-        from torchvision.models import VGG19_Weights, vgg19
+        from torchvision.models import vgg19
 
-        from customgen.metrics.networks import hub_checkpoint
-
-        url = VGG19_Weights.IMAGENET1K_V1.url
-        use = pretrained if pretrained is not None else hub_checkpoint(url) is not None
-        if not use:
-            warnings.warn("Gram loss uses a random-weight VGG19 (no ImageNet weights cached): plumbing only", Notice)
-        self.smoke = not use
-        self.layers = vgg19(weights=VGG19_Weights.IMAGENET1K_V1 if use else None).features[: max(GRAM_LAYERS) + 1]
+        weights = _vgg19_weights() if pretrained is not False else None
+        if weights is None:
+            warnings.warn("Gram loss uses a random-weight VGG19 (ImageNet weights neither cached nor downloadable): "
+                          "plumbing only", Notice)
+        self.smoke = weights is None
+        self.layers = vgg19(weights=weights).features[: max(GRAM_LAYERS) + 1]
         self.layers.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))

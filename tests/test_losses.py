@@ -1,0 +1,55 @@
+"""Loss terms: zero for identical inputs, positive otherwise, per sample; x0 matches diffusers' scheduler."""
+import pytest
+import torch
+
+from customgen.losses import VGGFeatures, gram_loss, gram_matrix, lpips_loss, noise_l2, predicted_x0, style_grams
+from customgen.metrics.networks import build_lpips_scorer
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, 3, 64, 64, generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+
+
+def test_noise_l2_is_per_sample_mse():
+    a, b = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    b[1] = 0
+    assert torch.equal(noise_l2(a, b), torch.tensor([1.0, 0.0]))
+
+
+def test_gram_matrix_matches_numpy_definition(images):
+    f = images[:1]
+    flat = f.reshape(3, -1).numpy()
+    assert torch.allclose(gram_matrix(f)[0], torch.from_numpy(flat @ flat.T / flat.size), atol=1e-5)
+
+
+def test_gram_loss_zero_for_the_same_image_positive_otherwise(images):
+    vgg = VGGFeatures(pretrained=False)
+    target = style_grams(vgg, images[:1])
+    loss = gram_loss(vgg(images), target)
+    assert loss.shape == (3,) and loss[0].abs() < 1e-10 and (loss[1:] > 0).all()
+
+
+def test_lpips_zero_for_identical_positive_otherwise_and_differentiable(images):
+    net = build_lpips_scorer(net="vgg", smoke=True, device="cpu").model
+    x = images.clone().requires_grad_(True)
+    same = lpips_loss(net, images, images)
+    assert same.shape == (3,) and torch.allclose(same, torch.zeros(3), atol=1e-6)
+    other = lpips_loss(net, x, images.flip(0))
+    assert (other[[0, 2]] > 0).all()
+    other.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_predicted_x0_equals_the_schedulers_own():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([500])
+    noisy = sched.add_noise(x0, eps, t)
+    ref = sched.step(eps, 500, noisy).pred_original_sample
+    assert torch.allclose(predicted_x0(noisy, eps, sched.alphas_cumprod, t), ref, atol=1e-5)
+    assert torch.allclose(predicted_x0(noisy, eps, sched.alphas_cumprod, t), x0, atol=1e-4)
