@@ -43,7 +43,8 @@ def _vgg19_weights():
     """torchvision's ImageNet VGG19 weights if cached or downloadable now, else None (offline: no attempt)."""
     from torchvision.models import VGG19_Weights
 
-    from customgen.metrics.networks import hub_checkpoint, is_offline, reachable
+    from customgen.metrics.networks import hub_checkpoint
+    from customgen.network import is_offline, reachable
 
     w = VGG19_Weights.IMAGENET1K_V1
     if hub_checkpoint(w.url) is not None:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
 
 from customgen.metrics.features import FeatureCache, ImageEncoder
+from customgen.network import hub_reachable, is_offline, reachable  # noqa: F401 - reachable: re-exported
 
 log = logging.getLogger("customgen.metrics")
 
@@ -31,24 +30,6 @@ SMOKE_CLIP_KWARGS = dict(
 )
 # torch-fidelity's FID Inception weights (what torchmetrics' FrechetInceptionDistance loads).
 FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-def is_offline(offline: bool | None = None) -> bool:
-    """Explicit ``offline`` wins; otherwise HF_HUB_OFFLINE=1 means no download attempts at all."""
-    if offline is not None:
-        return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def reachable(host: str, *, timeout: float = 3.0) -> bool:
-    """Quick TCP probe so a machine without internet falls back in seconds, not after minutes of retries."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connect says nothing: let the download try
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def default_device() -> str:
@@ -133,8 +114,7 @@ def _real_clip(model: str, pretrained: str, cache_dir: str | None, offline: bool
         m, _, pre = open_clip.create_model_and_transforms(  # the tag's preprocessing and QuickGELU, no download
             model, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu", False)), **pp)
         return m, pre, f"file:{path}"
-    hf_host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    if offline or not reachable(hf_host):
+    if offline or not hub_reachable():
         return None
     m, _, pre = open_clip.create_model_and_transforms(model, pretrained=pretrained, cache_dir=cache_dir)
     return m, pre, f"download:{pretrained}"

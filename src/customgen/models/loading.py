@@ -11,6 +11,7 @@ from pathlib import Path
 
 from customgen.errors import Notice, UserError
 from customgen.models.builders import RESERVED, Components, build_reserved
+from customgen.network import hub_reachable
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ALIASES = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # deleted from the Hub in 2024
@@ -54,22 +55,6 @@ def resolve_ref(ref: str | Path) -> ModelRef:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
         raise UserError(f"{ref!r} is not a valid Hub id (owner/name)")
     return ModelRef("hub", ref)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub answers a TCP connect (False at once when HF_HUB_OFFLINE is set)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def hub_cached(repo_id: str) -> bool:
