@@ -380,10 +380,13 @@ def test_cli_data_scan(tmp_path, capsys):
     from customgen.cli import main
 
     make_coco_folder(tmp_path / "coco", n=5)
+    broken = write_broken_files(tmp_path / "coco" / "val2017")
     cmd = [sys.executable, "-m", "customgen", "data", "scan", str(tmp_path / "coco"), "--out", str(tmp_path / "o")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "coco layout" in done.stdout and "usable 5" in done.stdout
+    for name, reason in broken.items():  # every broken file is listed with its reason
+        assert f"{name}: {reason}" in done.stdout
     assert len(json.loads((tmp_path / "o" / "content_paths.json").read_text())["paths"]) == 5
     assert main(["data", "scan", str(tmp_path / "coco"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

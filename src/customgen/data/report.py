@@ -123,8 +123,8 @@ def _fmt_sizes(sizes: dict) -> str:
             f"height {h['min']}–{h['max']} (median {h['median']:g})")
 
 
-def format_summary(report: dict, *, top: int = 5) -> str:
-    """A few human-readable lines about a scan report."""
+def format_summary(report: dict, *, top: int = 5, max_skipped: int = 50) -> str:
+    """A few human-readable lines about a scan report, then each skipped file with its reason."""
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(report["skipped_by_reason"].items()))
     counts = report["counts"]
     lines = [
@@ -137,6 +137,11 @@ def format_summary(report: dict, *, top: int = 5) -> str:
     if len(counts) > 1:
         more = f" (+{len(counts) - top} more)" if len(counts) > top else ""
         lines.append("largest: " + ", ".join(f"{k} {v}" for k, v in list(counts.items())[:top]) + more)
+    skipped = report.get("skipped", [])
+    for item in skipped[:max_skipped]:
+        lines.append(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item.get("detail") else ""))
+    if len(skipped) > max_skipped:
+        lines.append(f"  ... and {len(skipped) - max_skipped} more skipped files (all listed in the report JSON)")
     if report.get("written"):
         lines.append("wrote " + ", ".join(report["written"]))
     return "\n".join(lines)
