@@ -155,11 +155,6 @@ def make_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def offloaded(*modules):
-    """Move modules to the CPU for the block and back afterwards: `with offloaded(vae, text_encoder):`."""
-    return moved(*modules, device="cpu")
-
-
 @contextlib.contextmanager
 def moved(*modules, device):
     """Move modules to `device` for the block and back to where each was afterwards."""

@@ -1,13 +1,12 @@
 """Everything the loop needs, built once: accelerator, components, method, data, optimizer."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from customgen.errors import Notice, UserError
+from customgen.errors import UserError
 
 
 @dataclass
@@ -95,7 +94,3 @@ def style_pixels(images, limit: int = 64) -> torch.Tensor:
     """Pixels (N, 3, R, R) of up to `limit` style images, for the Gram targets."""
     n = min(limit, len(images.dataset.records))
     return torch.stack([images.dataset[images.dataset.order.index(i)]["pixel_values"] for i in range(n)])
-
-
-def warn_once(message: str) -> None:
-    warnings.warn(message, Notice)
