@@ -218,7 +218,7 @@ def register(sub) -> None:
     """Add `customgen demo` to the CLI's subparsers."""
     d = sub.add_parser("demo", help="Gradio app: stylize photos and generate images in the browser")
     d.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model reference")
-    d.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs)")
+    d.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     d.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
     d.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the demo)")

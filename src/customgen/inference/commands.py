@@ -16,7 +16,7 @@ def _common(p) -> None:
                    help="style (adapter) scale; one for all styles or one per --style (default 1.0)")
     p.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="base model: Hub id, local folder, .safetensors file, tiny or sd15-random")
-    p.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs)")
+    p.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
     p.add_argument("--prompt", default=None, help="prompt (default: the styles' manifest prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
