@@ -47,7 +47,7 @@ def bench_recipe(recipe: str, args, data: dict, work: Path) -> dict:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
         return {"recipe": recipe, "seconds_per_step": statistics.median(times[args.warmup:]),
-                "peak_memory_bytes": peak["bytes"], "batch_size": cfg.train.batch_size,
+                "peak_memory_bytes": peak.peak_bytes or 0, "batch_size": cfg.train.batch_size,
                 "plan": run.plan.__dict__, "status": "ok"}
     except torch.cuda.OutOfMemoryError as err:
         return {"recipe": recipe, "status": "oom", "error": str(err).splitlines()[0]}
@@ -66,7 +66,7 @@ def bench_img2img(args, data: dict) -> dict:
             t = time.perf_counter()
             stylize(content, **kw)
             times.append(time.perf_counter() - t)
-    return {"seconds_per_image": statistics.median(times), "peak_memory_bytes": peak["bytes"],
+    return {"seconds_per_image": statistics.median(times), "peak_memory_bytes": peak.peak_bytes or 0,
             "steps": args.infer_steps, "resolution": args.resolution}
 
 

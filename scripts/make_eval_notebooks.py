@@ -1,5 +1,5 @@
 """Write notebooks/04a, 04b (evaluation) and 05 (results analysis). Run after editing; the notebooks are
-committed without outputs. All logic lives in customgen.evaluate and customgen.plots_results."""
+committed without outputs. All logic lives in customgen.evaluate and customgen.evaluate.plots."""
 from pathlib import Path
 
 import nbformat
@@ -49,7 +49,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown, display
 
-from customgen import plots_results
+from customgen.evaluate import plots
 from customgen.config import load_config
 from customgen.data import resolve_data_roots
 from customgen.evaluate import describe_front, evaluate, load_results
@@ -73,17 +73,17 @@ fig_kw = dict(smoke=results.smoke, provenance=results.provenance)
 display(Markdown((Path(OUTPUT_DIR) / "summary.md").read_text()))
 '''
 
-PLOTS = '''display(plots_results.plot_metric_bars(results.metrics, **fig_kw))
-display(plots_results.plot_baseline_comparison(results.metrics, **fig_kw))
+PLOTS = '''display(plots.plot_metric_bars(results.metrics, **fig_kw))
+display(plots.plot_baseline_comparison(results.metrics, **fig_kw))
 '''
 
 SWEEP = '''if results.sweep is not None:
-    display(plots_results.plot_tradeoff(results.sweep, **fig_kw))
+    display(plots.plot_tradeoff(results.sweep, **fig_kw))
     print(describe_front(results.sweep))
 '''
 
 SAMPLES = '''for style in sorted(set(results.per_image["style"])):
-    display(plots_results.plot_samples(results.per_image, style, **fig_kw))
+    display(plots.plot_samples(results.per_image, style, **fig_kw))
 '''
 
 COST = '''cost = ["model", "method", "style", "seconds_per_image", "infer_peak_memory_bytes", "trainable_params",
@@ -97,7 +97,7 @@ def eval_nb(name, title, intro, methods, scales, out, sweep_note):
         md(f"# {title}\n\n{intro}\n\n"
            "Every style in `STYLES_DIR` whose method is in `METHODS` stylizes the same content photos with the same seed and "
            "strength as the **baseline** (plain SD v1.5 img2img, no style). The metrics are defined in "
-           "`docs/evaluation_metrics.md`; all logic lives in `customgen.evaluate` and `customgen.plots_results`.\n\n"
+           "`docs/evaluation_metrics.md`; all logic lives in `customgen.evaluate` and `customgen.evaluate.plots`.\n\n"
            "Re-running resumes: stylized images already in `OUTPUT_DIR/images` are reused.\n\n" + KAGGLE_MD),
         params(COMMON_PARAMS.format(out=out, methods=methods, scales=scales)),
         code(SETUP),
@@ -145,7 +145,7 @@ from pathlib import Path
 
 from IPython.display import display
 
-from customgen import plots_results
+from customgen.evaluate import plots
 from customgen.evaluate import best_per_style, describe_front, load_results
 
 results = load_results(*RESULTS_DIRS)
@@ -173,12 +173,12 @@ display(best_per_style(results.metrics))
 '''),
     md("## 2. Figures\n\nMetric bars (mean ± std over content images) and the difference to plain SD img2img. "
        "Style Strength is CLIP-content relative to the baseline: above 1 the method moves further from the photo."),
-    code('''figs = {"metric_bars": plots_results.plot_metric_bars(results.metrics, **fig_kw),
-        "baseline_comparison": plots_results.plot_baseline_comparison(results.metrics, **fig_kw)}
+    code('''figs = {"metric_bars": plots.plot_metric_bars(results.metrics, **fig_kw),
+        "baseline_comparison": plots.plot_baseline_comparison(results.metrics, **fig_kw)}
 if results.sweep is not None:
-    figs["tradeoff"] = plots_results.plot_tradeoff(results.sweep, **fig_kw)
+    figs["tradeoff"] = plots.plot_tradeoff(results.sweep, **fig_kw)
 for style in sorted(set(results.per_image["style"])):
-    figs[f"samples_{style}"] = plots_results.plot_samples(results.per_image, style, n_contents=N_SAMPLES, **fig_kw)
+    figs[f"samples_{style}"] = plots.plot_samples(results.per_image, style, n_contents=N_SAMPLES, **fig_kw)
 for name, fig in figs.items():
     fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
     display(fig)

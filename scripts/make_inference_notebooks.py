@@ -47,7 +47,7 @@ GRID = """from customgen.inference import plot_grid, save_grid, sweep
 {name}_grid = sweep(contents, style, vary="{vary}", values={values}, model=session, steps=STEPS, seed=SEED,
                   size=SIZE{extra})
 print("saved to", save_grid({name}_grid, OUTPUT_DIR, "{name}", overwrite=OVERWRITE))
-plot_grid({name}_grid, cell=1.6 if SMOKE else 2.4);"""
+plot_grid({name}_grid, cell=1.6 if SMOKE else 2.4)"""
 
 TIMING = """import pandas as pd
 
@@ -115,7 +115,7 @@ SMOKE = False  # True: start and stop the server without blocking (the test suit
 DEMO_MD = """# Demo application
 
 A Gradio app over `customgen.inference`: upload a photo, choose a style from the library (or upload a style
-image), set the style strength, optionally paint a mask or turn on structure guidance, and click **Stylize**;
+image), set the stylization, optionally paint a mask or turn on structure guidance, and click **Stylize**;
 the result appears beside the photo and downloads as a PNG that carries every setting. A second tab generates
 images from text with a style or a subject. The same app runs from a terminal: `customgen demo --styles DIR`.
 

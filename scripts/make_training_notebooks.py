@@ -51,7 +51,7 @@ def notebook(title: str, intro: str, recipe: str, data_lines: list[str], data_co
         nbf.v4.new_code_cell("from customgen.train import train\n\n"
                              "artifact = train(cfg, output=artifact_dir, resume=\"auto\", overwrite=SMOKE)\nartifact"),
         nbf.v4.new_markdown_cell("## What was learned\nThe manifest (`style.json`), the loss curve and the validation images."),
-        nbf.v4.new_code_cell("import json\n\nfrom customgen.plots import plot_loss_curve\n\n"
+        nbf.v4.new_code_cell("import json\n\nfrom customgen.train.plots import plot_loss_curve\n\n"
                              "print(json.dumps(json.loads((artifact / 'style.json').read_text()), indent=1)[:1500])\n"
                              "plot_loss_curve(artifact / 'logs' / 'loss.csv')"),
         nbf.v4.new_code_cell(show_code),

@@ -1,7 +1,7 @@
 """Artifacts made with stock tools on the `tiny` model, for inference tests and notebook smoke runs.
 
 Training code is not needed: LoRA = peft adapter with random lora_B; Textual Inversion = a random embedding
-row for a new token; DreamBooth = perturbed attention weights. Each is saved with customgen.artifacts and a
+row for a new token; DreamBooth = perturbed attention weights. Each is saved with customgen.kinds and a
 style.json, exactly the folder layout `customgen train` writes.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from customgen import artifacts
-from customgen.artifacts import Manifest
+from customgen import kinds
+from customgen.kinds import dreambooth, lora, textual_inversion
+from customgen.kinds import Manifest
 from customgen.models import load_components
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -31,7 +32,7 @@ def _samples(folder: Path, color) -> None:
 
 
 def _manifest(folder: Path, **fields) -> Path:
-    artifacts.write_manifest(folder, Manifest(**fields))
+    kinds.write_manifest(folder, Manifest(**fields))
     return folder
 
 
@@ -46,7 +47,7 @@ def make_lora(folder: str | Path, *, name: str | None = None, seed: int = 1, ran
         _lora_weights(folder, seed, rank, alpha, text_encoder, cross_attention_dim, std)
     _samples(folder, color)
     return _manifest(folder, name=name or folder.name, method=method, kind="lora", base_model=base_model,
-                     weights=artifacts.LORA_WEIGHTS, prompt=prompt, token=token, rank=rank, alpha=alpha,
+                     weights=lora.WEIGHTS, prompt=prompt, token=token, rank=rank, alpha=alpha,
                      text_encoder=text_encoder, resolution=64)
 
 
@@ -69,7 +70,7 @@ def _lora_weights(folder: Path, seed: int, rank: int, alpha: float, text_encoder
         for n, p in model.named_parameters():
             if "lora_B" in n:  # peft starts B at zero (no effect): randomise it so the style changes outputs
                 p.data = torch.randn(p.shape, generator=gen) * std
-    artifacts.save_lora(folder, unet, te)
+    lora.save_lora(folder, unet, te)
 
 
 def make_textual_inversion(folder: str | Path, *, name: str | None = None, token: str = "<tiny-style>",
@@ -83,7 +84,7 @@ def make_textual_inversion(folder: str | Path, *, name: str | None = None, token
     comps = _tiny()
     gen = torch.Generator().manual_seed(seed)
     if dim is not None:
-        save_file({token: torch.randn(n_vectors, dim, generator=gen)}, str(folder / artifacts.TI_WEIGHTS))
+        save_file({token: torch.randn(n_vectors, dim, generator=gen)}, str(folder / textual_inversion.WEIGHTS))
     else:
         tokens = [token] + [f"{token}_{i}" for i in range(1, n_vectors)]
         comps.tokenizer.add_tokens(tokens)
@@ -92,10 +93,10 @@ def make_textual_inversion(folder: str | Path, *, name: str | None = None, token
         with torch.no_grad():
             weight = comps.text_encoder.get_input_embeddings().weight
             weight[ids] = torch.randn(len(ids), weight.shape[1], generator=gen) * 2.0
-        artifacts.save_textual_inversion(folder, comps.text_encoder, ids, token=token)
+        textual_inversion.save_textual_inversion(folder, comps.text_encoder, ids, token=token)
     _samples(folder, color)
     return _manifest(folder, name=name or folder.name, method="textual_inversion", kind="textual_inversion",
-                     base_model=base_model, weights=artifacts.TI_WEIGHTS, token=token,
+                     base_model=base_model, weights=textual_inversion.WEIGHTS, token=token,
                      prompt=f"a painting in the style of {token}" if prompt is None else prompt, resolution=64)
 
 
@@ -112,10 +113,10 @@ def make_dreambooth(folder: str | Path, *, name: str | None = None, seed: int = 
         params = dict(unet.named_parameters())
         for n in names:
             params[n].add_(torch.randn(params[n].shape, generator=gen) * std)
-    artifacts.save_dreambooth(folder, unet, names, scope=scope)
+    dreambooth.save_dreambooth(folder, unet, names, scope=scope)
     _samples(folder, color)
     return _manifest(folder, name=name or folder.name, method="dreambooth_style", kind="dreambooth",
-                     base_model=base_model, weights=artifacts.DREAMBOOTH_WEIGHTS, prompt=prompt, token="sks",
+                     base_model=base_model, weights=dreambooth.WEIGHTS, prompt=prompt, token="sks",
                      scope=scope, resolution=64)
 
 

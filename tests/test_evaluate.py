@@ -159,8 +159,8 @@ def test_black_output_is_flagged_and_left_out(env, tmp_path, monkeypatch):
     real = img2img.stylize
     target = sorted(env["coco"].iterdir())[1]
 
-    def blacken(content, styles=None, **kw):
-        img = real(content, styles, **kw)
+    def blacken(content, styles=None, *args, **kw):
+        img = real(content, styles, *args, **kw)
         if styles and Path(content) == target:
             black = Image.new("RGB", img.size)
             black.info.update(img.info)  # keeps the settings, as a safety-checker replacement would

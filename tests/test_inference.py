@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 import customgen.models as models
-from customgen import artifacts
+from customgen import kinds
+from customgen.kinds import dreambooth, lora, textual_inversion
 from customgen.cli import main
 from customgen.errors import Notice, UserError
 from customgen.inference import (StyleLibrary, clear_sessions, generate, get_session, read_settings, save_image,
-                                 style_strength_settings, stylize)
+                                 stylization_knobs, stylize)
+from customgen import request
 from customgen.inference import adapters, commands, session as session_mod
 from customgen.inference.images import feather_mask, load_mask
 from tests.artifact_fixtures import content_image, make_dreambooth, make_library, make_lora, make_textual_inversion
@@ -105,8 +107,8 @@ def test_dreambooth_swapped_in_and_restored(content, lib):
     assert np.array_equal(px(run(content, lib, "dreambooth", prompt="", scales=0.0)), px(base))
     assert np.array_equal(px(run(content, lib, None)), px(base))  # restored after switching back
     unet = get_session("tiny").comps.unet
-    fresh = artifacts.unet_parameters(models.build_reserved("tiny").unet)
-    assert all(torch.equal(p, fresh[k]) for k, p in artifacts.unet_parameters(unet).items() if k in fresh)
+    fresh = dreambooth.unet_parameters(models.build_reserved("tiny").unet)
+    assert all(torch.equal(p, fresh[k]) for k, p in dreambooth.unet_parameters(unet).items() if k in fresh)
     assert np.array_equal(px(run(content, lib, "dreambooth", prompt="")), px(styled))  # and again, exactly
 
 
@@ -121,8 +123,8 @@ def test_textual_inversion_scale_interpolates_prompt_embeddings(content, lib):
 
 def test_switching_styles_never_reloads_the_base(content, lib, monkeypatch):
     calls = {"base": 0, "lora": 0, "ti": 0, "db": 0}
-    counted = {"base": (models, "load_components"), "lora": (artifacts, "load_lora"),
-               "ti": (artifacts, "load_textual_inversion"), "db": (artifacts, "load_dreambooth")}
+    counted = {"base": (models, "load_components"), "lora": (lora, "load_lora"),
+               "ti": (textual_inversion, "load_textual_inversion"), "db": (dreambooth, "load_dreambooth")}
     for key, (mod, attr) in counted.items():
         original = getattr(mod, attr)
 
@@ -170,13 +172,13 @@ def test_mask_of_another_size_is_resized_with_a_notice(content, lib):
 # --- style strength, metadata ---------------------------------------------------------------------------
 
 def test_style_strength_rule(content, lib):
-    assert style_strength_settings(0.0) == (0.2, 0.0)
-    assert style_strength_settings(0.5) == (0.5, 1.0)
-    assert style_strength_settings(1.0) == (0.8, 1.0)
-    one = run(content, lib, "lora_a", style_strength=0.25)
+    assert stylization_knobs(0.0) == (0.2, 0.0)
+    assert stylization_knobs(0.5) == (0.5, 1.0)
+    assert stylization_knobs(1.0) == (0.8, 1.0)
+    one = run(content, lib, "lora_a", stylization=0.25)
     assert np.array_equal(px(one), px(run(content, lib, "lora_a", strength=0.35, scales=0.5)))
     with pytest.raises(UserError, match="not both"):
-        run(content, lib, "lora_a", style_strength=0.5, strength=0.5)
+        run(content, lib, "lora_a", stylization=0.5, strength=0.5)
 
 
 def test_png_metadata_and_no_silent_overwrite(content, lib, tmp_path):
@@ -269,7 +271,7 @@ def test_library_resolves_folder_name_manifest_name_and_path(lib, tmp_path):
     other = make_lora(tmp_path / "lib" / "folder_x", name="Fancy Name", seed=31)
     library = StyleLibrary(tmp_path / "lib")
     assert library.resolve("folder_x").folder == library.resolve("Fancy Name").folder == other.resolve()
-    assert library.resolve(str(lib / "ti")).kind == "textual_inversion"
+    assert library.resolve(str(lib / "ti")).kind.name == "textual_inversion"
     assert StyleLibrary(lib).names() == ["dreambooth", "lora_a", "lora_b", "subject", "ti"]
 
 
@@ -307,11 +309,11 @@ def broken(tmp_path_factory):
     db = make_dreambooth(root / "wrong_db", seed=41)
     from safetensors.torch import save_file
     save_file({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.zeros(32, 48)},
-              str(db / artifacts.DREAMBOOTH_WEIGHTS))
+              str(db / dreambooth.WEIGHTS))
     corrupt = make_lora(root / "corrupt_lora", seed=42)
-    (corrupt / artifacts.LORA_WEIGHTS).write_bytes(b"\x00" * 64)
+    (corrupt / lora.WEIGHTS).write_bytes(b"\x00" * 64)
     bad_json = make_lora(root / "bad_json", seed=43)
-    (bad_json / artifacts.MANIFEST).write_text("{not json")
+    (bad_json / kinds.MANIFEST).write_text("{not json")
     (root / "text.png").write_text("this is not an image")
     return root
 
@@ -379,5 +381,17 @@ def test_cli_bad_input_exits_2_with_one_line(extra, lib, tmp_path, capsys):
 
 
 def test_cli_scheduler_names_match_the_package():
-    assert commands.SCHEDULER_NAMES == tuple(session_mod.SCHEDULERS)
+    assert request.SCHEDULERS == tuple(session_mod.SCHEDULERS)
     assert json.loads(json.dumps(list(session_mod.SCHEDULERS))) == ["dpm++", "ddim", "euler", "pndm", "ddpm"]
+
+
+def test_an_artifact_written_before_the_kinds_registry_still_loads(tmp_path, content, lib):
+    """style.json as the pre-registry code wrote it (no `exports` key) loads and gives the same pixels."""
+    import shutil
+
+    old = tmp_path / "old_lora"
+    shutil.copytree(lib / "lora_a", old)
+    data = json.loads((old / kinds.MANIFEST).read_text())
+    data.pop("exports")
+    (old / kinds.MANIFEST).write_text(json.dumps(data))
+    assert np.array_equal(px(run(content, lib, str(old))), px(run(content, lib, "lora_a")))

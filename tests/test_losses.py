@@ -1,8 +1,9 @@
 """Loss terms: zero for identical inputs, positive otherwise, per sample; x0 matches diffusers' scheduler."""
+import numpy as np
 import pytest
 import torch
 
-from customgen.losses import VGGFeatures, gram_loss, gram_matrix, lpips_loss, noise_l2, predicted_x0, style_grams
+from customgen.train.losses import VGGFeatures, gram_loss, gram_matrix, lpips_loss, noise_l2, predicted_x0, style_grams
 from customgen.metrics.networks import build_lpips_scorer
 
 
@@ -53,3 +54,23 @@ def test_predicted_x0_equals_the_schedulers_own():
     ref = sched.step(eps, 500, noisy).pred_original_sample
     assert torch.allclose(predicted_x0(noisy, eps, sched.alphas_cumprod, t), ref, atol=1e-5)
     assert torch.allclose(predicted_x0(noisy, eps, sched.alphas_cumprod, t), x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type,extra", [("epsilon", 0.0), ("v_prediction", 1.0)])
+def test_min_snr_weights_follow_the_prediction_type(prediction_type, extra):
+    """Min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v (diffusers' examples)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from customgen.train.loop import _weighted_l2
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    run = SimpleNamespace(cfg=SimpleNamespace(loss=SimpleNamespace(snr_gamma=5.0)),
+                          comps=SimpleNamespace(noise_scheduler=sched))
+    t = torch.tensor([10, 300, 900])
+    pred, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    a = sched.alphas_cumprod.double().numpy()[t.numpy()]
+    snr = a / (1 - a)  # independent of diffusers' compute_snr
+    want = np.minimum(snr, 5.0) / (snr + extra)
+    assert np.allclose(_weighted_l2(run, pred, target, t).double().numpy(), want, rtol=1e-5)

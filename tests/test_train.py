@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from customgen import artifacts
+from customgen import kinds
+from customgen.kinds import dreambooth, lora, textual_inversion
 from customgen.cli import main
 from customgen.config import load_config
 from customgen.models import build_pipeline, load_pipeline
@@ -62,9 +63,9 @@ def stock_reload(manifest, out):
     if manifest.kind == "lora":
         pipe.load_lora_weights(str(out))  # picks pytorch_lora_weights.safetensors
     elif manifest.kind == "textual_inversion":
-        pipe.load_textual_inversion(str(out / artifacts.TI_WEIGHTS), token=manifest.token)
+        pipe.load_textual_inversion(str(out / textual_inversion.WEIGHTS), token=manifest.token)
     else:
-        artifacts.load_dreambooth(pipe.unet, out)
+        dreambooth.load_dreambooth(pipe.unet, out)
     return pipe
 
 
@@ -94,7 +95,7 @@ def test_recipe_trains_only_its_parameters_and_reloads_with_stock_loaders(recipe
     prompt = run.method.default_prompt()
     trained_image = render(build_pipeline(run.comps, kind="txt2img"), prompt)
     finish(run, stats["seconds"], 0)
-    manifest = artifacts.read_manifest(out)
+    manifest = kinds.read_manifest(out)
     assert manifest.method == recipe and manifest.trainable_params == run.method.trainable_count(run.comps)
     assert manifest.file_bytes == (out / manifest.weights).stat().st_size > 0
     assert (out / "config.yaml").is_file() and (out / "logs" / "loss.csv").is_file()
@@ -105,7 +106,7 @@ def test_recipe_trains_only_its_parameters_and_reloads_with_stock_loaders(recipe
     assert abs(reloaded - base).max() > 1e-4
     if manifest.kind == "lora":  # the kohya/WebUI export loads and gives the same model
         kohya = load_pipeline("tiny", kind="txt2img", device="cpu")
-        kohya.load_lora_weights(str(out / artifacts.KOHYA_WEIGHTS))
+        kohya.load_lora_weights(str(out / lora.KOHYA_WEIGHTS))
         assert abs(render(kohya, prompt) - reloaded).max() < 1e-4
 
 
@@ -152,12 +153,12 @@ def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", progress=False)
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-000002"]
-    assert not (tmp_path / "cut" / artifacts.MANIFEST).exists()
+    assert not (tmp_path / "cut" / kinds.MANIFEST).exists()
     monkeypatch.setattr(loop, "optimizer_step", real)
     resumed = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", resume="auto", progress=False)
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(p / artifacts.LORA_WEIGHTS)) for p in (whole, resumed))
+    a, b = (load_file(str(p / lora.WEIGHTS)) for p in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -191,9 +192,9 @@ def test_class_images_are_generated_once(data, tmp_path, monkeypatch):
     cfg = recipe_cfg("dreambooth_style", data, f"prompt.class_dir={tmp_path / 'cls'}")
     build_run(cfg, tmp_path / "a")
     assert len(list((tmp_path / "cls").glob("*.png"))) == 2
-    import customgen.models as models
+    import customgen.train.data as train_data
 
-    monkeypatch.setattr(models, "build_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    monkeypatch.setattr(train_data, "build_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     run = build_run(cfg, tmp_path / "b")
     assert len(run.classes) == 2
 
@@ -203,7 +204,7 @@ def test_cli_train_and_bad_inputs(data, tmp_path, capsys):
             "--output", str(tmp_path / "cli")] + sum((["--set", s] for s in SMALL[1:] + RECIPES["lora_style"](data)
                                                       + ["loss.lpips=0", "loss.gram=0"]), [])
     assert main(args) == 0
-    assert artifacts.read_manifest(tmp_path / "cli").steps == 1
+    assert kinds.read_manifest(tmp_path / "cli").steps == 1
     capsys.readouterr()
     assert main(args) == 2  # an artifact exists: no silent overwrite
     assert "--overwrite" in capsys.readouterr().err
@@ -222,8 +223,8 @@ def test_two_process_accelerate_launch(data, tmp_path):
     cmd += sum((["--set", s] for s in sets), [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    m = artifacts.read_manifest(tmp_path / "ddp")
-    assert m.steps == 2 and (tmp_path / "ddp" / artifacts.KOHYA_WEIGHTS).is_file()
+    m = kinds.read_manifest(tmp_path / "ddp")
+    assert m.steps == 2 and (tmp_path / "ddp" / lora.KOHYA_WEIGHTS).is_file()
 
 
 def test_memory_plan_picks_what_fits_a_t4():
@@ -255,9 +256,9 @@ def test_fp16_plan_keeps_trainables_fp32(data, tmp_path):
     from types import SimpleNamespace
 
     from customgen.memory import MemoryPlan
-    from customgen.methods import make_method
+    from customgen.kinds import make_method
     from customgen.models import load_components
-    from customgen.train.setup import place_components
+    from customgen.train.build import place_components
 
     cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0")
     comps = load_components("tiny", device="cpu", dtype=torch.float32)

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from customgen import artifacts
+from customgen import kinds
+from customgen.kinds import dreambooth, lora, textual_inversion
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
 from tests.notebook_harness import run_notebook
 
@@ -24,5 +25,5 @@ def test_training_notebook_smoke(name, method, tmp_path):
                    "STYLE": "Cubism"}
     run_notebook(NOTEBOOKS / name, params, cwd=tmp_path)
     (folder,) = (tmp_path / "styles").iterdir()
-    manifest = artifacts.read_manifest(folder)
+    manifest = kinds.read_manifest(folder)
     assert manifest.method == method and manifest.base_model == "tiny" and manifest.steps == 2

@@ -13,7 +13,12 @@ import traceback
 import warnings
 from pathlib import Path
 
+from customgen.config import SMOKE_OVERRIDES, load_config
 from customgen.errors import Notice, UserError
+from customgen.request import DEFAULT_MODEL, DEFAULTS, SCHEDULERS, STRUCTURES, STYLE_IMAGE_MODES
+
+# Each handler imports its command's module when it runs (marked `lazy` below): `customgen --help` and usage
+# errors answer in a fraction of a second instead of paying several seconds for torch and diffusers.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,8 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_inspect(args) -> int:
-    from customgen.models import load_components
-    from customgen.models.inspect import format_report, inspect_components
+    from customgen.models import load_components  # lazy
+    from customgen.models.inspect import format_report, inspect_components  # lazy
 
     comps = load_components(args.ref, meta=True)  # architecture only: counts need no weights
     report = inspect_components(comps, rank=args.rank)
@@ -34,7 +39,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_data_scan(args) -> int:
-    from customgen.data import format_summary, scan_report
+    from customgen.data import format_summary, scan_report  # lazy
 
     report = scan_report(
         args.root, layout=args.layout, out=args.out, seed=args.seed, overwrite=args.overwrite,
@@ -45,7 +50,7 @@ def _cmd_data_scan(args) -> int:
 
 
 def _cmd_data_samples(args) -> int:
-    from customgen.data.samples import write_samples
+    from customgen.data.samples import write_samples  # lazy
 
     if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
         raise UserError(f"{args.out} is not empty; pass --overwrite or choose another folder")
@@ -56,10 +61,6 @@ def _cmd_data_samples(args) -> int:
 
 def load_cli_config(args):
     """CONFIG + --set overrides + --model, as the train/evaluate commands take them."""
-    from customgen.config import load_config
-
-    from customgen.config import SMOKE_OVERRIDES
-
     overrides = (list(SMOKE_OVERRIDES) if getattr(args, "smoke", False) else []) + list(args.set or [])
     if args.model:
         overrides.append(f"model.ref={args.model}")
@@ -67,7 +68,7 @@ def load_cli_config(args):
 
 
 def _cmd_train(args) -> int:
-    from customgen.train import train
+    from customgen.train import train  # lazy
 
     cfg = load_cli_config(args)
     if args.max_steps is not None:
@@ -78,7 +79,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from customgen.evaluate import evaluate
+    from customgen.evaluate import evaluate  # lazy
 
     cfg = load_cli_config(args)
     parts = ["customgen evaluate", args.config] + (["--model", args.model] if args.model else [])
@@ -87,6 +88,26 @@ def _cmd_evaluate(args) -> int:
     table = evaluate(cfg, overwrite=args.overwrite, command=command)
     print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
     return 0
+
+
+def _cmd_stylize(args) -> int:
+    from customgen.inference.commands import cmd_stylize  # lazy
+
+    return cmd_stylize(args)
+
+
+def _cmd_generate(args) -> int:
+    from customgen.inference.commands import cmd_generate  # lazy
+
+    return cmd_generate(args)
+
+
+def _cmd_demo(args) -> int:
+    if args.styles is not None and not Path(args.styles).is_dir():
+        raise UserError(f"--styles {args.styles} is not a folder (the style library: one artifact folder per style)")
+    from customgen.demo import cmd_demo  # lazy
+
+    return cmd_demo(args)
 
 
 def _add_config_args(s) -> None:
@@ -138,17 +159,71 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_data_samples)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    _add_inference_commands(sub)
+    _add_demo_command(sub)
     return p
 
 
-EXTRA_COMMANDS: list = []  # (subparsers) -> None; train/stylize/evaluate/demo add themselves here
+def _sampling_args(p) -> None:
+    """Options stylize and generate share."""
+    p.add_argument("--style", action="append", default=None, metavar="NAME|PATH",
+                   help="library style name or artifact folder; repeat to blend LoRA styles")
+    p.add_argument("--style-scale", action="append", type=float, default=None, metavar="S",
+                   help="style (adapter) scale; one for all styles or one per --style (default 1.0)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="base model: Hub id, local folder, .safetensors file, tiny or sd15-random")
+    p.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
+    p.add_argument("--prompt", default=None, help="prompt (default: the styles' manifest prompts)")
+    p.add_argument("--negative-prompt", default=DEFAULTS.negative_prompt, help="negative prompt")
+    p.add_argument("--guidance", type=float, default=DEFAULTS.guidance, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="scheduler steps")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=DEFAULTS.scheduler, help="sampler (default DPM-Solver++)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: random, stored in the PNG)")
+    p.add_argument("--size", type=int, default=None, metavar="N", help="working resolution, short side, multiple of 8")
+    p.add_argument("--out", type=Path, default=None, metavar="PATH", help="output .png (one image) or folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if present)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on T4, fp32 on CPU")
 
-from customgen.demo import register as _register_demo  # noqa: E402 - light imports; gradio loads on use
-from customgen.inference.commands import register as _register_inference  # noqa: E402
 
-EXTRA_COMMANDS += [_register_inference, _register_demo]
+def _add_inference_commands(sub) -> None:
+    """`customgen stylize` and `customgen generate` (handlers: customgen.inference.commands)."""
+    s = sub.add_parser("stylize", help="stylize content images with library styles (img2img)")
+    s.add_argument("--content", nargs="+", required=True, metavar="IMG",
+                   help="content image(s), a folder of images, or a content_paths.json selection")
+    _sampling_args(s)
+    s.add_argument("--strength", type=float, default=None, help="img2img denoising strength in [0, 1] (default 0.6)")
+    s.add_argument("--stylization", type=float, default=None,
+                   help="one knob in [0, 1] setting strength and scale together (see docs/inference.md)")
+    s.add_argument("--mask", default=None, metavar="IMG", help="stylize only where this mask is white")
+    s.add_argument("--feather", type=int, default=None, metavar="PX", help="mask edge blur radius (default short side/64)")
+    s.add_argument("--style-image", default=None, metavar="IMG", help="take the style from this image")
+    s.add_argument("--style-image-mode", choices=STYLE_IMAGE_MODES, default=DEFAULTS.style_image_mode,
+                   help="IP-Adapter (needs Hub weights), nearest library style, or auto (IP-Adapter if reachable)")
+    s.add_argument("--style-image-scale", type=float, default=DEFAULTS.style_image_scale, help="weight of the style image")
+    s.add_argument("--structure", choices=STRUCTURES, default=None, help="keep structure with a ControlNet")
+    s.add_argument("--structure-scale", type=float, default=DEFAULTS.structure_scale, help="ControlNet conditioning scale")
+    s.set_defaults(func=_cmd_stylize)
+
+    g = sub.add_parser("generate", help="text-to-image with library styles and subjects")
+    _sampling_args(g)
+    g.add_argument("--num-images", type=int, default=DEFAULTS.num_images, metavar="N", help="images in the batch")
+    g.add_argument("--width", type=int, default=None, help="width (default: --size or the model's resolution)")
+    g.add_argument("--height", type=int, default=None, help="height (default: --size or the model's resolution)")
+    g.set_defaults(func=_cmd_generate)
+
+
+def _add_demo_command(sub) -> None:
+    """`customgen demo` (handler: customgen.demo)."""
+    d = sub.add_parser("demo", help="Gradio app: stylize photos and generate images in the browser")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="base model reference")
+    d.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
+    d.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the demo)")
+    d.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if present)")
+    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    d.set_defaults(func=_cmd_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

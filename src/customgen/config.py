@@ -17,8 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from customgen.errors import UserError
-from customgen.models.inspect import LORA_TARGETS
-from customgen.models.loading import DEFAULT_MODEL
+from customgen.request import DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STRENGTH, DEFAULTS, Request
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections LoRA adapts (one constant)
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class LoraConfig:
+class LoraSettings:
     rank: int = 4  # LoRA rank r
     alpha: float | None = None  # LoRA alpha (None: = rank, i.e. scale 1)
     targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # adapted Linear layers
@@ -118,10 +119,14 @@ class ValidationConfig:
     content: list[str] = dataclasses.field(default_factory=list)  # content images for img2img validation
     content_root: str = ""  # or the first num_images of this folder ("" for styles on Kaggle: COCO if attached)
     prompts: list[str] = dataclasses.field(default_factory=list)  # txt2img prompts (subjects)
-    strength: float = 0.6  # img2img strength of validation images
-    steps: int = 25  # inference steps
-    guidance: float = 7.5  # classifier-free guidance scale
+    strength: float = DEFAULT_STRENGTH  # img2img strength of validation images
+    steps: int = DEFAULTS.steps  # inference steps
+    guidance: float = DEFAULTS.guidance  # classifier-free guidance scale
     num_images: int = 2  # images per validation prompt
+
+    def request(self) -> Request:
+        """The sampling request validation images are made with (checked)."""
+        return Request(strength=self.strength, steps=self.steps, guidance=self.guidance).check()
 
 
 @dataclasses.dataclass
@@ -136,12 +141,12 @@ class EvalConfig:
     max_references: int = 20  # at most this many reference images per style (seeded choice)
     min_size: int | None = None  # content/reference images with a shorter side below this are skipped (None: 256)
     output: str = "results/metrics"  # CSV/JSON/plots go here; stylized images under OUTPUT/images
-    strength: float = 0.6  # img2img strength for every method and the baseline
-    style_scale: float = 1.0  # LoRA adapter scale
-    steps: int = 25  # inference steps
-    guidance: float = 7.5  # classifier-free guidance scale
-    scheduler: str = "dpm++"  # dpm++ | ddim | euler | pndm | ddpm
-    size: int = 512  # working resolution (short side)
+    strength: float = DEFAULT_STRENGTH  # img2img strength for every method and the baseline
+    style_scale: float = DEFAULT_SCALE  # adapter scale of kinds that have one (LoRA); others run at 1
+    steps: int = DEFAULTS.steps  # inference steps
+    guidance: float = DEFAULTS.guidance  # classifier-free guidance scale
+    scheduler: str = DEFAULTS.scheduler  # dpm++ | ddim | euler | pndm | ddpm
+    size: int = 512  # working resolution (short side); fixed so every method and the baseline match
     seed: int = 0  # the same seed for every method and the baseline
     clip_model: str = "ViT-B-32"  # open_clip model for CLIP-content / CLIP-style
     clip_pretrained: str = "openai"  # open_clip weights tag (or a local checkpoint path)
@@ -151,6 +156,13 @@ class EvalConfig:
     sweep: bool = False  # also run the strength × style-scale trade-off sweep
     sweep_strengths: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.45, 0.6, 0.75])
     sweep_scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75, 1.0])
+
+    def request(self, model: str, *, strength: float | None = None, scale: float | None = None,
+                dtype: str | None = None) -> Request:
+        """The sampling request of one evaluation point (strength and scale default to this config's)."""
+        return Request(model=model, strength=self.strength if strength is None else strength,
+                       scales=scale, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
+                       seed=self.seed, size=self.size, dtype=dtype)
 
 
 @dataclasses.dataclass
@@ -162,7 +174,7 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)

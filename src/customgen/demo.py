@@ -16,15 +16,24 @@ import numpy as np
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports to Gradio's servers
 
+import gradio as gr  # noqa: E402 - after the analytics switch above
+
 from customgen.errors import Notice, UserError  # noqa: E402
+from customgen.inference.images import load_content, read_settings, save_image  # noqa: E402
+from customgen.inference.img2img import stylize  # noqa: E402
+from customgen.inference.library import StyleLibrary  # noqa: E402
+from customgen.inference.session import get_session  # noqa: E402
+from customgen.inference.txt2img import generate  # noqa: E402
+from customgen.request import DEFAULT_MODEL, DEFAULTS, MAX_IMAGES, STRUCTURES as STRUCTURE_NAMES  # noqa: E402
 
 log = logging.getLogger("customgen.demo")
 MAX_FILE_SIZE = "20mb"  # per upload, enforced by Gradio before our code runs
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused (decoding and resizing them would stall the demo)
 NONE = "(none)"
 ALL = "all methods"
-STRUCTURES = ("none", "canny", "depth")
-HELP = ("Upload a photo, pick a style from the library (or upload a style image), set the style strength and "
+STRUCTURES = ("none", *STRUCTURE_NAMES)
+DEFAULT_STYLIZATION = 2 / 3  # = the default strength 0.6 and scale 1 (customgen.request.stylization_knobs)
+HELP = ("Upload a photo, pick a style from the library (or upload a style image), set the stylization and "
         "click **Stylize**. Paint on the mask to stylize only part of the image. The PNG download carries "
         "every setting in its metadata.")
 
@@ -33,8 +42,6 @@ def _ui(fn):
     """Run a handler: UserError → gr.Error (message only), Notices → gr.Warning, other failures logged."""
     @functools.wraps(fn)
     def wrapped(*args):
-        import gradio as gr
-
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore")
             warnings.simplefilter("always", Notice)
@@ -68,9 +75,6 @@ class DemoState:
     """What the handlers share: the model reference, the style library and the output folder."""
 
     def __init__(self, model, styles_dir, device, dtype, max_pixels: int):
-        from customgen.inference.library import StyleLibrary
-        from customgen.inference.session import get_session
-
         self.session = get_session(model, device=device, dtype=dtype)  # load now: errors show before the UI
         self.library = StyleLibrary(styles_dir)
         self.styles = {s.name: s for s in self.library.styles()}
@@ -88,8 +92,6 @@ class DemoState:
         return [[n, s.manifest.method, s.kind, s.manifest.base_model, s.default_prompt] for n, s in self.styles.items()]
 
     def save(self, img, prefix: str) -> str:
-        from customgen.inference.images import save_image
-
         return str(save_image(img, self.out / f"{prefix}-{uuid.uuid4().hex[:8]}.png"))
 
 
@@ -97,12 +99,9 @@ def _seed(value) -> int | None:
     return None if value is None or int(value) < 0 else int(value)
 
 
-def stylize_handler(state: DemoState, content, style, style_image, mode, mask_value, style_strength, steps, seed,
+def stylize_handler(state: DemoState, content, style, style_image, mode, mask_value, stylization, steps, seed,
                     structure):
     """Stylize button: returns (result path, download path, settings)."""
-    from customgen.inference.images import load_content, read_settings
-    from customgen.inference.img2img import stylize
-
     if not content:
         raise UserError("upload a content image first")
     image = load_content(content, max_pixels=state.max_pixels)
@@ -110,7 +109,7 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
     if style_image:
         load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
     styles = [state.styles[style]] if style and style != NONE else []
-    out = stylize(image, styles, style_strength=float(style_strength), steps=int(steps), seed=_seed(seed),
+    out = stylize(image, styles, stylization=float(stylization), steps=int(steps), seed=_seed(seed),
                   model=state.session, mask=editor_mask(mask_value), style_image=style_image or None,
                   style_image_mode=mode, structure=None if structure == "none" else structure,
                   styles_dir=state.library.root)
@@ -120,8 +119,6 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
 
 def generate_handler(state: DemoState, prompt, negative, style, scale, steps, guidance, seed, count):
     """Generate button: returns (gallery paths, download paths)."""
-    from customgen.inference.txt2img import generate
-
     styles = [state.styles[style]] if style and style != NONE else []
     out = generate(prompt or None, styles, scales=float(scale), model=state.session, negative_prompt=negative or "",
                    steps=int(steps), guidance=float(guidance), seed=_seed(seed), num_images=int(count),
@@ -140,8 +137,9 @@ def _stylize_tab(gr, state: DemoState) -> None:
         style_image = gr.Image(type="filepath", label="…or a style image", sources=["upload"], elem_id="style-image")
         mode = gr.Radio(["auto", "ip-adapter", "nearest"], value="auto", label="Style image mode")
     with gr.Row():
-        strength = gr.Slider(0, 1, value=0.67, step=0.01, label="Style strength", elem_id="style-strength")
-        steps = gr.Slider(1, 50, value=25, step=1, label="Steps")
+        strength = gr.Slider(0, 1, value=round(DEFAULT_STYLIZATION, 2), step=0.01, label="Stylization",
+                             elem_id="stylization")
+        steps = gr.Slider(1, 50, value=DEFAULTS.steps, step=1, label="Steps")
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
         structure = gr.Radio(list(STRUCTURES), value="none", label="Structure guidance")
     with gr.Accordion("Mask (optional): paint where the style applies", open=False):
@@ -164,10 +162,10 @@ def _generate_tab(gr, state: DemoState) -> None:
     with gr.Row():
         style = gr.Dropdown(state.choices(), value=NONE, label="Style or subject")
         scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style scale")
-        steps = gr.Slider(1, 50, value=25, step=1, label="Steps")
-        guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
+        steps = gr.Slider(1, 50, value=DEFAULTS.steps, step=1, label="Steps")
+        guidance = gr.Slider(0, 15, value=DEFAULTS.guidance, step=0.5, label="Guidance")
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
-        count = gr.Slider(1, 4, value=1, step=1, label="Images")
+        count = gr.Slider(1, min(4, MAX_IMAGES), value=DEFAULTS.num_images, step=1, label="Images")
     button = gr.Button("Generate", variant="primary", elem_id="generate")
     gallery = gr.Gallery(label="Images", elem_id="gallery")
     files = gr.File(label="Download", file_count="multiple", interactive=False)
@@ -175,11 +173,9 @@ def _generate_tab(gr, state: DemoState) -> None:
                  [prompt, negative, style, scale, steps, guidance, seed, count], [gallery, files])
 
 
-def create_app(*, model="stable-diffusion-v1-5/stable-diffusion-v1-5", styles_dir=None, device=None, dtype=None,
+def create_app(*, model=DEFAULT_MODEL, styles_dir=None, device=None, dtype=None,
                max_pixels: int = MAX_PIXELS):
     """Build the Gradio Blocks app (loads the base model once; does not launch)."""
-    import gradio as gr
-
     state = DemoState(model, styles_dir, device, dtype, max_pixels)
     with gr.Blocks(title="customgen", analytics_enabled=False) as app:
         gr.Markdown(f"# customgen\n{HELP}\n\nModel: `{state.session.comps.ref}` · styles: `{state.library.root}`")
@@ -212,16 +208,3 @@ def cmd_demo(args) -> int:
     app = create_app(model=args.model, styles_dir=args.styles, device=args.device, dtype=args.dtype)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0
-
-
-def register(sub) -> None:
-    """Add `customgen demo` to the CLI's subparsers."""
-    d = sub.add_parser("demo", help="Gradio app: stylize photos and generate images in the browser")
-    d.add_argument("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="base model reference")
-    d.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    d.add_argument("--port", type=int, default=None, help="port (default: first free from 7860)")
-    d.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the demo)")
-    d.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if present)")
-    d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
-    d.set_defaults(func=cmd_demo)

@@ -6,11 +6,13 @@ Kaggle's default torch (CUDA 12.8+ builds) ships no sm_60 kernels, so a P100 can
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from customgen.errors import UserError
+from customgen.errors import Notice, UserError
 
 P100_FIX = (
     "this torch build has no kernels for the P100 (sm_60): in Kaggle's notebook settings choose "
@@ -77,20 +79,75 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def sync() -> None:
+    """Wait for queued CUDA work, so wall-clock time covers it (a no-op without an initialised GPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run the block with torch's CPU RNG seeded, then restore the caller's RNG state (builds random networks
+    reproducibly without moving anybody else's random stream)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class PeakMemory:
+    """Filled on exit of `peak_memory()`: peak CUDA bytes allocated (None without CUDA) and the process's peak
+    resident set during the block (Linux; None where it cannot be measured)."""
+
+    device: str | None = None
+    peak_bytes: int | None = None
+    rss_bytes: int | None = None
+
+    @property
+    def bytes(self) -> int | None:
+        """CUDA peak on a GPU, else peak RSS: the figure a user of this device cares about."""
+        return self.peak_bytes if self.peak_bytes is not None else self.rss_bytes
+
+
+def _vm_hwm() -> int | None:
+    """The process's peak resident set (VmHWM) in bytes, from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to clear_refs, Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def peak_memory(device: str | torch.device | None = None):
-    """Measure peak CUDA memory inside the block: `with peak_memory() as peak: ...; peak["bytes"]`."""
-    out = {"bytes": 0}
-    cuda = torch.cuda.is_available() and torch.device(device or "cuda").type == "cuda"
+    """Peak memory inside the block: `with peak_memory() as peak: ...; peak.peak_bytes, peak.rss_bytes`."""
+    result = PeakMemory()
+    dev = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() and (dev is None or dev.type == "cuda")
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        dev = dev or torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        result.device = str(dev)
+    rss = _reset_hwm()
     try:
-        yield out
+        yield result
     finally:
         if cuda:
-            torch.cuda.synchronize()
-            out["bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.synchronize(dev)
+            result.peak_bytes = int(torch.cuda.max_memory_allocated(dev))
+        result.rss_bytes = _vm_hwm() if rss else None
 
 
 @dataclass(frozen=True)
@@ -112,7 +169,7 @@ def bnb_works(device: str) -> bool:
     if not device.startswith("cuda"):
         return False
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: optional, CUDA only (and may fail to import on old GPUs)
 
         p = torch.nn.Parameter(torch.zeros(4096, device=device))
         opt = bnb.optim.AdamW8bit([p], lr=1e-3)
@@ -125,10 +182,6 @@ def bnb_works(device: str) -> bool:
 
 def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
     """What fits: fp16 + checkpointing + 8-bit Adam on a 16 GB T4; none of it on CPU."""
-    import warnings
-
-    from customgen.errors import Notice
-
     mp = train_cfg.mixed_precision
     if mp == "auto":
         mp = "no" if info.device == "cpu" else ("bf16" if info.dtype == torch.bfloat16 else "fp16")
@@ -149,7 +202,7 @@ def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
 def make_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float):
     """AdamW, or bitsandbytes' 8-bit AdamW when the plan says it works."""
     if plan.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # lazy: optional, only when the probe found it working
 
         return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)

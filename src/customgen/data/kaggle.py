@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from customgen.data.scan import COCO_SPLITS, _has_images, _subdirs
+from customgen.data.scan import COCO_SPLITS, has_images, subdirs
 from customgen.errors import UserError
 
 KAGGLE_INPUT = "/kaggle/input"
@@ -13,7 +13,7 @@ KAGGLE_INPUT = "/kaggle/input"
 def _is_wikiart(folder: Path, min_styles: int) -> int:
     """Number of image-holding sub-folders when there are at least min_styles of them, else 0."""
     try:
-        n = sum(_has_images(d) for d in _subdirs(folder) if d.name not in COCO_SPLITS)
+        n = sum(has_images(d) for d in subdirs(folder) if d.name not in COCO_SPLITS)
     except OSError:
         return 0
     return n if n >= min_styles else 0
@@ -27,7 +27,7 @@ def _walk_dirs(base: Path, max_depth: int):
         for folder in level:
             yield folder, depth
             try:
-                nxt += _subdirs(folder)
+                nxt += subdirs(folder)
             except OSError:
                 continue
         level = nxt
@@ -41,7 +41,7 @@ def find_kaggle_roots(base: str | Path = KAGGLE_INPUT, *, max_depth: int = 5, mi
         return found
     best_styles, coco = 0, {}
     for folder, _ in _walk_dirs(base, max_depth):
-        if folder.name in COCO_SPLITS and folder.name not in coco and _has_images(folder):
+        if folder.name in COCO_SPLITS and folder.name not in coco and has_images(folder):
             coco[folder.name] = folder
             continue
         n = _is_wikiart(folder, min_styles)

@@ -86,12 +86,12 @@ def check_root(root: str | Path) -> Path:
     return path.resolve()
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def subdirs(folder: Path) -> list[Path]:
     """Visible sub-folders, sorted by name."""
     return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not is_hidden(e.name))
 
 
-def _has_images(folder: Path) -> bool:
+def has_images(folder: Path) -> bool:
     """True when the folder directly holds at least one image-named visible file."""
     with os.scandir(folder) as it:
         return any(e.is_file() and not is_hidden(e.name) and is_image_name(e.name) for e in it)
@@ -111,12 +111,12 @@ def detect_layout(root: Path, *, _depth: int = 0) -> tuple[str, Path]:
         return "coco", split
     if parse_kohya_name(root.name):
         return "kohya", root
-    subs = _subdirs(root)
+    subs = subdirs(root)
     if any(parse_kohya_name(d.name) for d in subs):
         return "kohya", root
-    if sum(_has_images(d) for d in subs) >= 2:
+    if sum(has_images(d) for d in subs) >= 2:
         return "wikiart", root
-    if _has_images(root):
+    if has_images(root):
         return "folder", root
     if len(subs) == 1 and _depth < 2:  # e.g. /kaggle/input/wikiart/wikiart
         return detect_layout(subs[0], _depth=_depth + 1)
@@ -127,8 +127,8 @@ def resolve_root(root: Path, layout: str) -> Path:
     """Where the images of an explicit layout live (COCO split folder, a single wrapping folder skipped)."""
     if layout == "coco":
         return _coco_split(root) or root
-    if layout == "wikiart" and not any(_has_images(d) for d in _subdirs(root)):
-        subs = _subdirs(root)
+    if layout == "wikiart" and not any(has_images(d) for d in subdirs(root)):
+        subs = subdirs(root)
         if len(subs) == 1:  # wikiart/wikiart
             return resolve_root(subs[0], layout)
     return root
@@ -178,7 +178,7 @@ _Candidate = tuple[Path, str | None, str | None, int]  # path, label, caption, r
 
 def _kohya_candidates(root: Path, errors: list[dict]) -> tuple[list[_Candidate], list[Path]]:
     """Images of every 'N_token class' folder (root itself may be one); other folders are ignored."""
-    dirs = [root] if parse_kohya_name(root.name) else _subdirs(root)
+    dirs = [root] if parse_kohya_name(root.name) else subdirs(root)
     cands: list[_Candidate] = []
     others = [] if dirs == [root] else _walk(root, errors, recursive=False)[1]
     for d in dirs:
@@ -201,7 +201,7 @@ def _wikiart_candidates(root: Path, errors: list[dict]) -> tuple[list[_Candidate
     loose_images, loose_others = _walk(root, errors, recursive=False)
     others = loose_images + [p for p in loose_others if p.suffix.lower() != ".csv"]
     cands: list[_Candidate] = []
-    for d in _subdirs(root):
+    for d in subdirs(root):
         images, rest = _walk(d, errors)
         cands += [(p, d.name, None, 1) for p in images]
         others += rest

@@ -25,7 +25,7 @@ DEFAULT_N_STYLES = 5  # styles picked by image count when none are named
 DEFAULT_PER_STYLE = 20  # style reference images per style
 
 
-def _sample(paths: Sequence[str], n: int | None, seed: str | int) -> list[str]:
+def sample_paths(paths: Sequence[str], n: int | None, seed: str | int) -> list[str]:
     """n paths drawn without replacement; sorted first so the file-system order never matters."""
     ordered = sorted(paths)
     if n is None or n >= len(ordered):
@@ -37,7 +37,7 @@ def select_content(records: Sequence[ImageRecord], *, n: int | None = DEFAULT_N_
     """n content image paths chosen with `seed` (all of them when n is None or larger than the pool)."""
     if not records:
         raise UserError("no usable content images to select from; check the scan report for skipped/small files")
-    return _sample([r.path for r in records], n, seed)
+    return sample_paths([r.path for r in records], n, seed)
 
 
 def choose_styles(counts: dict[str, int], *, styles: Sequence[str] | None = None,
@@ -65,7 +65,7 @@ def select_styles(records: Sequence[ImageRecord], *, styles: Sequence[str] | Non
     chosen = choose_styles({k: len(v) for k, v in groups.items()}, styles=styles, n_styles=n_styles)
     if not chosen:
         raise UserError("no usable style images to select from; check the scan report for skipped/small files")
-    return {s: _sample(groups[s], per_style, f"{seed}:{s}") for s in chosen}
+    return {s: sample_paths(groups[s], per_style, f"{seed}:{s}") for s in chosen}
 
 
 def build_selection(scan: ScanResult, *, seed: int = 0, n_content: int | None = DEFAULT_N_CONTENT,

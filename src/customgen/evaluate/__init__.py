@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from customgen.config import Config, load_config
 from customgen.errors import UserError
 from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, style_point
 from customgen.evaluate.inputs import EvalInputs, EvalStyle, resolve_inputs
+from customgen.evaluate.plots import save_result_plots
 from customgen.evaluate.report import (COLUMNS, SMOKE_NOTE, Results, best_per_style, load_results, ordered, run_info,
                                        write_results)
 from customgen.evaluate.score import aggregate, image_rows, per_image_table
 from customgen.evaluate.sweep import describe_front, pareto_front, sweep_points, sweep_table
+from customgen.metrics import MetricNetworks
 
 __all__ = ["evaluate", "pareto_front", "load_results", "describe_front", "best_per_style", "Results", "EvalInputs",
            "EvalStyle", "resolve_inputs", "Point", "BASELINE", "COLUMNS", "SMOKE_NOTE"]
@@ -51,9 +54,6 @@ def _key(model: str, strength: float, scale: float) -> tuple:
 def evaluate(config, *, overwrite: bool = False, progress: bool = True, command: str | None = None,
              plots: bool = True) -> pd.DataFrame:
     """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style."""
-    from customgen.config import Config, load_config
-    from customgen.metrics import MetricNetworks
-
     cfg = config if isinstance(config, Config) else load_config(config)
     e = cfg.eval
     check_settings(e)
@@ -76,7 +76,5 @@ def evaluate(config, *, overwrite: bool = False, progress: bool = True, command:
     run = run_info(cfg, command=command, nets=nets, counts=counts)
     write_results(out, metrics=metrics, per_image=per_image_table(grid_rows), sweep=sweep_df, run=run)
     if plots:
-        from customgen.plots_results import save_result_plots
-
         save_result_plots(load_results(out), out / "plots")
     return metrics

@@ -13,10 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
+from customgen import inference
 from customgen.errors import UserError
+from customgen.inference.images import read_settings, save_image, with_settings
+from customgen.memory import peak_memory, sync
+from customgen.models import resolve_ref
 
 BASELINE = "baseline"  # model and method name of plain SD img2img (no style)
 EVAL_KEY = "eval"  # key in the PNG settings holding seconds / peak memory of the generation
@@ -28,7 +31,7 @@ class Point:
 
     model: str  # library style name, or BASELINE
     method: str  # manifest method, or BASELINE
-    kind: str  # lora | dreambooth | textual_inversion | baseline
+    kind: str  # the artifact's kind name (customgen.kinds), or BASELINE
     strength: float
     scale: float
 
@@ -56,8 +59,9 @@ def baseline_point(strength: float) -> Point:
 
 
 def style_point(style, strength: float, scale: float) -> Point:
-    """A style at (strength, scale); the scale is applied to LoRA only (DreamBooth/TI run at 1)."""
-    return Point(style.name, style.method, style.kind, float(strength), float(scale) if style.kind == "lora" else 1.0)
+    """A style at (strength, scale); the scale applies to kinds that have one (LoRA), the others run at 1."""
+    kind = style.kind
+    return Point(style.name, style.method, kind.name, float(strength), float(scale) if kind.has_scale else 1.0)
 
 
 def output_names(contents: list[Path]) -> dict[Path, str]:
@@ -73,9 +77,7 @@ def output_names(contents: list[Path]) -> dict[Path, str]:
 
 def expected_settings(point: Point, content: Path, e, model_ref: str) -> dict:
     """The settings an output for (point, content) must have been made with."""
-    from customgen.models import resolve_ref
-
-    styles = [] if point.kind == BASELINE else [{"name": point.model, "scale": point.scale}]
+    styles = [] if point.model == BASELINE else [{"name": point.model, "scale": point.scale}]
     model = resolve_ref(model_ref).value  # as the session records it (aliases, local paths resolved)
     return {"model": model, "strength": point.strength, "seed": e.seed, "steps": e.steps,
             "scheduler": e.scheduler, "guidance": e.guidance, "size": e.size, "content": content.name,
@@ -92,8 +94,6 @@ def found_settings(s: dict) -> dict:
 
 def reuse(path: Path, want: dict) -> dict | None:
     """The stored settings of an existing output made with `want`; UserError when made with other settings."""
-    from customgen.inference.images import read_settings
-
     try:
         stored = read_settings(path)
     except (OSError, ValueError) as err:
@@ -110,26 +110,17 @@ def reuse(path: Path, want: dict) -> dict | None:
     return stored
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg):
     """One output through customgen.inference.stylize (looked up at call time, so tests can count calls)."""
-    from customgen import inference
-    from customgen.metrics import peak_memory
-
     e = cfg.eval
     styles = None if style_folder is None else [str(style_folder)]
-    scales = None if style_folder is None else point.scale
+    scale = None if style_folder is None else point.scale
+    request = e.request(cfg.model.ref, strength=point.strength, scale=scale, dtype=cfg.model.dtype)
     with peak_memory() as mem:
-        _sync()
+        sync()
         t0 = time.perf_counter()
-        img = inference.stylize(str(content), styles, scales=scales, strength=point.strength, model=cfg.model.ref,
-                                styles_dir=e.styles, guidance=e.guidance, steps=e.steps, scheduler=e.scheduler,
-                                seed=e.seed, size=e.size, dtype=cfg.model.dtype)
-        _sync()
+        img = inference.stylize(str(content), styles, request, styles_dir=e.styles)
+        sync()
         seconds = time.perf_counter() - t0
     return img, seconds, mem.peak_bytes
 
@@ -137,8 +128,6 @@ def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg):
 def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = False,
              progress: bool = True) -> list[Output]:
     """Every (point, content) output under OUT/images, generating only those not on disk yet."""
-    from customgen.inference.images import save_image, with_settings
-
     folders = {s.name: s.folder for s in inputs.styles}
     names = output_names(inputs.contents)
     plan = []  # every existing output is checked before anything runs: a mismatch fails fast, in one line

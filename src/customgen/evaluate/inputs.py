@@ -14,28 +14,20 @@ from pathlib import Path
 
 import yaml
 
-from customgen.data.scan import COCO_SPLITS
+from customgen.data import read_selection, scan_images, select_content
+from customgen.data.scan import COCO_SPLITS, check_root, resolve_root, subdirs
+from customgen.data.select import sample_paths
 from customgen.errors import Notice, UserError
+from customgen.inference.library import Style, StyleLibrary
 
 DEFAULT_MIN_SIZE = 256  # shorter side below which content/reference images are skipped (as in `data scan`)
 
 
 @dataclass
-class EvalStyle:
-    """One artifact under evaluation: library name, folder, manifest, and its reference style (or None)."""
+class EvalStyle(Style):
+    """One artifact under evaluation: a library Style plus its reference style (None: no style metrics)."""
 
-    name: str
-    folder: Path
-    manifest: object  # customgen.artifacts.Manifest
-    reference: str | None
-
-    @property
-    def method(self) -> str:
-        return self.manifest.method
-
-    @property
-    def kind(self) -> str:
-        return self.manifest.kind
+    reference: str | None = None
 
 
 @dataclass
@@ -54,8 +46,6 @@ class EvalInputs:
 
 def load_styles(folder: str, methods: list[str]) -> list:
     """Library styles in `folder` (eval.styles), only those whose manifest method is in `methods` if given."""
-    from customgen.inference import StyleLibrary
-
     if not folder:
         raise UserError("eval.styles is not set: point it at the folder of trained artifacts (e.g. outputs)")
     root = Path(folder).expanduser()
@@ -75,8 +65,6 @@ def load_styles(folder: str, methods: list[str]) -> list:
 
 def _scan(root: str, *, layout: str, min_size: int, key: str):
     """Usable image records under `root`; scan errors name the config key they came from."""
-    from customgen.data import scan_images
-
     try:
         return scan_images(root, layout=layout, min_size=min_size).records
     except UserError as err:
@@ -85,8 +73,6 @@ def _scan(root: str, *, layout: str, min_size: int, key: str):
 
 def load_contents(e) -> list[Path]:
     """Content images: eval.content_paths (a selection JSON) or a seeded choice from eval.content_root."""
-    from customgen.data import read_selection, select_content
-
     if e.content_paths:
         paths = list(read_selection(e.content_paths)["paths"])
         chosen = paths[: e.max_contents]
@@ -113,14 +99,10 @@ def _min_size(e) -> int:
 def available_references(e) -> dict[str, Path | list[Path]]:
     """Style name → folder (eval.style_root, scanned lazily) or → paths (eval.style_paths)."""
     if e.style_paths:
-        from customgen.data import read_selection
-
         return dict(read_selection(e.style_paths)["styles"])
     if e.style_root:
-        from customgen.data.scan import _subdirs, check_root, resolve_root
-
         root = resolve_root(check_root(e.style_root), "wikiart")
-        return {d.name: d for d in _subdirs(root)}
+        return {d.name: d for d in subdirs(root)}
     raise UserError("no style references: set eval.style_root (WikiArt root, one folder per style) "
                     "or eval.style_paths (style_paths.json from `customgen data scan`)")
 
@@ -157,8 +139,6 @@ def match_reference(style, available: list[str]) -> str | None:
 
 def select_references(e, available: dict, needed: list[str]) -> dict[str, list[Path]]:
     """At most eval.max_references images per needed style (seeded), from folders or a selection."""
-    from customgen.data.select import _sample
-
     out = {}
     for style in needed:
         source = available[style]
@@ -168,7 +148,7 @@ def select_references(e, available: dict, needed: list[str]) -> dict[str, list[P
             paths = [str(p) for p in source]
         if not paths:
             raise UserError(f"style {style} has no usable reference images (shorter side >= {_min_size(e)} px)")
-        out[style] = [Path(p) for p in _sample(paths, e.max_references, f"{e.seed}:{style}")]
+        out[style] = [Path(p) for p in sample_paths(paths, e.max_references, f"{e.seed}:{style}")]
     return out
 
 
@@ -184,6 +164,6 @@ def resolve_inputs(cfg) -> EvalInputs:
         if ref is None:
             warnings.warn(f"style {s.name} names no reference style (data.style); it gets no style metrics",
                           Notice, stacklevel=2)
-        styles.append(EvalStyle(s.name, s.folder, s.manifest, ref))
+        styles.append(EvalStyle(s.name, s.folder, s.manifest, reference=ref))
     needed = sorted({s.reference for s in styles if s.reference})
     return EvalInputs(styles, contents, select_references(e, available, needed))

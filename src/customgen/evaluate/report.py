@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from customgen.config import config_hash, to_dict
+from customgen.errors import UserError
 from customgen.evaluate.generate import BASELINE
+from customgen.evaluate.sweep import sweep_table
+from customgen.kinds import package_versions
+from customgen.memory import probe
 
 METRIC_COLUMNS = ["clip_content", "clip_style", "style_strength", "ssim", "lpips", "fid", "kid", "art_fid",
                   "seconds_per_image"]
@@ -38,9 +43,6 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
 
 def device_info() -> dict:
     """The device generation ran on (name, memory, dtype) and library versions."""
-    from customgen.artifacts import package_versions
-    from customgen.memory import probe
-
     info = probe()
     return {"device": info.device, "name": info.name, "total_gib": round(info.total_gib, 2),
             "dtype": str(info.dtype).replace("torch.", ""), "python": platform.python_version(),
@@ -49,8 +51,6 @@ def device_info() -> dict:
 
 def run_info(cfg, *, command: str | None, nets, counts: dict) -> dict:
     """run.json: what produced these results."""
-    from customgen.config import config_hash, to_dict
-
     return {"command": command or "customgen.evaluate.evaluate(config) [" + " ".join(sys.argv[:1]) + "]",
             "model": cfg.model.ref, "device": device_info(), "config": to_dict(cfg), "config_hash": config_hash(cfg),
             "metric_networks": nets.describe(), "smoke": any(v["smoke"] for v in nets.describe().values()),
@@ -157,8 +157,6 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 def load_results(*folders: str | Path) -> Results:
     """Read metrics/per_image/sweep CSVs and run.json of evaluation folders; baseline rows shared by several
     folders (same style, strength, model) are kept once."""
-    from customgen.errors import UserError
-
     parts: dict[str, list] = {"metrics": [], "per_image": [], "sweep": []}
     runs = []
     for folder in map(Path, folders):
@@ -181,8 +179,6 @@ def load_results(*folders: str | Path) -> Results:
             df["style"] = df["style"].fillna("")
     merged["metrics"] = ordered(merged["metrics"])
     if merged["sweep"] is not None and len(folders) > 1:  # the front over every folder's points together
-        from customgen.evaluate.sweep import sweep_table
-
         merged["sweep"] = sweep_table(merged["sweep"])
     return Results(merged["metrics"], merged["per_image"], merged["sweep"], runs)
 

@@ -31,10 +31,11 @@ def pareto_front(points) -> np.ndarray:
 
 
 def sweep_points(styles, e) -> list[Point]:
-    """LoRA styles: every strength × scale; DreamBooth/TI: every strength at scale 1; the baseline at each strength."""
+    """Styles whose kind has a scale (LoRA): every strength × scale; the others (DreamBooth, TI): every strength at
+    scale 1; the baseline at each strength."""
     points = [baseline_point(s) for s in e.sweep_strengths]
     for style in styles:
-        scales = e.sweep_scales if style.kind == "lora" else [1.0]
+        scales = e.sweep_scales if style.kind.has_scale else [1.0]
         points += [style_point(style, s, w) for s in e.sweep_strengths for w in scales]
     return points
 

@@ -1,7 +1,7 @@
 """Inference: the style library, img2img stylization, text-to-image, masks, style images, structure guidance.
 
-    from customgen.inference import stylize, generate
-    img = stylize("photo.jpg", ["impressionism"], style_strength=0.7, model="tiny", seed=0)
+    from customgen.inference import stylize, generate, Request
+    img = stylize("photo.jpg", ["impressionism"], stylization=0.7, model="tiny", seed=0)
 
 Names are imported on first use (PEP 562), so `customgen --help` does not pay for torch and diffusers.
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "stylize": "img2img", "style_strength_settings": "img2img", "DEFAULT_STRENGTH": "img2img",
-    "DEFAULT_SCALE": "img2img", "DEFAULT_STEPS": "img2img", "DEFAULT_GUIDANCE": "img2img",
-    "generate": "txt2img",
+    "stylize": "img2img", "generate": "txt2img",
+    "Request": "customgen.request", "DEFAULTS": "customgen.request", "stylization_knobs": "customgen.request",
     "Style": "library", "StyleLibrary": "library", "load_style": "library", "default_styles_dir": "library",
     "Session": "session", "get_session": "session", "clear_sessions": "session", "SCHEDULERS": "session",
     "load_contents": "images", "save_image": "images", "read_settings": "images", "canny_edges": "images",
@@ -25,7 +24,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
 
 
 def __dir__():

@@ -9,11 +9,17 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+from huggingface_hub import snapshot_download
 from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, pipeline
 
 from customgen.errors import UserError
 from customgen.inference.images import canny_edges
 from customgen.inference.session import quiet_diffusers
+from customgen.memory import seeded
+from customgen.models import build_reserved
 from customgen.models.loading import hub_cached, hub_reachable
 
 CONTROLNETS = {"canny": "lllyasviel/control_v11p_sd15_canny", "depth": "lllyasviel/control_v11f1p_sd15_depth"}
@@ -38,21 +44,10 @@ def _hub_kwargs(repo: str, what: str, alt: str = "") -> dict:
     return {"local_files_only": not online}
 
 
-@contextlib.contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 # --- ControlNet ---------------------------------------------------------------------------------------
 def tiny_controlnet(unet):
     """A ControlNet copied from the tiny UNet, its zero convolutions randomised (seeded) so control has an effect."""
-    from diffusers import ControlNetModel
-
-    from customgen.models import build_reserved
-
-    with _seeded(TINY_SEED):
+    with seeded(TINY_SEED):
         net = ControlNetModel.from_unet(build_reserved("tiny").unet)  # a fresh copy: ours may carry LoRA layers
         zero_convs = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
         for conv in zero_convs:
@@ -63,8 +58,6 @@ def tiny_controlnet(unet):
 
 def load_controlnet(session, structure: str):
     """The ControlNet for `structure` (canny | depth), loaded once per session."""
-    from diffusers import ControlNetModel
-
     if structure not in CONTROLNETS:
         raise UserError(f"unknown structure {structure!r}; choose from {', '.join(CONTROLNETS)}")
     key = f"controlnet-{structure}"
@@ -82,23 +75,15 @@ def load_controlnet(session, structure: str):
 
 def controlnet_pipeline(session, structure: str):
     """StableDiffusionControlNetImg2ImgPipeline sharing the session's modules (built once per structure)."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline
-
-    kind = f"controlnet-img2img-{structure}"
-    if kind not in session._pipes:
-        c = session.comps
-        pipe = StableDiffusionControlNetImg2ImgPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-            controlnet=load_controlnet(session, structure), scheduler=c.scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        session.add_pipeline(kind, pipe)
-    return session.pipeline(kind)
+    c = session.comps
+    return session.pipeline(f"controlnet-img2img-{structure}", lambda: StableDiffusionControlNetImg2ImgPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+        controlnet=load_controlnet(session, structure), scheduler=c.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False))
 
 
 def depth_map(session, img: Image.Image) -> Image.Image:
     """Monocular depth (Depth Anything V2 small, via transformers) as a 3-channel image at img's size."""
-    from transformers import pipeline
-
     if "depth-estimator" not in session.extra:
         kwargs = _hub_kwargs(DEPTH_ESTIMATOR, "--structure depth", "; or use --structure canny")
         session.extra["depth-estimator"] = pipeline(
@@ -122,10 +107,8 @@ def control_image(session, structure: str, img: Image.Image) -> Image.Image:
 # --- IP-Adapter ---------------------------------------------------------------------------------------
 def tiny_ip_adapter(unet) -> tuple[dict, object, object]:
     """A seeded random IP-Adapter (state dict, CLIP vision encoder, processor) shaped for the tiny UNet."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
     cad, channels = unet.config.cross_attention_dim, list(unet.config.block_out_channels)
-    with _seeded(TINY_SEED):
+    with seeded(TINY_SEED):
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
             patch_size=8, projection_dim=32)).eval()
@@ -142,10 +125,6 @@ def tiny_ip_adapter(unet) -> tuple[dict, object, object]:
 
 def hub_ip_adapter(unet) -> tuple[dict, object, object]:
     """h94/IP-Adapter for SD v1.5 (ViT-H image encoder) from the Hub or the local cache."""
-    from huggingface_hub import snapshot_download
-    from safetensors.torch import load_file
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
     repo, weights, encoder_dir = IP_ADAPTER
     if unet.config.cross_attention_dim != 768:
         raise UserError("--style-image with the IP-Adapter needs an SD v1.5 model (cross-attention width 768)")

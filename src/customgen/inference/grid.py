@@ -5,16 +5,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image
 
 from customgen.inference.images import load_contents, save_image
-from customgen.inference.img2img import as_list, stylize
-from customgen.inference.library import StyleLibrary
+from customgen.inference.img2img import stylize
+from customgen.inference.library import StyleLibrary, as_list
 from customgen.inference.session import get_session
-from customgen.models import DEFAULT_MODEL
+from customgen.memory import sync
+from customgen.request import DEFAULT_MODEL
 
-KNOBS = {"strength": "strength", "scale": "scales", "style_strength": "style_strength"}  # sweep name → stylize kwarg
+KNOBS = {"strength": "strength", "scale": "scales", "stylization": "stylization"}  # sweep name → Request field
 
 
 @dataclass
@@ -33,13 +35,9 @@ class Grid:
         return [Path(c.info.get("source", "")).stem or f"content{i}" for i, c in enumerate(self.contents)]
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # GPU work is asynchronous: time what finished, not what was queued
-
-
 def sweep(contents, styles=None, *, vary: str, values, label: str = "", **kwargs) -> Grid:
-    """Stylize each content at every value of `vary` (strength | scale | style_strength); loads are not timed."""
+    """Stylize each content at every value of `vary` (strength | scale | stylization); loads are not timed.
+    GPU work is asynchronous: each image is timed between two syncs, so what finished is what is counted."""
     if vary not in KNOBS:
         raise ValueError(f"unknown knob {vary!r}; choose from {', '.join(KNOBS)}")
     images = load_contents(contents)
@@ -52,22 +50,21 @@ def sweep(contents, styles=None, *, vary: str, values, label: str = "", **kwargs
     for content in images:
         row, secs = [], []
         for value in grid.values:
-            _sync()
+            sync()
             start = time.perf_counter()
             row.append(stylize(content, styles, model=session, **{KNOBS[vary]: value}, **kwargs))
-            _sync()
+            sync()
             secs.append(time.perf_counter() - start)
         grid.images.append(row)
         grid.seconds.append(secs)
     return grid
 
 
-def plot_grid(grid: Grid, *, cell: float = 2.2):
+def plot_grid(grid: Grid, *, cell: float = 2.2) -> Figure:
     """Matplotlib figure: one row per content (the content first), one column per knob value."""
-    import matplotlib.pyplot as plt
-
     rows, cols = len(grid.contents), len(grid.values) + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False)
+    fig = Figure(figsize=(cell * cols, cell * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r, (content, outputs, secs) in enumerate(zip(grid.contents, grid.images, grid.seconds)):
         axes[r][0].imshow(content)
         axes[r][0].set_title("content" if r == 0 else "", fontsize=9)
@@ -83,8 +80,6 @@ def plot_grid(grid: Grid, *, cell: float = 2.2):
 
 def timing_table(grid: Grid):
     """pandas DataFrame: content, knob value, seconds (one row per image)."""
-    import pandas as pd
-
     rows = [{"content": name, grid.vary: value, "seconds": sec}
             for name, values in zip(grid.names(), grid.seconds) for value, sec in zip(grid.values, values)]
     return pd.DataFrame(rows)
@@ -92,14 +87,11 @@ def timing_table(grid: Grid):
 
 def save_grid(grid: Grid, folder: str | Path, name: str, *, overwrite: bool = False) -> Path:
     """Write every image (PNG with settings), the grid figure and the timings CSV under folder/name/."""
-    import matplotlib.pyplot as plt
-
     out = Path(folder) / name
     for row_name, outputs in zip(grid.names(), grid.images):
         for value, img in zip(grid.values, outputs):
             save_image(img, out / f"{row_name}_{grid.vary}{value:g}.png", overwrite=overwrite)
     fig = plot_grid(grid)
     fig.savefig(out / "grid.png", dpi=100)
-    plt.close(fig)
     timing_table(grid).to_csv(out / "timings.csv", index=False)
     return out

@@ -10,11 +10,12 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
+from customgen.data import read_selection
 from customgen.data.io import DEFAULT_MAX_PIXELS, is_hidden, is_image_name, load_image, to_rgb
 from customgen.errors import Notice, UserError
+from customgen.request import SIZE_MULTIPLE
 
 METADATA_KEY = "customgen"  # PNG text chunk holding the settings as JSON
-SIZE_MULTIPLE = 8  # the VAE downsamples by 8: working sizes must be multiples of it
 
 
 def load_content(x, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -35,6 +36,8 @@ def content_paths(x) -> list:
         return [p for item in x for p in content_paths(item)]
     if isinstance(x, Image.Image):
         return [x]
+    if not str(x).strip():
+        raise UserError("empty content path: name an image file, a folder of images or a content_paths.json")
     path = Path(x)
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.is_file() and is_image_name(p.name) and not is_hidden(p.name))
@@ -42,8 +45,6 @@ def content_paths(x) -> list:
             raise UserError(f"content folder {path} holds no images (.jpg, .png, .webp, ...)")
         return found
     if path.suffix.lower() == ".json":
-        from customgen.data import read_selection
-
         return list(read_selection(path)["paths"])
     return [path]
 
@@ -57,12 +58,6 @@ def load_contents(x, *, limit: int | None = None, max_pixels: int | None = DEFAU
     for item, img in zip(items, images):  # remember where each came from (output names, metadata)
         img.info["source"] = item.info.get("source", "") if isinstance(item, Image.Image) else str(item)
     return images
-
-
-def check_size(size: int | None) -> None:
-    """A working size is a positive multiple of 8 (the VAE's downsampling factor)."""
-    if size is not None and (size < SIZE_MULTIPLE or size % SIZE_MULTIPLE):
-        raise UserError(f"--size {size} must be a multiple of {SIZE_MULTIPLE} and at least {SIZE_MULTIPLE}")
 
 
 def working_size(width: int, height: int, short: int) -> tuple[int, int]:
@@ -120,7 +115,7 @@ def composite(content: Image.Image, styled: Image.Image, weights: np.ndarray) ->
 
 def canny_edges(img: Image.Image, *, low: int = 100, high: int = 200) -> Image.Image:
     """Canny edge map (OpenCV, Canny 1986) as a 3-channel image, the input lllyasviel's canny ControlNet expects."""
-    import cv2
+    import cv2  # lazy: OpenCV is only needed for canny structure guidance
 
     edges = cv2.Canny(np.asarray(img.convert("L")), low, high)  # (H, W) uint8 {0, 255}
     return Image.fromarray(np.stack([edges] * 3, axis=-1))

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from customgen import artifacts
-from customgen.artifacts import Manifest
 from customgen.errors import Notice, UserError
+from customgen.kinds import MANIFEST, Kind, Manifest, get_kind, read_artifact
+from customgen.request import DEFAULT_SCALE, scale_list as scale_values
 
 DEFAULT_STYLES_DIR = "outputs/styles"  # where `customgen train` writes artifacts (config `train.output`)
 STYLES_ENV = "CUSTOMGEN_STYLES"  # overrides the default library folder
-_LORA_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|"
-                       r"lora_linear_layer\.up|lora_A|lora_B)\.weight$")
 
 
 @dataclass
@@ -30,13 +27,18 @@ class Style:
     manifest: Manifest
 
     @property
-    def kind(self) -> str:
-        return self.manifest.kind  # lora | dreambooth | textual_inversion
+    def kind(self) -> Kind:
+        """The adaptation kind object (customgen.kinds) that loads and applies this artifact."""
+        return get_kind(self.manifest.kind)
+
+    @property
+    def method(self) -> str:
+        return self.manifest.method
 
     @property
     def default_prompt(self) -> str:
-        """The manifest's prompt; else its token (TI/DreamBooth); "" for prompt-free LoRA styles."""
-        return self.manifest.prompt or self.manifest.token
+        """The kind's default prompt: the manifest's prompt, else its token; "" for prompt-free styles."""
+        return self.kind.default_prompt(self)
 
 
 def load_style(folder: str | Path, *, name: str | None = None) -> Style:
@@ -44,7 +46,8 @@ def load_style(folder: str | Path, *, name: str | None = None) -> Style:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"style folder {folder} does not exist")
-    return Style(name or folder.name, folder.resolve(), artifacts.read_manifest(folder))
+    manifest, _ = read_artifact(folder)
+    return Style(name or folder.name, folder.resolve(), manifest)
 
 
 def default_styles_dir() -> Path:
@@ -62,7 +65,7 @@ class StyleLibrary:
         """Folder name → artifact folder, for every sub-folder with a style.json (sorted)."""
         if not self.root.is_dir():
             return {}
-        return {p.name: p for p in sorted(self.root.iterdir()) if (p / artifacts.MANIFEST).is_file()}
+        return {p.name: p for p in sorted(self.root.iterdir()) if (p / MANIFEST).is_file()}
 
     def names(self) -> list[str]:
         """Library names (folder names) of all artifacts."""
@@ -73,7 +76,7 @@ class StyleLibrary:
         out = {}
         for folder in self.folders().values():
             try:
-                out.setdefault(json.loads((folder / artifacts.MANIFEST).read_text()).get("name", ""), folder)
+                out.setdefault(json.loads((folder / MANIFEST).read_text()).get("name", ""), folder)
             except (OSError, ValueError, AttributeError):
                 continue
         return out
@@ -112,58 +115,27 @@ class StyleLibrary:
         return f"unknown style {ref!r}; available in {self.root}: {', '.join(folders)}"
 
 
-def _readable(path: Path):
-    """safe_open a weights file, or one line saying it is corrupt."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise UserError(f"{path} is not a readable safetensors file ({err}); retrain or re-copy the artifact") from err
-
-
-def check_lora(path: Path, modules: dict) -> None:
-    """Every LoRA matrix must match its target layer's in/out features in this model (same architecture)."""
-    with _readable(path) as f:
-        for key in f.keys():
-            m = _LORA_KEY.match(key)
-            if not m or modules.get(m.group(1)) is None:
-                continue
-            owner, module_path, part = m.groups()
-            try:
-                layer = modules[owner].get_submodule(module_path)
-            except AttributeError:
-                raise UserError(f"{path}: layer {owner}.{module_path} is not in this model "
-                                "(the style was trained for another base model)") from None
-            shape = f.get_slice(key).get_shape()  # down/A: (r, in); up/B: (out, r)
-            down = part.endswith(("down", "_A"))
-            want = getattr(layer, "in_features" if down else "out_features", None)
-            have = shape[1] if down else shape[0]
-            if want is not None and want != have:
-                raise UserError(f"{path}: {owner}.{module_path} has {have} features in the style but {want} in "
-                                "this model (the style was trained for another base model)")
-
-
-def check_textual_inversion(path: Path, text_encoder) -> None:
-    """The learned vectors must have the text encoder's embedding width."""
-    dim = text_encoder.get_input_embeddings().weight.shape[1]
-    with _readable(path) as f:
-        for key in f.keys():
-            width = f.get_slice(key).get_shape()[-1]
-            if width != dim:
-                raise UserError(f"{path}: embedding width {width}, this text encoder has {dim} "
-                                "(the style was trained for another base model)")
-
-
 def check_compatible(style: Style, comps) -> None:
-    """Refuse a style made for another architecture (one line); a different base reference only gets a Notice."""
-    weights = style.folder / style.manifest.weights
-    if style.kind == "lora":
-        check_lora(weights, {"unet": comps.unet, "text_encoder": comps.text_encoder})
-    elif style.kind == "textual_inversion":
-        check_textual_inversion(weights, comps.text_encoder)
-    else:
-        _readable(weights).keys()  # a readable file; DreamBooth keys/shapes are checked by load_dreambooth
+    """Refuse a style made for another architecture (one line, by its kind); a different base reference only
+    gets a Notice."""
+    style.kind.check(style, comps)
     base = style.manifest.base_model
     if base and comps.ref and base != comps.ref:
         warnings.warn(f"style {style.name} was trained on {base}; applying it to {comps.ref}", Notice, stacklevel=2)
+
+
+def as_list(styles) -> list:
+    """None, one style (name, path or Style) or several → a list."""
+    return [] if styles is None else [styles] if isinstance(styles, (str, Path, Style)) else list(styles)
+
+
+def resolve_styles(styles, scales, library: StyleLibrary) -> list[tuple[Style, float]]:
+    """Style references and scales → (Style, scale) pairs; one scale applies to all, else one per style."""
+    refs = as_list(styles)
+    scale_list = [DEFAULT_SCALE] if scales is None else scale_values(scales)
+    if refs and len(scale_list) not in (1, len(refs)):
+        raise UserError(f"{len(scale_list)} style scales for {len(refs)} styles: give one scale, or one per style")
+    scale_list = scale_list * len(refs) if len(scale_list) == 1 else scale_list
+    if any(float(s) < 0 for s in scale_list):
+        raise UserError(f"style scales must be >= 0, got {scale_list}")
+    return [(library.resolve(r), float(s)) for r, s in zip(refs, scale_list)]

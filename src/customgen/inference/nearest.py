@@ -16,6 +16,7 @@ from customgen.data.io import is_hidden, is_image_name
 from customgen.errors import Notice, UserError
 from customgen.inference.images import load_content
 from customgen.inference.library import Style
+from customgen.metrics import get_default_networks
 
 REFERENCE_DIRS = ("references", "samples")  # looked up in this order inside the artifact folder
 MAX_REFERENCES = {"references": 16, "samples": 4}  # samples/step-NNNNNN.png: only the latest show the style
@@ -34,8 +35,6 @@ def style_references(style: Style) -> list[Path]:
 
 def default_embedder():
     """customgen.metrics' CLIP (open_clip; real weights when cached, else a random smoke network, with a Notice)."""
-    from customgen.metrics import get_default_networks
-
     clip = get_default_networks().clip
     if clip.smoke:
         warnings.warn("no CLIP weights available (offline?): the nearest style is picked with a random network",

@@ -4,7 +4,8 @@ Every metric returns a ``MetricResult`` (value, sample sizes, ``smoke`` flag, de
 ``summarize`` averages rows while leaving flagged ones out. See docs/evaluation_metrics.md.
 """
 from customgen.metrics.clip import clip_content, clip_style, cosine_distance, style_strength
-from customgen.metrics.cost import artifact_bytes, peak_memory, time_per_image
+from customgen.memory import peak_memory
+from customgen.metrics.cost import artifact_bytes, time_per_image
 from customgen.metrics.distribution import art_fid, fid, fid_images, frechet_distance, kid, kid_images
 from customgen.metrics.features import FeatureCache, ImageEncoder, encode_images
 from customgen.metrics.images import image_digest, is_degenerate, load_image, to_array

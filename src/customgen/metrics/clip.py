@@ -12,6 +12,7 @@ import numpy as np
 
 from customgen.metrics.features import FeatureCache, ImageEncoder, encode_images
 from customgen.metrics.images import ImageLike, is_degenerate
+from customgen.metrics.networks import get_default_networks
 from customgen.metrics.result import MetricResult
 
 ZERO_BASELINE = 1e-6  # a baseline CLIP-content at or below this is treated as zero (ratio undefined)
@@ -19,8 +20,6 @@ ZERO_BASELINE = 1e-6  # a baseline CLIP-content at or below this is treated as z
 
 def _resolve(embedder: ImageEncoder | None, cache: FeatureCache | None) -> tuple[ImageEncoder, FeatureCache]:
     """Default to the process-wide networks' CLIP and feature cache."""
-    from customgen.metrics.networks import get_default_networks
-
     nets = get_default_networks()
     return (embedder if embedder is not None else nets.clip), (cache if cache is not None else nets.feature_cache)
 

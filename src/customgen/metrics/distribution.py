@@ -10,6 +10,7 @@ from torchmetrics.image.kid import poly_mmd
 
 from customgen.metrics.features import FeatureCache, ImageEncoder, encode_images
 from customgen.metrics.images import ImageLike, is_degenerate
+from customgen.metrics.networks import get_default_networks
 from customgen.metrics.result import MetricResult
 
 
@@ -85,8 +86,6 @@ def _set_features(images: Sequence[ImageLike], encoder: ImageEncoder, cache: Fea
 def _image_set_metric(metric, outputs, references, extractor, cache, **kwargs) -> MetricResult:
     """Encode both sets (degenerate outputs left out), then FID or KID on the features."""
     if extractor is None or cache is None:
-        from customgen.metrics.networks import get_default_networks
-
         nets = get_default_networks()
         extractor = extractor if extractor is not None else nets.inception
         cache = cache if cache is not None else nets.feature_cache

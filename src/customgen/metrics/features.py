@@ -7,6 +7,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 
 from customgen.metrics.images import ImageLike, image_digest, load_image
 
@@ -39,8 +40,6 @@ class FeatureCache:
         if key in self._mem:
             return self._mem[key]
         if self.cache_dir is not None and self._path(encoder_name, digest).is_file():
-            from safetensors.numpy import load_file
-
             feat = load_file(str(self._path(encoder_name, digest)))["features"]
             self._mem[key] = feat
             return feat
@@ -50,8 +49,6 @@ class FeatureCache:
         feat = np.ascontiguousarray(feat, dtype=np.float32)
         self._mem[(encoder_name, digest)] = feat
         if self.cache_dir is not None:
-            from safetensors.numpy import save_file
-
             path = self._path(encoder_name, digest)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -15,8 +15,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
+from torchvision.models import AlexNet_Weights, VGG16_Weights
 
+from customgen.memory import seeded
 from customgen.metrics.features import FeatureCache, ImageEncoder
 from customgen.network import hub_reachable, is_offline, reachable  # noqa: F401 - reachable: re-exported
 
@@ -40,14 +43,6 @@ def hub_checkpoint(url_or_name: str) -> Path | None:
     """Path of a torch.hub checkpoint (torchvision/torch-fidelity weights) if it is already cached."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url_or_name)
     return path if path.is_file() else None
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Build random networks reproducibly without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager
@@ -78,9 +73,8 @@ class OpenClipEmbedder:
 
 def cached_clip_checkpoint(model: str, pretrained: str, cache_dir: str | None = None) -> str | None:
     """Local file for open_clip weights (a path, or the HF-hub cache entry for a tag), without downloading."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    import open_clip  # lazy: open_clip is heavy and only needed when CLIP metrics run
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME  # lazy: as above
 
     if os.path.isfile(pretrained):
         return pretrained
@@ -100,7 +94,7 @@ def cached_clip_checkpoint(model: str, pretrained: str, cache_dir: str | None = 
 
 def _real_clip(model: str, pretrained: str, cache_dir: str | None, offline: bool):
     """(model, preprocess, source) from cached weights, a download (online), or None if unavailable."""
-    import open_clip
+    import open_clip  # lazy: open_clip is heavy and only needed when CLIP metrics run
 
     if model.startswith(("local-dir:", "hf-hub:")):
         if model.startswith("hf-hub:") and offline:
@@ -124,7 +118,7 @@ def build_clip_embedder(*, model: str = "ViT-B-32", pretrained: str = "openai", 
                         device: str | None = None, smoke: bool = False, offline: bool | None = None,
                         seed: int = 0) -> OpenClipEmbedder:
     """open_clip embedder with real weights if available, else a tiny seeded random one (smoke)."""
-    import open_clip
+    import open_clip  # lazy: open_clip is heavy and only needed when CLIP metrics run
 
     device = device or default_device()
     reason = "smoke mode requested"
@@ -139,7 +133,7 @@ def build_clip_embedder(*, model: str = "ViT-B-32", pretrained: str = "openai", 
         except Exception as e:  # network, checksum or config failure: fall back, say why
             reason = f"loading {model}/{pretrained} failed ({type(e).__name__}: {str(e)[:120]})"
         log.warning("metrics: CLIP uses a tiny random ViT (smoke, numbers are plumbing checks): %s", reason)
-    with _seeded(seed), _quiet():
+    with seeded(seed), _quiet():
         m, _, pre = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, **SMOKE_CLIP_KWARGS)
     return OpenClipEmbedder(m, pre, name=f"open_clip:tiny-random-seed{seed}", smoke=True,
                             source=f"random ({reason})", device=device)
@@ -162,8 +156,7 @@ class LpipsScorer:
 def build_lpips_scorer(*, net: str = "alex", device: str | None = None, smoke: bool = False,
                        offline: bool | None = None, seed: int = 0) -> LpipsScorer:
     """LPIPS with torchvision ImageNet backbone if cached/downloadable, else a random backbone (smoke)."""
-    import lpips as lpips_pkg
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
+    import lpips as lpips_pkg  # lazy: only when LPIPS is asked for (loss or metric)
 
     urls = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}
     if net not in urls:
@@ -182,7 +175,7 @@ def build_lpips_scorer(*, net: str = "alex", device: str | None = None, smoke: b
             except Exception as e:
                 reason = f"loading the {net} backbone failed ({type(e).__name__}: {str(e)[:120]})"
         log.warning("metrics: LPIPS uses a random %s backbone (smoke, numbers are plumbing checks): %s", net, reason)
-    with _seeded(seed), _quiet():  # linear heads still load from the lpips package; only the trunk is random
+    with seeded(seed), _quiet():  # linear heads still load from the lpips package; only the trunk is random
         m = lpips_pkg.LPIPS(net=net, pnet_rand=True, verbose=False)
     return LpipsScorer(m, net=net, smoke=True, source=f"random backbone ({reason})", device=device)
 
@@ -192,7 +185,7 @@ class SmokeCNN:
     """Seeded random 3-layer CNN, 64-d pooled features: offline stand-in for Inception (smoke only)."""
 
     def __init__(self, *, seed: int = 0, device: str = "cpu"):
-        with _seeded(seed):
+        with seeded(seed):
             self.net = torch.nn.Sequential(
                 torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
                 torch.nn.Conv2d(32, 64, 3, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
@@ -230,7 +223,7 @@ def build_inception_encoder(*, device: str | None = None, smoke: bool = False, o
     reason = "smoke mode requested"
     if not smoke:
         try:
-            import torch_fidelity  # noqa: F401  (torchmetrics' Inception needs it)
+            import torch_fidelity  # noqa: F401 - lazy: optional; torchmetrics' Inception needs it
         except ImportError:
             reason = "torch-fidelity is not installed (pip install torch-fidelity)"
         else:
@@ -239,7 +232,7 @@ def build_inception_encoder(*, device: str | None = None, smoke: bool = False, o
                 reason = f"no cached {FID_INCEPTION_FILE} and offline"
             else:
                 try:
-                    from torchmetrics.image.fid import NoTrainInceptionV3
+                    from torchmetrics.image.fid import NoTrainInceptionV3  # lazy: needs torch-fidelity (above)
 
                     m = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                            feature_extractor_weights_path=str(cached) if cached else None)

@@ -8,6 +8,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from customgen.metrics.images import ImageLike, is_degenerate, resize_to, to_array
+from customgen.metrics.networks import get_default_networks
 from customgen.metrics.result import MetricResult
 
 SSIM_SIGMA = 1.5  # Gaussian window σ of the standard definition (Wang et al. 2004)
@@ -45,8 +46,6 @@ def lpips(output: ImageLike, reference: ImageLike, *, net="alex") -> MetricResul
     The output is resized to the reference's size if they differ.
     """
     if isinstance(net, str):
-        from customgen.metrics.networks import get_default_networks
-
         net = get_default_networks().lpips(net)
     flag = is_degenerate(output)
     if flag == "nan":

@@ -1,9 +1,10 @@
 """Parameter counts of a model reference, so README/docs tables come from a command, not guesses."""
 from __future__ import annotations
 
-from customgen.models.builders import Components
+import torch.nn as nn
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections LoRA adapts (one constant)
+from customgen.config import LORA_TARGETS
+from customgen.models.builders import Components
 
 
 def _count(named) -> int:
@@ -22,8 +23,6 @@ def _attn_projection_params(unet, attn: tuple[str, ...]) -> int:
 
 def lora_parameter_count(unet, *, rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
     """LoRA parameters for `rank` on every Linear named in `targets`: r·(in + out) per layer."""
-    import torch.nn as nn
-
     total = 0
     for name, module in unet.named_modules():
         if isinstance(module, nn.Linear) and any(name.endswith("." + t) for t in targets):

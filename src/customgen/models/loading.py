@@ -3,17 +3,28 @@ reserved reference (`tiny`, `sd15-random`). The safety checker is never loaded (
 black images poison metrics)."""
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from customgen.errors import Notice, UserError
-from customgen.models.builders import RESERVED, Components, build_reserved
-from customgen.network import hub_reachable
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as dlog
+from huggingface_hub import snapshot_download
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as tlog
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+from customgen.errors import Notice, UserError
+from customgen.memory import probe
+from customgen.models.builders import CONFIGS, RESERVED, Components, build_reserved
+from customgen.models.tokenizer import sd15_tokenizer
+from customgen.network import hub_reachable
+from customgen.request import DEFAULT_MODEL
+
 ALIASES = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # deleted from the Hub in 2024
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 UNREACHABLE = (
@@ -59,8 +70,6 @@ def resolve_ref(ref: str | Path) -> ModelRef:
 
 def hub_cached(repo_id: str) -> bool:
     """Whether a snapshot of `repo_id` is in the local Hugging Face cache."""
-    from huggingface_hub import snapshot_download
-
     try:
         snapshot_download(repo_id, local_files_only=True)
         return True
@@ -102,16 +111,11 @@ def _loading_errors(ref: str):
 
 def _quiet_hub_logs():
     """diffusers/transformers log multi-line hub warnings before raising; the CLI wants one line."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
 
 
 def _from_pipeline(pipe, ref: ModelRef) -> Components:
-    from diffusers import DDPMScheduler
-
     return Components(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
@@ -121,8 +125,6 @@ def _from_pipeline(pipe, ref: ModelRef) -> Components:
 
 def load_pretrained(ref: ModelRef, dtype) -> Components:
     """Load a Hub id, local folder or single file through diffusers' stock loaders."""
-    from diffusers import StableDiffusionPipeline
-
     _quiet_hub_logs()
     common = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype, **preflight(ref))
     with _loading_errors(ref.value):
@@ -135,11 +137,6 @@ def load_pretrained(ref: ModelRef, dtype) -> Components:
 
 def load_pretrained_meta(ref: ModelRef) -> Components:
     """Architecture only (meta device, no weights): configs and tokenizer of a Hub id, folder or file."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    import torch
-
     _quiet_hub_logs()
     root = str(sd15_config_dir()) if ref.kind == "single-file" else ref.value
     if ref.kind == "hub":
@@ -160,12 +157,6 @@ def load_pretrained_meta(ref: ModelRef) -> Components:
 
 def sd15_config_dir() -> Path:
     """A weightless diffusers folder for SD v1.5 (configs + tokenizer) so single files load offline."""
-    import json
-    import shutil
-
-    from customgen.models.builders import CONFIGS
-    from customgen.models.tokenizer import sd15_tokenizer
-
     out = Path.home() / ".cache" / "customgen" / "sd15-config"
     if (out / "model_index.json").is_file():
         return out
@@ -195,8 +186,6 @@ def place(module, device, dtype) -> None:
 
 def load_components(ref: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, meta: bool = False) -> Components:
     """Model reference → `Components` on `device` in `dtype` (defaults from the GPU probe)."""
-    from customgen.memory import probe
-
     parsed = resolve_ref(ref)
     info = probe(device, dtype) if not meta else None
     if parsed.kind in RESERVED:

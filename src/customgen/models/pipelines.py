@@ -1,6 +1,8 @@
 """Stock diffusers pipelines around `Components` (txt2img, img2img, inpaint), safety checker off."""
 from __future__ import annotations
 
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
 from customgen.errors import UserError
 from customgen.models.builders import Components
 
@@ -9,8 +11,6 @@ KINDS = ("txt2img", "img2img", "inpaint")
 
 def pipeline_class(kind: str):
     """The diffusers pipeline class for `kind`."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-
     classes = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
                "inpaint": StableDiffusionInpaintPipeline}
     if kind not in classes:

@@ -18,7 +18,7 @@ CLIP_MERGES = 49152 - 256 - 2  # merges used by CLIP (OpenAI SimpleTokenizer)
 
 @lru_cache(maxsize=1)
 def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    import open_clip.tokenizer as oct
+    import open_clip.tokenizer as oct  # lazy: open_clip (and its BPE file) only for SD v1.5's tokenizer
 
     bpe = Path(oct.default_bpe())
     lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")[1 : CLIP_MERGES + 1]

@@ -9,6 +9,7 @@ import torch
 
 from customgen.data import ImageDataset, ImageRecord, LatentCache, find_kaggle_roots, scan_images
 from customgen.errors import UserError
+from customgen.models import build_pipeline
 
 
 def training_records(cfg) -> list[ImageRecord]:
@@ -86,8 +87,6 @@ def image_set(records, cfg, vae, *, cache_dir: str = "") -> ImageSet:
 @torch.no_grad()
 def ensure_class_images(comps, cfg, folder: Path, *, is_main: bool) -> list[ImageRecord]:
     """Class images for prior preservation: generate the missing ones with the *base* model, once."""
-    from customgen.models import build_pipeline
-
     p = cfg.prompt
     if not p.class_prompt:
         raise UserError("prompt.prior is on but prompt.class_prompt is empty (e.g. 'a photo of person')")

@@ -1,6 +1,7 @@
 """The one training loop (encode → add noise → UNet → loss → step) for every method.
 
-LoRA, DreamBooth and Textual Inversion differ only by their method object (customgen.methods).
+LoRA, DreamBooth and Textual Inversion differ only by their method object (a kind's training half,
+customgen.kinds).
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import compute_snr
+from tqdm.auto import tqdm
 
+from customgen.config import config_hash
 from customgen.errors import UserError
-from customgen.losses import combine, noise_l2
+from customgen.train.build import Run
 from customgen.train.checkpoint import checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from customgen.train.data import batch_positions
-from customgen.train.setup import Run
+from customgen.train.losses import combine, noise_l2
 
 LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
 
@@ -60,13 +64,13 @@ def _denoise(run: Run, latents: torch.Tensor, captions: list[str], t: torch.Tens
 
 
 def _weighted_l2(run: Run, pred, target, t) -> torch.Tensor:
-    """Per-sample L2, Min-SNR weighted when loss.snr_gamma > 0 (Hang et al. 2023)."""
+    """Per-sample L2, Min-SNR weighted when loss.snr_gamma > 0 (Hang et al. 2023): min(SNR, γ)/SNR for
+    ε-prediction, min(SNR, γ)/(SNR + 1) for v-prediction (as diffusers' training examples weight them)."""
     l2 = noise_l2(pred, target)
     if run.cfg.loss.snr_gamma > 0:
-        from diffusers.training_utils import compute_snr
-
         snr = compute_snr(run.comps.noise_scheduler, t)
-        l2 = l2 * torch.clamp(snr, max=run.cfg.loss.snr_gamma) / snr
+        v_pred = run.comps.noise_scheduler.config.prediction_type == "v_prediction"
+        l2 = l2 * torch.clamp(snr, max=run.cfg.loss.snr_gamma) / (snr + 1 if v_pred else snr)
     return l2
 
 
@@ -158,8 +162,6 @@ class LossLog:
 
 def checkpoint(run: Run, step: int) -> None:
     """Save checkpoint `step` (main process) and wait for everyone."""
-    from customgen.config import config_hash
-
     if run.accelerator.is_main_process:
         save_checkpoint(run.out, step=step, tensors=run.method.trained_params(run.comps), optimizer=run.optimizer,
                         lr_scheduler=run.lr_scheduler, info={"config_hash": config_hash(run.cfg)},
@@ -180,8 +182,6 @@ def resume(run: Run, how: str) -> int:
 
 def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> dict:
     """Steps `start`..train.steps with logging, checkpoints (every N steps / T minutes) and validation."""
-    from tqdm.auto import tqdm
-
     cfg, acc = run.cfg, run.accelerator
     log, last_ckpt, t0 = LossLog(run), time.monotonic(), time.monotonic()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and acc.is_local_main_process), desc="train")

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from customgen.losses import VGGFeatures, gram_loss, lpips_loss, predicted_x0, style_grams
+from customgen.metrics.networks import build_lpips_scorer
+from customgen.train.losses import VGGFeatures, gram_loss, lpips_loss, predicted_x0, style_grams
 
 
 class Perceptual:
     """LPIPS and Gram terms on decoded x0 predictions (weights from cfg.loss)."""
 
     def __init__(self, cfg, style_pixels: torch.Tensor, device):
-        from customgen.metrics.networks import build_lpips_scorer
-
         self.cfg = cfg.loss
         self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device)).model if self.cfg.lpips > 0 else None
         self.vgg = VGGFeatures().to(device) if self.cfg.gram > 0 else None

@@ -7,6 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from customgen.config import Config
+from customgen.data import find_kaggle_roots, load_image
+from customgen.data.io import is_image_name
+from customgen.kinds import recipe
+from customgen.memory import moved
+from customgen.models import build_pipeline
+
 
 @contextmanager
 def eval_mode(*modules):
@@ -31,31 +38,24 @@ def grid(images: list[Image.Image], cols: int) -> Image.Image:
     return out
 
 
-STYLE_METHODS = ("lora_style", "dreambooth_style", "textual_inversion")
-
-
-def validation_content(cfg) -> list[str]:
+def validation_content(cfg: Config) -> list[str]:
     """Fixed content images: validation.content, else the first of validation.content_root (styles on
     Kaggle: the attached COCO folder), else none (txt2img)."""
-    from customgen.data import find_kaggle_roots
-    from customgen.data.io import is_image_name
-
     v = cfg.validation
     if v.content:
         return list(v.content)
-    root = v.content_root or (find_kaggle_roots().get("coco") if cfg.method in STYLE_METHODS else None)
+    style = recipe(cfg.method).target == "style"
+    root = v.content_root or (find_kaggle_roots().get("coco") if style else None)
     if not root or not Path(root).is_dir():
         return []
     return [str(p) for p in sorted(Path(root).iterdir()) if is_image_name(p.name)][: v.num_images]
 
 
 @torch.no_grad()
-def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
+def sample_images(comps, cfg: Config, prompt: str, *, device) -> list[Image.Image]:
     """Validation samples with the model as it is now (LoRA/TI/DreamBooth weights active)."""
-    from customgen.data import load_image
-    from customgen.models import build_pipeline
-
     v, res = cfg.validation, cfg.data.resolution
+    request = v.request()
     content = validation_content(cfg)
     kind = "img2img" if content else "txt2img"
     pipe = build_pipeline(comps, kind=kind)
@@ -63,11 +63,11 @@ def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
     out = []
     for i, p in enumerate(prompts):
         g = torch.Generator("cpu").manual_seed(cfg.train.seed + i)
-        common = dict(num_inference_steps=v.steps, guidance_scale=v.guidance, generator=g)
+        common = dict(num_inference_steps=request.steps, guidance_scale=request.guidance, generator=g)
         if kind == "img2img":
             for path in content:
                 image = load_image(path).resize((res, res))
-                out += pipe(p, image=image, strength=v.strength, **common).images
+                out += pipe(p, image=image, strength=request.strength, **common).images
         else:
             out += pipe(p, height=res, width=res, num_images_per_prompt=v.num_images, **common).images
     return out
@@ -75,8 +75,6 @@ def sample_images(comps, cfg, prompt: str, *, device) -> list[Image.Image]:
 
 def validate(run, step: int) -> Path | None:
     """Write samples/step-NNNNNN.png (main process); VAE and text encoder must sit on the device."""
-    from customgen.memory import moved
-
     if not run.accelerator.is_main_process:
         return None
     c = run.comps

@@ -41,11 +41,6 @@ def unfreeze(module: torch.nn.Module, names: list[str]) -> list[torch.nn.Paramet
     return [params[n] for n in names]
 
 
-def trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) pairs that require grad, as a list."""
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-
-
 def parameter_report(**modules: torch.nn.Module) -> str:
     """One line per module: trainable / total parameters (and the percentage)."""
     rows = []

@@ -7,8 +7,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torchvision.models import VGG19_Weights, vgg19
 
 from customgen.errors import Notice
+from customgen.metrics.networks import hub_checkpoint
+from customgen.network import is_offline, reachable
 
 GRAM_LAYERS = (1, 6, 11, 20, 29)  # VGG19 relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (Gatys et al. 2016)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,11 +44,6 @@ def lpips_loss(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 def _vgg19_weights():
     """torchvision's ImageNet VGG19 weights if cached or downloadable now, else None (offline: no attempt)."""
-    from torchvision.models import VGG19_Weights
-
-    from customgen.metrics.networks import hub_checkpoint
-    from customgen.network import is_offline, reachable
-
     w = VGG19_Weights.IMAGENET1K_V1
     if hub_checkpoint(w.url) is not None:
         return w
@@ -63,8 +61,6 @@ class VGGFeatures(torch.nn.Module):
 
     def __init__(self, *, pretrained: bool | None = None):
         super().__init__()
-        from torchvision.models import vgg19
-
         weights = _vgg19_weights() if pretrained is not False else None
         if weights is None:
             warnings.warn("Gram loss uses a random-weight VGG19 (ImageNet weights neither cached nor downloadable): "

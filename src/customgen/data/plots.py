@@ -1,4 +1,4 @@
-"""Figures for the EDA notebook (and, later, results). Every function returns a matplotlib Figure; none shows it.
+"""Figures for the data EDA notebook. Every function returns a matplotlib Figure; none shows it.
 
 Figures are built with `matplotlib.figure.Figure` rather than pyplot, so the package keeps no global
 figure state; notebooks display them with `display(fig)` or save them with `fig.savefig(...)`.
@@ -92,18 +92,3 @@ def skipped_table(report: dict, *, examples: int = 2) -> pd.DataFrame:
         names = "; ".join(Path(s["path"]).name for s in report["small"][:examples])
         rows.append({"reason": "small", "count": report["n_small"], "examples": names})
     return pd.DataFrame(rows, columns=["reason", "count", "examples"])
-
-
-
-def plot_loss_curve(csv_path: str | Path, *, terms: Sequence[str] = ("loss", "l2", "lpips", "gram", "prior")) -> Figure:
-    """Training loss terms over steps, from an artifact's logs/loss.csv."""
-    df = pd.read_csv(csv_path)
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
-    for t in terms:
-        if t in df and df[t].abs().sum() > 0:
-            ax.plot(df["step"], df[t], label=t)
-    ax.set(xlabel="step", ylabel="loss", title=f"training loss ({Path(csv_path).parent.parent.name})")
-    ax.legend()
-    fig.tight_layout()
-    return fig

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from PIL import Image
+
 from customgen.evaluate.generate import BASELINE
 from customgen.evaluate.report import SMOKE_NOTE
+from customgen.kinds import RECIPES
 
-METHOD_ORDER = [BASELINE, "lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject",
-                "lora_anime_kohya"]
-METHOD_COLORS = {BASELINE: "tab:gray", "lora_style": "tab:blue", "dreambooth_style": "tab:orange",
-                 "textual_inversion": "tab:green", "dreambooth_lora_subject": "tab:purple",
-                 "lora_anime_kohya": "tab:red"}
+METHOD_ORDER = [BASELINE, *RECIPES]  # the baseline, then the recipes in the registry's plot order
+METHOD_COLORS = {BASELINE: "tab:gray"} | {name: r.color for name, r in RECIPES.items()}
 DIRECTION = {"clip_content": "↓ content kept", "clip_style": "↓ closer to style", "style_strength": "1 = baseline",
              "ssim": "↑ structure kept", "lpips": "↓ closer to content", "fid": "↓", "kid": "↓",
              "art_fid": "↓",
@@ -141,8 +141,6 @@ def plot_tradeoff(sweep: pd.DataFrame, *, smoke: bool = False, provenance: str =
 
 
 def _thumb(path, size: int) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         im.thumbnail((size, size))

@@ -1,0 +1,125 @@
+"""What every adaptation kind implements: one `Kind` object per kind (its whole life, for every stage) and one
+`Method` per training run (the training half the one loop calls).
+
+A new kind (say B-LoRA or an IP-Adapter style) is one module that subclasses both and one line in
+`customgen.kinds.KINDS`; training, the style library, the inference session, evaluation, validation and the
+plots only ask these objects. The list of what a kind implements is in docs/architecture.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from customgen.kinds.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe (config `method`, configs/<name>.yaml): the kind it trains and what it learns."""
+
+    name: str
+    kind: str
+    target: str  # "style" (validated on fixed content photos) | "subject" (txt2img)
+    color: str  # its colour in the results plots
+
+
+class Method:
+    """The training half of a kind: which parameters train, captions, per-step hooks, the saved artifact.
+
+    The one loop (customgen.train.loop) calls, per run: `setup` once, then `caption` per example, `after_step`
+    per optimizer step, `trained_params` per checkpoint, and `save` at the end.
+    """
+
+    trains_text_encoder = False
+
+    def __init__(self, cfg, kind: "Kind"):
+        self.cfg, self.kind, self.name = cfg, kind, cfg.method
+
+    def setup(self, comps) -> list[dict]:
+        """Freeze everything, make the method's parameters trainable; optimizer parameter groups."""
+        raise TypeError(f"{type(self).__name__} must define setup()")
+
+    def trained_params(self, comps) -> dict[str, torch.Tensor]:
+        """Name → trainable tensor, for checkpoints and the 'frozen stays frozen' check."""
+        return {f"unet.{n}": p for n, p in comps.unet.named_parameters() if p.requires_grad} | {
+            f"text_encoder.{n}": p for n, p in comps.text_encoder.named_parameters() if p.requires_grad}
+
+    def trainable_count(self, comps) -> int:
+        """Parameters the method really learns (TI: only the new rows)."""
+        return sum(p.numel() for p in self.trained_params(comps).values())
+
+    def caption(self, record_caption: str, generator: torch.Generator) -> str:
+        """The prompt of one example: the instance prompt, else the record's caption, else ""."""
+        return self.cfg.prompt.instance or record_caption or ""
+
+    def after_step(self, comps) -> None:
+        """Called after every optimizer step (TI restores the frozen embedding rows)."""
+        return None
+
+    def default_prompt(self) -> str:
+        """The prompt validation samples use and the manifest stores."""
+        return self.cfg.prompt.instance
+
+    def text_encoder_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The text encoder's dtype in a mixed-precision run (frozen weights go to `weight_dtype`)."""
+        return weight_dtype
+
+    def save(self, folder: Path, comps) -> dict:
+        """Write the weights (and exports) into `folder`; returns manifest fields."""
+        raise TypeError(f"{type(self).__name__} must define save()")
+
+
+class Kind:
+    """One adaptation kind: training (`method`), artifact files, compatibility, inference and prompts.
+
+    Inference state lives in the session (`session.state(kind)` gives this kind's own object, made by
+    `new_state`), so one kind object serves every session.
+    """
+
+    name = ""  # the manifest's `kind`
+    weights = ""  # the main weights file (what stock loaders read)
+    has_scale = False  # a calibrated strength knob (LoRA's adapter weight): evaluation sweeps it; others run at 1
+    recipes: tuple[Recipe, ...] = ()
+    method_class: type[Method] = Method
+
+    # --- training ------------------------------------------------------------------------------------------
+    def method(self, cfg) -> Method:
+        """The training half for one run of `cfg`."""
+        return self.method_class(cfg, self)
+
+    # --- artifact ------------------------------------------------------------------------------------------
+    def files(self, manifest: Manifest) -> list[str]:
+        """Every weights file of an artifact (the main one first), relative to its folder."""
+        return [manifest.weights, *manifest.exports]
+
+    def check(self, style, comps) -> None:
+        """Refuse (one line) an artifact made for another architecture, before any weight is loaded."""
+        raise TypeError(f"{type(self).__name__} must define check()")
+
+    # --- inference -----------------------------------------------------------------------------------------
+    def new_state(self):
+        """This kind's per-session inference state (what is loaded, what is active)."""
+        return None
+
+    def load(self, session, style) -> None:
+        """Load a style's weights into the session's base model, once."""
+        raise TypeError(f"{type(self).__name__} must define load()")
+
+    def activate(self, session, active: list[tuple]) -> None:
+        """Make exactly these loaded (style, scale) pairs of this kind active; [] switches the kind off and
+        restores the base model exactly."""
+        raise TypeError(f"{type(self).__name__} must define activate()")
+
+    def default_prompt(self, style) -> str:
+        """The manifest's prompt, else its token; "" for prompt-free styles."""
+        return style.manifest.prompt or style.manifest.token
+
+    def prompt(self, session, style, text: str) -> str:
+        """`text` with this style's token replaced by what the session loaded it under (kinds with tokens)."""
+        return text
+
+    def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
+        """(token, weight) pairs whose prompt embeddings are interpolated by weight (TI's scale); [] for none."""
+        return []

@@ -1,0 +1,83 @@
+"""style.json: what an artifact is and how it was made, written beside its weights in every artifact folder.
+
+    <artifact>/style.json     the manifest (method, kind, base model, token, rank, config hash, versions, ...)
+    <artifact>/config.yaml    the resolved training config
+    <artifact>/<weights>      the kind's files (customgen.kinds: LoRA, DreamBooth, Textual Inversion)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import diffusers
+import peft
+import torch
+import transformers
+
+import customgen
+from customgen.errors import UserError
+
+MANIFEST = "style.json"
+
+
+@dataclasses.dataclass
+class Manifest:
+    """style.json: what an artifact is and how it was made."""
+
+    name: str
+    method: str  # the training recipe (config `method`), e.g. lora_style
+    kind: str  # the adaptation kind (customgen.kinds registry): how it is loaded
+    base_model: str  # the model reference it was trained on
+    weights: str  # main weights file name inside the folder
+    prompt: str = ""  # default prompt at inference ("" for prompt-free LoRA styles)
+    token: str = ""  # trigger / placeholder token, if any
+    class_prompt: str = ""  # prior-preservation class prompt, if any
+    rank: int | None = None
+    alpha: float | None = None
+    scope: str | None = None  # DreamBooth: attention | cross_attention | full
+    text_encoder: bool = False  # LoRA also trained the text encoder
+    resolution: int = 512
+    steps: int = 0
+    trainable_params: int = 0
+    file_bytes: int = 0
+    train_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    config_hash: str = ""
+    exports: list = dataclasses.field(default_factory=list)  # extra files for other tools (kohya/WebUI, ...)
+    versions: dict = dataclasses.field(default_factory=dict)
+    created: str = ""
+    format_version: int = 1
+
+
+def package_versions() -> dict:
+    """Versions that matter for reloading an artifact."""
+    return {"customgen": customgen.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write style.json (fills file size, versions and time stamp)."""
+    folder = Path(folder)
+    weights = folder / manifest.weights
+    manifest.file_bytes = weights.stat().st_size if weights.exists() else 0
+    manifest.versions = manifest.versions or package_versions()
+    manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = folder / MANIFEST
+    path.write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+    return path
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Read an artifact's style.json (one-line errors for a missing or corrupt manifest); the kind and the
+    weights file are checked by `customgen.kinds.read_artifact`."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder} is not a customgen artifact (no {MANIFEST} inside)")
+    try:
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(Manifest)}
+        return Manifest(**{k: v for k, v in data.items() if k in known})
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt: {err}") from err

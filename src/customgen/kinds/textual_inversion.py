@@ -1,0 +1,159 @@
+"""Textual Inversion (Gal et al. 2022): only the new token's embedding vectors learn. Recipe: `textual_inversion`.
+
+File: `learned_embeds.safetensors` = {token: (n_vectors, dim)}, what `pipe.load_textual_inversion` reads. At
+inference a TI style at scale w uses prompt embeddings E(prompt without its token) + w·(E(prompt) − E(prompt
+without its token)), Compel's down-weighting rule (w = 1: the plain prompt; w = 0: the prompt without the token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from customgen.errors import UserError
+from customgen.kinds.base import Kind, Method, Recipe
+from customgen.kinds.files import first_line, readable
+from customgen.train.freeze import freeze
+
+WEIGHTS = "learned_embeds.safetensors"
+STYLE_TEMPLATES = (  # Textual Inversion prompt templates (Gal et al. 2022; diffusers' textual_inversion example)
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a picture in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+    "a large painting in the style of {}", "a small painting in the style of {}", "a nice painting in the style of {}",
+)
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}", "a good photo of a {}",
+)
+
+
+# --- files -------------------------------------------------------------------------------------------------
+def save_textual_inversion(folder: str | Path, text_encoder, token_ids: list[int], *, token: str) -> None:
+    """Save the learned vectors as {token: (n_vectors, dim)}, the format load_textual_inversion reads."""
+    weight = text_encoder.get_input_embeddings().weight
+    embeds = weight[token_ids].detach().float().cpu().contiguous()
+    save_file({token: embeds}, str(Path(folder) / WEIGHTS))
+
+
+def load_textual_inversion(pipe, folder: str | Path, *, token: str) -> None:
+    """Load a TI artifact (stock loader; several vectors become token, token_1, ...)."""
+    pipe.load_textual_inversion(str(Path(folder) / WEIGHTS), token=token)
+
+
+def check_textual_inversion(path: Path, text_encoder) -> None:
+    """The learned vectors must have the text encoder's embedding width."""
+    dim = text_encoder.get_input_embeddings().weight.shape[1]
+    with readable(path) as f:
+        for key in f.keys():
+            width = f.get_slice(key).get_shape()[-1]
+            if width != dim:
+                raise UserError(f"{path}: embedding width {width}, this text encoder has {dim} "
+                                "(the style was trained for another base model)")
+
+
+# --- training ----------------------------------------------------------------------------------------------
+class TextualInversionMethod(Method):
+    """Only the new token's vectors learn; the other embedding rows are restored after every step."""
+
+    trains_text_encoder = True
+
+    def __init__(self, cfg, kind):
+        super().__init__(cfg, kind)
+        c = cfg.textual_inversion
+        self.tokens = [c.token] + [f"{c.token}_{i}" for i in range(1, c.num_vectors)]
+        self.templates = STYLE_TEMPLATES if c.templates == "style" else OBJECT_TEMPLATES
+
+    def setup(self, comps) -> list[dict]:
+        c = self.cfg.textual_inversion
+        if comps.tokenizer.add_tokens(self.tokens) != len(self.tokens):
+            raise UserError(f"token {c.token!r} is already in the tokenizer; choose a new one (e.g. <my-style>)")
+        init = comps.tokenizer.encode(c.init_word, add_special_tokens=False)
+        if not init:
+            raise UserError(f"textual_inversion.init_word {c.init_word!r} gives no token; use a word like 'painting'")
+        self.token_ids = comps.tokenizer.convert_tokens_to_ids(self.tokens)
+        comps.text_encoder.resize_token_embeddings(len(comps.tokenizer))
+        freeze(comps.unet, comps.vae, comps.text_encoder)
+        emb = comps.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            emb[self.token_ids] = emb[init].mean(0)  # a word of several tokens starts from their mean
+        self.original = emb.detach().clone()
+        self.keep = torch.ones(len(comps.tokenizer), dtype=torch.bool)
+        self.keep[self.token_ids] = False
+        emb.requires_grad_(True)
+        return [{"params": [emb], "lr": self.cfg.train.lr, "weight_decay": 0.0}]
+
+    def trainable_count(self, comps) -> int:
+        return len(self.token_ids) * comps.text_encoder.get_input_embeddings().weight.shape[1]
+
+    def caption(self, record_caption: str, generator: torch.Generator) -> str:
+        i = int(torch.randint(len(self.templates), (1,), generator=generator))
+        return self.templates[i].format(" ".join(self.tokens))
+
+    def after_step(self, comps) -> None:
+        emb = comps.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            emb[self.keep] = self.original[self.keep].to(emb.device, emb.dtype)
+
+    def default_prompt(self) -> str:
+        return self.templates[0].format(self.cfg.textual_inversion.token)
+
+    def text_encoder_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        # The embedding table trains in fp32 inside the text encoder; half-precision LayerNorm weights beside
+        # fp32 activations fail on CPU ("mixed dtype") and lose precision on GPU. diffusers' TI example keeps the
+        # whole text encoder in fp32 for the same reason.
+        return torch.float32
+
+    def save(self, folder: Path, comps) -> dict:
+        save_textual_inversion(folder, comps.text_encoder, self.token_ids, token=self.cfg.textual_inversion.token)
+        return {"weights": WEIGHTS, "token": self.cfg.textual_inversion.token}
+
+
+# --- inference ---------------------------------------------------------------------------------------------
+@dataclass
+class TextualInversionState:
+    """TI styles loaded into one session: artifact folder → the token it was loaded under."""
+
+    tokens: dict = field(default_factory=dict)
+
+
+class TextualInversionKind(Kind):
+    name = "textual_inversion"
+    weights = WEIGHTS
+    method_class = TextualInversionMethod
+    recipes = (Recipe("textual_inversion", "textual_inversion", "style", "tab:green"),)
+
+    def check(self, style, comps) -> None:
+        check_textual_inversion(style.folder / style.manifest.weights, comps.text_encoder)
+
+    def new_state(self) -> TextualInversionState:
+        return TextualInversionState()
+
+    def load(self, session, style) -> None:
+        token = style.manifest.token
+        if not token:
+            raise UserError(f"{style.folder}: textual inversion manifest has no token")
+        state = session.state(self)
+        if token in session.comps.tokenizer.get_vocab():  # another style (or the vocabulary) has it: load an alias
+            token = f"<{style.name}-{len(state.tokens)}>"
+        try:
+            load_textual_inversion(session.pipeline("img2img"), style.folder, token=token)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise UserError(f"cannot load textual inversion {style.name}: {first_line(err)}") from err
+        state.tokens[style.folder] = token
+
+    def activate(self, session, active: list[tuple]) -> None:
+        return None  # a token is active when the prompt holds it; its scale acts through token_weights
+
+    def loaded_token(self, session, style) -> str:
+        """The token a style was loaded under (its own, or an alias when another style already took it)."""
+        return session.state(self).tokens.get(style.folder, style.manifest.token)
+
+    def prompt(self, session, style, text: str) -> str:
+        token, loaded = style.manifest.token, self.loaded_token(session, style)
+        return text.replace(token, loaded) if token and loaded != token else text
+
+    def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
+        return [(self.loaded_token(session, style), float(scale))]

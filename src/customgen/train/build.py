@@ -1,0 +1,149 @@
+"""Run assembly: everything the loop needs, built once (accelerator, components, method, data, optimizer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+
+from customgen.config import Config
+from customgen.data import scan_images
+from customgen.errors import UserError
+from customgen.kinds import Method, make_method
+from customgen.memory import MemoryPlan, make_optimizer, plan_memory, probe
+from customgen.models import Components, load_components
+from customgen.models.loading import place
+from customgen.train.data import ImageSet, ensure_class_images, image_set, training_records
+from customgen.train.freeze import parameter_report
+from customgen.train.perceptual import Perceptual
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precision → dtype of frozen weights
+
+
+@dataclass
+class Run:
+    """The state of one training run (the loop reads and steps it)."""
+
+    cfg: Config
+    out: Path
+    accelerator: Accelerator
+    comps: Components
+    method: Method
+    plan: MemoryPlan
+    images: ImageSet  # instance/style images
+    classes: ImageSet | None  # prior-preservation class images
+    contents: ImageSet | None  # content images for perceptual content pairs
+    unet: torch.nn.Module  # prepared (maybe DDP-wrapped) UNet
+    text_encoder: torch.nn.Module  # prepared text encoder
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    perceptual: Perceptual | None
+    weight_dtype: torch.dtype = torch.float32
+    prompt_cache: dict = field(default_factory=dict)
+
+    @property
+    def needs_pixels(self) -> bool:
+        return self.perceptual is not None and self.perceptual.lpips is not None
+
+
+def build_run(cfg: Config, out: Path) -> Run:
+    """Components, method, data, optimizer and accelerator for `cfg`."""
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation is seeded too
+    method, info = make_method(cfg), probe(dtype=cfg.model.dtype)
+    plan = plan_memory(cfg.train, info)
+    acc = make_accelerator(cfg, out, method, plan)
+    acc.print(plan.describe(info))
+    records = training_records(cfg)
+    comps = load_components(cfg.model.ref, device="cpu", dtype=torch.float32)
+    weight_dtype = WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32)
+    for m in (comps.unet, comps.vae):
+        place(m, acc.device, weight_dtype)
+    place(comps.text_encoder, acc.device, method.text_encoder_dtype(weight_dtype))
+    classes = None
+    if cfg.prompt.prior:  # the *base* model makes the class images, before any adapter exists
+        folder = Path(cfg.prompt.class_dir or out / "class_images")
+        ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
+        acc.wait_for_everyone()
+        classes = image_set(ensure_class_images(comps, cfg, folder, is_main=False), cfg, comps.vae)
+    images = image_set(records, cfg, comps.vae, cache_dir=cfg.train.latent_cache_dir)
+    contents = content_set(cfg, comps.vae)
+    groups = method.setup(comps)
+    place_components(cfg, comps, acc, plan, method)
+    acc.print(method_report(method, comps))
+    perceptual = None
+    if cfg.loss.lpips > 0 or cfg.loss.gram > 0:
+        perceptual = Perceptual(cfg, style_pixels(images), acc.device)
+    optimizer = make_optimizer(groups, plan, weight_decay=cfg.train.weight_decay)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, acc.num_processes)
+    unet, text_encoder, optimizer, lr_scheduler = prepare(acc, comps, optimizer, lr_scheduler)
+    return Run(cfg=cfg, out=out, accelerator=acc, comps=comps, method=method, plan=plan, images=images,
+               classes=classes, contents=contents, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+               lr_scheduler=lr_scheduler, perceptual=perceptual, weight_dtype=weight_dtype)
+
+
+def make_accelerator(cfg: Config, out: Path, method: Method, plan: MemoryPlan) -> Accelerator:
+    """accelerate: mixed precision, accumulation, TensorBoard; unused-parameter DDP only when the text encoder trains."""
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if method.trains_text_encoder else []
+    return Accelerator(mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                       log_with="tensorboard", kwargs_handlers=handlers,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+
+
+def place_components(cfg: Config, comps: Components, accelerator, plan: MemoryPlan, method: Method) -> torch.dtype:
+    """Frozen weights in the mixed-precision dtype, trainables in fp32 (no 'unscale FP16 gradients')."""
+    weight_dtype = WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32)
+    for m in (comps.unet, comps.vae):
+        place(m, accelerator.device, weight_dtype)
+    place(comps.text_encoder, accelerator.device, method.text_encoder_dtype(weight_dtype))
+    if cfg.loss.lpips > 0 or cfg.loss.gram > 0:
+        place(comps.vae, accelerator.device, torch.float32)  # gradients flow through the decoder: keep it fp32
+    cast_training_params([comps.unet, comps.text_encoder], dtype=torch.float32)
+    if plan.gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+        if method.trains_text_encoder:
+            comps.text_encoder.gradient_checkpointing_enable()
+    return weight_dtype
+
+
+def make_lr_scheduler(cfg: Config, optimizer, num_processes: int):
+    """diffusers' get_scheduler; accelerate steps it once per process, hence the scaling."""
+    try:
+        return get_scheduler(cfg.train.lr_scheduler, optimizer=optimizer,
+                             num_warmup_steps=cfg.train.warmup_steps * num_processes,
+                             num_training_steps=cfg.train.steps * num_processes)
+    except ValueError as err:
+        raise UserError(f"train.lr_scheduler: {err}") from err
+
+
+def prepare(acc: Accelerator, comps: Components, optimizer, lr_scheduler):
+    """accelerate.prepare the modules that hold trainable parameters (DDP wraps only those)."""
+    trains = lambda m: any(p.requires_grad for p in m.parameters())  # noqa: E731
+    unet = acc.prepare(comps.unet) if trains(comps.unet) else comps.unet
+    te = acc.prepare(comps.text_encoder) if trains(comps.text_encoder) else comps.text_encoder
+    optimizer, lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+    return unet, te, optimizer, lr_scheduler
+
+
+def method_report(method: Method, comps: Components) -> str:
+    return f"method {method.name}: {method.trainable_count(comps):,} trainable parameters\n" + parameter_report(
+        unet=comps.unet, text_encoder=comps.text_encoder)
+
+
+def content_set(cfg: Config, vae) -> ImageSet | None:
+    """Content images for perceptual content pairs (loss.content_root), or None."""
+    if not cfg.loss.content_root:
+        return None
+    scan = scan_images(cfg.loss.content_root, min_size=cfg.data.min_size)
+    if not scan.records:
+        raise UserError(f"no usable content images under loss.content_root={cfg.loss.content_root}")
+    return image_set(sorted(scan.records, key=lambda r: r.path)[: cfg.data.max_images], cfg, vae)
+
+
+def style_pixels(images: ImageSet, limit: int = 64) -> torch.Tensor:
+    """Pixels (N, 3, R, R) of up to `limit` style images, for the Gram targets."""
+    n = min(limit, len(images.dataset.records))
+    return torch.stack([images.dataset[images.dataset.order.index(i)]["pixel_values"] for i in range(n)])

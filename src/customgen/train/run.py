@@ -1,0 +1,99 @@
+"""`train(config)`: prepare the output folder, build the run, loop, save the artifact."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from customgen.config import Config, config_hash, save_config
+from customgen.errors import UserError
+from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, write_manifest
+from customgen.memory import peak_memory
+from customgen.train.build import Run, build_run
+from customgen.train.loop import encode_prompts, out_path, resume as resume_from, run_loop
+from customgen.train.validation import validate
+
+RUN_FILES = ("checkpoints", "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
+WEIGHT_FILES = tuple(dict.fromkeys(k.weights for k in KINDS.values()))  # every kind's main file
+
+
+def owned_files(out: Path) -> list[Path]:
+    """The files and folders a run writes into `out` (what --overwrite may remove)."""
+    names = list(RUN_FILES) + list(WEIGHT_FILES)
+    if (out / MANIFEST).is_file():
+        try:
+            manifest, kind = read_artifact(out)
+            names += kind.files(manifest)
+        except UserError:
+            pass  # a broken manifest: remove the fixed names only
+    return [out / n for n in dict.fromkeys(names)]
+
+
+def prepare_output(out: Path, *, resume: str, overwrite: bool) -> None:
+    """Refuse to replace a finished artifact unless --overwrite (which clears only files a run writes)."""
+    if overwrite:
+        for p in owned_files(out):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    elif (out / MANIFEST).exists():
+        raise UserError(f"{out} already holds a trained artifact; pass --overwrite to retrain or choose another --output")
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise UserError(f"--resume {resume}: no such checkpoint folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def offload_unused(run: Run) -> None:
+    """Cache every fixed prompt, then move the VAE and text encoder off the GPU when nothing needs them."""
+    if not run.method.trains_text_encoder:
+        captions = {run.method.caption(run.images.dataset.caption_of(i), torch.Generator())
+                    for i in range(len(run.images.dataset.records))}
+        captions |= {run.cfg.prompt.class_prompt} if run.classes is not None else set()
+        encode_prompts(run, sorted(captions))
+        if run.accelerator.device.type == "cuda":
+            run.comps.text_encoder.to("cpu")
+    cached = run.images.latents is not None and (run.classes is None or run.classes.latents is not None)
+    if cached and run.perceptual is None and run.contents is None and run.accelerator.device.type == "cuda":
+        run.comps.vae.to("cpu")
+        torch.cuda.empty_cache()
+
+
+def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
+    """Save weights, config, manifest and final samples (main process)."""
+    acc, cfg, out = run.accelerator, run.cfg, run.out
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        fields = run.method.save(out, run.comps)
+        save_config(cfg, out / "config.yaml")
+        validate(run, cfg.train.steps)
+        write_manifest(out, Manifest(
+            name=out.name, method=cfg.method, kind=run.method.kind.name, base_model=cfg.model.ref,
+            prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
+            token=fields.pop("token", "") or trigger_word(cfg), resolution=cfg.data.resolution,
+            steps=cfg.train.steps, trainable_params=run.method.trainable_count(run.comps),
+            train_seconds=round(seconds, 2), peak_memory_bytes=peak_bytes, config_hash=config_hash(cfg), **fields))
+    acc.end_training()
+    return out
+
+
+def trigger_word(cfg: Config) -> str:
+    """The trigger word of an instance prompt ('sks' in 'a photo of sks person'), if any."""
+    rare = [w for w in cfg.prompt.instance.split() if w.lower() in ("sks", "ohwx", "zwx", "xyz")]
+    return rare[0] if rare else ""
+
+
+def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto", overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds)."""
+    out = out_path(cfg, output)
+    prepare_output(out, resume=resume, overwrite=overwrite)
+    torch_state = torch.random.get_rng_state()
+    try:
+        run = build_run(cfg, out)
+        run.accelerator.init_trackers("customgen")
+        offload_unused(run)
+        start = resume_from(run, resume)
+        with peak_memory() as peak:
+            stats = run_loop(run, start=start, progress=progress, validate=validate)
+        return finish(run, stats["seconds"], peak.peak_bytes or 0)
+    finally:
+        torch.random.set_rng_state(torch_state)  # the loop seeds per step; leave the caller's RNG as it was
