@@ -15,9 +15,18 @@ from PIL import Image
 from customgen import kinds
 from customgen.kinds import dreambooth, lora, textual_inversion
 from customgen.kinds import Manifest
+from customgen.config import TEXT_ENCODER_TARGETS
 from customgen.models import load_components
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def facts(name: str, **changes) -> dict:
+    """Training facts as train/run.py passes them to a kind's save (kohya metadata of LoRA exports)."""
+    return {"name": name, "method": "lora_style", "base_model": "tiny", "resolution": 64, "steps": 0, "lr": 1e-4,
+            "text_encoder_lr": 5e-5, "batch_size": 1, "seed": 0, "mixed_precision": "no", "optimizer": "adamw",
+            "lr_scheduler": "constant", "num_images": 0, "tag_frequency": {}, "started_at": 0, "finished_at": 0,
+            **changes}
 
 
 def _tiny():
@@ -44,15 +53,15 @@ def make_lora(folder: str | Path, *, name: str | None = None, seed: int = 1, ran
     folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # peft's gaussian init draws from the global RNG
         torch.manual_seed(seed)
-        _lora_weights(folder, seed, rank, alpha, text_encoder, cross_attention_dim, std)
+        export = _lora_weights(folder, seed, rank, alpha, text_encoder, cross_attention_dim, std)
     _samples(folder, color)
     return _manifest(folder, name=name or folder.name, method=method, kind="lora", base_model=base_model,
-                     weights=lora.WEIGHTS, prompt=prompt, token=token, rank=rank, alpha=alpha,
+                     weights=lora.WEIGHTS, exports=[export], prompt=prompt, token=token, rank=rank, alpha=alpha,
                      text_encoder=text_encoder, resolution=64)
 
 
 def _lora_weights(folder: Path, seed: int, rank: int, alpha: float, text_encoder: bool,
-                  cross_attention_dim: int | None, std: float) -> None:
+                  cross_attention_dim: int | None, std: float) -> str:
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -63,14 +72,14 @@ def _lora_weights(folder: Path, seed: int, rank: int, alpha: float, text_encoder
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     te = comps.text_encoder if text_encoder else None
     if te is not None:
-        te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+        te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS),
                                   init_lora_weights="gaussian"))
     gen = torch.Generator().manual_seed(seed)
     for model in filter(None, (unet, te)):
         for n, p in model.named_parameters():
             if "lora_B" in n:  # peft starts B at zero (no effect): randomise it so the style changes outputs
                 p.data = torch.randn(p.shape, generator=gen) * std
-    lora.save_lora(folder, unet, te)
+    return lora.save_lora(folder, unet, te, facts=facts(folder.name))
 
 
 def make_textual_inversion(folder: str | Path, *, name: str | None = None, token: str = "<tiny-style>",
@@ -83,6 +92,7 @@ def make_textual_inversion(folder: str | Path, *, name: str | None = None, token
     folder.mkdir(parents=True, exist_ok=True)
     comps = _tiny()
     gen = torch.Generator().manual_seed(seed)
+    exports = []
     if dim is not None:
         save_file({token: torch.randn(n_vectors, dim, generator=gen)}, str(folder / textual_inversion.WEIGHTS))
     else:
@@ -93,10 +103,11 @@ def make_textual_inversion(folder: str | Path, *, name: str | None = None, token
         with torch.no_grad():
             weight = comps.text_encoder.get_input_embeddings().weight
             weight[ids] = torch.randn(len(ids), weight.shape[1], generator=gen) * 2.0
-        textual_inversion.save_textual_inversion(folder, comps.text_encoder, ids, token=token)
+        exports.append(textual_inversion.save_textual_inversion(folder, comps.text_encoder, ids, token=token,
+                                                                 name=folder.name))
     _samples(folder, color)
     return _manifest(folder, name=name or folder.name, method="textual_inversion", kind="textual_inversion",
-                     base_model=base_model, weights=textual_inversion.WEIGHTS, token=token,
+                     base_model=base_model, weights=textual_inversion.WEIGHTS, exports=exports, token=token,
                      prompt=f"a painting in the style of {token}" if prompt is None else prompt, resolution=64)
 
 

@@ -23,7 +23,7 @@ LAYERS = {
     "customgen.data": 4, "customgen.metrics": 4, "customgen.train.freeze": 4, "customgen.train.losses": 4,
     "customgen.kinds": 5,
     "customgen.train": 6, "customgen.inference": 6,
-    "customgen.evaluate": 7, "customgen.bench": 7,
+    "customgen.evaluate": 7, "customgen.bench": 7, "customgen.export": 7,
     "customgen.demo": 8,
     "customgen.cli": 9, "customgen.__main__": 10,
 }

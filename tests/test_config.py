@@ -73,3 +73,10 @@ def test_shipped_configs_only_hold_known_keys():
     root = Path(__file__).resolve().parents[1] / "configs"
     for f in sorted(root.glob("*.yaml")):
         load_config(f)  # raises on any unknown key or wrong type
+
+
+def test_yaml_booleans_name_literal_choices():
+    """`--set train.mixed_precision=no` reaches YAML as False: the literal choice "no" is meant."""
+    from customgen.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -395,3 +395,15 @@ def test_an_artifact_written_before_the_kinds_registry_still_loads(tmp_path, con
     data.pop("exports")
     (old / kinds.MANIFEST).write_text(json.dumps(data))
     assert np.array_equal(px(run(content, lib, str(old))), px(run(content, lib, "lora_a")))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_inference_gives_finite_non_black_images(content, lib, dtype):
+    """What a T4 (fp16) or an A100 (bf16) runs: every kind of style, img2img and txt2img."""
+    for styles in (None, ["lora_a"], ["ti"], ["dreambooth"], ["subject"]):
+        out = px(run(content, lib, styles, dtype=dtype, device="cpu"))
+        assert out.max() > 5 and out.std() > 1, (dtype, styles)  # not black, not flat
+    img = generate("a photo of sks person", ["subject"], styles_dir=lib, model="tiny", steps=4, seed=0,
+                   dtype=dtype, device="cpu")
+    assert px(img).max() > 5 and px(img).std() > 1
+    clear_sessions()  # the next test wants the fp32 model

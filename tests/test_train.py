@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def stock_reload(manifest, out):
     """The artifact through stock diffusers loaders into a fresh base pipeline."""
     pipe = load_pipeline("tiny", kind="txt2img", device="cpu")
     if manifest.kind == "lora":
-        pipe.load_lora_weights(str(out))  # picks pytorch_lora_weights.safetensors
+        pipe.load_lora_weights(str(out), weight_name=lora.WEIGHTS)  # offline, older diffusers insist on the name
     elif manifest.kind == "textual_inversion":
         pipe.load_textual_inversion(str(out / textual_inversion.WEIGHTS), token=manifest.token)
     else:
@@ -106,7 +108,7 @@ def test_recipe_trains_only_its_parameters_and_reloads_with_stock_loaders(recipe
     assert abs(reloaded - base).max() > 1e-4
     if manifest.kind == "lora":  # the kohya/WebUI export loads and gives the same model
         kohya = load_pipeline("tiny", kind="txt2img", device="cpu")
-        kohya.load_lora_weights(str(out / lora.KOHYA_WEIGHTS))
+        kohya.load_lora_weights(str(out), weight_name=manifest.exports[0])
         assert abs(render(kohya, prompt) - reloaded).max() < 1e-4
 
 
@@ -224,7 +226,7 @@ def test_two_process_accelerate_launch(data, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     m = kinds.read_manifest(tmp_path / "ddp")
-    assert m.steps == 2 and (tmp_path / "ddp" / lora.KOHYA_WEIGHTS).is_file()
+    assert m.steps == 2 and (tmp_path / "ddp" / "ddp.safetensors").is_file() and m.exports == ["ddp.safetensors"]
 
 
 def test_memory_plan_picks_what_fits_a_t4():
@@ -284,3 +286,51 @@ def test_validation_uses_fixed_content_images(data, tmp_path):
     out = train(cfg, output=tmp_path / "v", progress=False)
     (sample,) = (out / "samples").glob("step-*.png")
     assert Image.open(sample).size == (2 * 64, 64)  # img2img of each content image, side by side
+
+
+# --- mixed precision: what a T4 (fp16 + scaler) and an A100/H100 (bf16) run, exercised on the CPU --------------
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_trains_in_bf16_with_gradient_checkpointing_and_reloads(recipe, data, tmp_path):
+    """bf16 autocast (accelerate supports it on CPU) with checkpointing forced on, as configured by the recipe."""
+    cfg = recipe_cfg(recipe, data, "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.steps=2")
+    out = train(cfg, output=tmp_path / "bf16", progress=False)
+    losses = pd.read_csv(out / "logs" / "loss.csv")["loss"]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    manifest = kinds.read_manifest(out)
+    image = render(stock_reload(manifest, out), manifest.prompt or "a painting")
+    assert np.isfinite(image).all() and image.max() > 0.01  # finite and not black
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_fp16_path_of_a_t4_with_grad_scaler_steps_each_method(recipe, data, tmp_path):
+    """The T4 recipe: frozen weights fp16, trainables fp32, fp16 autocast, GradScaler unscale + step (on CPU)."""
+    from customgen.memory import MemoryPlan
+    from customgen.train.build import place_components
+
+    cfg = recipe_cfg(recipe, data, "loss.lpips=0", "loss.gram=0", "train.gradient_checkpointing=true")
+    run = build_run(cfg, tmp_path / "fp16")
+    run.weight_dtype = place_components(cfg, run.comps, run.accelerator, MemoryPlan("fp16", True, "adamw"), run.method)
+    trained = run.method.trained_params(run.comps)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in run.comps.unet.parameters() if not p.requires_grad} == {torch.float16}
+    before = {k: v.detach().clone() for k, v in trained.items()}
+    optimizer, scaler = run.optimizer.optimizer, torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        losses = loop.step_losses(run, 0)
+    assert torch.isfinite(losses["loss"])
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients." if a trainable were fp16
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in trained.values())
+    scaler.step(optimizer)
+    scaler.update()
+    run.method.after_step(run.comps)
+    assert any(not torch.equal(before[k], v) for k, v in trained.items())
+
+
+def test_two_runs_in_one_process_may_change_precision(data, tmp_path):
+    """A notebook kernel trains in bf16, then in fp32: accelerate's global state must not refuse the second."""
+    for i, precision in enumerate(("bf16", "no")):
+        cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0", f"train.mixed_precision={precision}",
+                         "train.steps=1")
+        assert kinds.read_manifest(train(cfg, output=tmp_path / f"run{i}", progress=False)).steps == 1

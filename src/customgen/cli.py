@@ -102,6 +102,15 @@ def _cmd_generate(args) -> int:
     return cmd_generate(args)
 
 
+def _cmd_export(args) -> int:
+    from customgen.export import export  # lazy
+
+    out = export(args.style, args.out, fmt=args.format, model=args.model, scale=args.scale, dtype=args.dtype,
+                 styles_dir=args.styles, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     if args.styles is not None and not Path(args.styles).is_dir():
         raise UserError(f"--styles {args.styles} is not a folder (the style library: one artifact folder per style)")
@@ -160,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_data_samples)
 
     _add_inference_commands(sub)
+    _add_export_command(sub)
     _add_demo_command(sub)
     return p
 
@@ -211,6 +221,21 @@ def _add_inference_commands(sub) -> None:
     g.add_argument("--width", type=int, default=None, help="width (default: --size or the model's resolution)")
     g.add_argument("--height", type=int, default=None, help="height (default: --size or the model's resolution)")
     g.set_defaults(func=_cmd_generate)
+
+
+def _add_export_command(sub) -> None:
+    """`customgen export` (handler: customgen.export)."""
+    e = sub.add_parser("export", help="merge a DreamBooth or LoRA style into a full SD v1.5 checkpoint for other tools")
+    e.add_argument("style", metavar="STYLE", help="library style name or artifact folder")
+    e.add_argument("--format", choices=["single-file", "diffusers"], default="single-file",
+                   help="single-file: original-layout .safetensors (A1111/ComfyUI); diffusers: a model folder")
+    e.add_argument("--out", type=Path, required=True, metavar="PATH", help="the .safetensors file or the folder to write")
+    e.add_argument("--scale", type=float, default=1.0, help="style scale baked in (LoRA weight; DreamBooth interpolation)")
+    e.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="weights dtype (default fp16: 2 GB)")
+    e.add_argument("--model", default=None, help="base model (default: the one in the style's manifest)")
+    e.add_argument("--styles", default=None, metavar="DIR", help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    e.set_defaults(func=_cmd_export)
 
 
 def _add_demo_command(sub) -> None:

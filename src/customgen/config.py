@@ -20,6 +20,8 @@ from customgen.errors import UserError
 from customgen.request import DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STRENGTH, DEFAULTS, Request
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections LoRA adapts (one constant)
+# CLIP text-encoder modules a subject LoRA adapts: attention and MLP, what kohya's SD1 LoRA trains (72 modules)
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ class LoraSettings:
     alpha: float | None = None  # LoRA alpha (None: = rank, i.e. scale 1)
     targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))  # adapted Linear layers
     text_encoder: bool = False  # also adapt the text encoder (subject LoRA)
+    text_encoder_targets: list[str] = dataclasses.field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))  # its modules
     text_encoder_lr: float = 5e-5  # its own learning rate
     init: str = "gaussian"  # peft init_lora_weights (B = 0 either way, so step 0 equals the base model)
 
@@ -215,6 +218,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
     """Check `value` against the annotation `tp`; int→float and '1e-4'→float are the only conversions."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: `mixed_precision=no`
+            value = next((a for a in args if str(a).lower() in (("yes", "on") if value else ("no", "off"))), value)
         if value not in args:
             raise UserError(f"config key {key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value

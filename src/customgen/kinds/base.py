@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from customgen.errors import UserError
 from customgen.kinds.manifest import Manifest
 
 
@@ -66,8 +67,9 @@ class Method:
         """The text encoder's dtype in a mixed-precision run (frozen weights go to `weight_dtype`)."""
         return weight_dtype
 
-    def save(self, folder: Path, comps) -> dict:
-        """Write the weights (and exports) into `folder`; returns manifest fields."""
+    def save(self, folder: Path, comps, facts: dict) -> dict:
+        """Write the weights (and exports for other tools) into `folder`; returns manifest fields. `facts` are
+        the run's training facts (name, base model, resolution, steps, lr, tag frequency, ...; train/run.py)."""
         raise TypeError(f"{type(self).__name__} must define save()")
 
 
@@ -97,6 +99,10 @@ class Kind:
     def check(self, style, comps) -> None:
         """Refuse (one line) an artifact made for another architecture, before any weight is loaded."""
         raise TypeError(f"{type(self).__name__} must define check()")
+
+    def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
+        """Bake the style into `comps`' weights at `scale` (customgen export); one line where it cannot be."""
+        raise UserError(f"{style.name}: a {self.name} style cannot be merged into a checkpoint")
 
     # --- inference -----------------------------------------------------------------------------------------
     def new_state(self):

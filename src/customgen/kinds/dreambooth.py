@@ -69,7 +69,7 @@ class DreamBoothMethod(Method):
         self.names = scope_names(comps.unet, self.cfg.dreambooth.scope)
         return [{"params": unfreeze(comps.unet, self.names), "lr": self.cfg.train.lr}]
 
-    def save(self, folder: Path, comps) -> dict:
+    def save(self, folder: Path, comps, facts: dict) -> dict:
         save_dreambooth(folder, comps.unet, self.names, scope=self.cfg.dreambooth.scope)
         return {"weights": WEIGHTS, "scope": self.cfg.dreambooth.scope}
 
@@ -92,6 +92,14 @@ class DreamBoothKind(Kind):
 
     def check(self, style, comps) -> None:
         readable(style.folder / style.manifest.weights).keys()  # keys and shapes are checked when loading
+
+    def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
+        """Weights = base + scale·(trained − base) (exactly the trained weights at scale 1)."""
+        base = load_dreambooth(comps.unet, style.folder)
+        if scale != 1.0:
+            params = unet_parameters(comps.unet)
+            swap_weights(comps.unet, {k: b.float() + scale * (params[k].detach().float() - b.float())
+                                      for k, b in base.items()})
 
     def new_state(self) -> DreamBoothState:
         return DreamBoothState()

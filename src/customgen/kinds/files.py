@@ -1,6 +1,7 @@
 """File helpers every kind uses: open a weights file safely, and keep an artifact inside its own folder."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -32,3 +33,10 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type when empty), at most 300 characters."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def export_stem(name: str) -> str:
+    """A file stem for an artifact's exports (`<stem>.safetensors`): the artifact name with anything outside
+    letters, digits, `.`, `_` and `-` replaced, so it is safe in every tool's flat folder and on Windows."""
+    stem = re.sub(r"[^0-9A-Za-z._-]+", "_", name).strip("._") or "style"
+    return stem

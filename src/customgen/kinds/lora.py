@@ -1,35 +1,44 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the UNet attention projections (and, for subjects, on the text
 encoder). Recipes: `lora_style`, `dreambooth_lora_subject`, `lora_anime_kohya` (they differ only by config).
 
-Files: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(folder)`, rank/alpha metadata)
-and `lora_kohya.safetensors` (kohya keys `lora_unet_...` with `.alpha`, for A1111 / ComfyUI). At inference a
-LoRA style is a named peft adapter; scales blend through `set_adapters`, scale 0 or no LoRA is `disable_lora()`
-(the base model, bit for bit).
+Files, with SD1's canonical module names whatever transformers is installed (transformers 5 dropped the
+`text_model.` level of CLIPTextModel; every SD1 tool expects it):
+- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`), rank/alpha metadata,
+  `unet.<module>.lora_A/B.weight` and `text_encoder.text_model.encoder.layers.N.<module>.lora_A/B.weight`;
+- `<name>.safetensors`: kohya/WebUI (`lora_unet_<module>`, `lora_te_text_model_encoder_layers_N_...`, `.alpha`,
+  kohya's `ss_*` metadata) for kohya, AUTOMATIC1111 and ComfyUI: `<lora:NAME:1>` in a flat models/Lora folder.
+At inference a LoRA style is a named peft adapter; scales blend through `set_adapters`, scale 0 or no LoRA is
+`disable_lora()` (the base model, bit for bit).
 """
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import first_line, readable
+from customgen.kinds.files import export_stem, first_line, readable
+from customgen.models import build_pipeline
 from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS = "lora_kohya.safetensors"
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention projections (subject LoRA)
 _KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|"
                   r"lora_linear_layer\.up|lora_A|lora_B)\.weight$")
+_PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
+# LoraConfig fields every supported peft knows: newer peft adds fields (lora_bias, target_parameters, ...) that
+# an older peft's LoraConfig(**metadata) refuses, so a file written under the newest peft would not load on Kaggle.
+PORTABLE_CONFIG = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights",
+                   "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -37,36 +46,100 @@ def _peft_state(model, adapter_name: str) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
-def save_lora(folder: str | Path, unet, text_encoder=None, *, adapter_name: str = "default") -> None:
-    """Save LoRA weights in diffusers format (with rank/alpha metadata) plus a kohya export."""
+def canonical_text_encoder(state: dict) -> dict:
+    """Text-encoder keys with CLIPTextModel's `text_model.` level, as SD1 tools name them (transformers 5's
+    module tree lacks it; transformers 4's has it)."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
+def portable_config(config: LoraConfig) -> dict:
+    """The adapter's LoraConfig as metadata any supported peft can rebuild (rank and alpha survive reload)."""
+    data = config.to_dict()
+    data["target_modules"] = sorted(data["target_modules"])  # a set in memory; JSON wants a list
+    return {k: data[k] for k in PORTABLE_CONFIG if k in data}
+
+
+def kohya_state(unet_state: dict, te_state: dict | None, *, alpha: float) -> dict:
+    """SD1 kohya/WebUI keys from peft keys: `lora_unet_<module>` / `lora_te_<text_model module>` (dots → `_`),
+    `.lora_down/.lora_up.weight` and one `.alpha` per module. Written here because diffusers' converter names
+    the SD1 text encoder `lora_te1_` (SDXL's), which kohya, A1111 and ComfyUI ignore for SD1."""
+    out = {}
+    for prefix, state in (("lora_unet_", unet_state), ("lora_te_", canonical_text_encoder(te_state or {}))):
+        for key, value in state.items():
+            module, part = _PEFT_KEY.match(key).groups()
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.lora_{'down' if part == 'A' else 'up'}.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def kohya_metadata(facts: dict, *, rank: int, alpha: float, text_encoder: bool) -> dict[str, str]:
+    """The `ss_*` training metadata kohya's sd-scripts write (what WebUI extensions show), plus the SAI model
+    spec keys; every value is a string (safetensors metadata)."""
+    meta = {
+        "ss_output_name": facts["name"], "ss_sd_model_name": facts["base_model"], "ss_base_model_version": "sd_v1",
+        "ss_v2": "False", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha), "ss_network_train_unet_only": str(not text_encoder),
+        "ss_resolution": f"({facts['resolution']}, {facts['resolution']})", "ss_steps": str(facts["steps"]),
+        "ss_max_train_steps": str(facts["steps"]), "ss_learning_rate": str(facts["lr"]),
+        "ss_unet_lr": str(facts["lr"]), "ss_text_encoder_lr": str(facts["text_encoder_lr"] if text_encoder else 0),
+        "ss_batch_size_per_device": str(facts["batch_size"]), "ss_num_train_images": str(facts["num_images"]),
+        "ss_seed": str(facts["seed"]), "ss_mixed_precision": facts["mixed_precision"],
+        "ss_optimizer": facts["optimizer"], "ss_lr_scheduler": facts["lr_scheduler"],
+        "ss_training_started_at": str(facts["started_at"]), "ss_training_finished_at": str(facts["finished_at"]),
+        "ss_tag_frequency": json.dumps(facts["tag_frequency"]), "ss_training_comment": f"customgen {facts['method']}",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": facts["name"],
+        "modelspec.resolution": f"{facts['resolution']}x{facts['resolution']}",
+    }
+    return meta
+
+
+def save_lora(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapter_name: str = "default") -> str:
+    """Save LoRA weights in diffusers format (rank/alpha metadata) and as `<name>.safetensors` for kohya/WebUI;
+    returns the export's file name."""
     unet_state = _peft_state(unet, adapter_name)
-    te_state = _peft_state(text_encoder, adapter_name) if text_encoder is not None else None
-    meta = lambda m: m.peft_config[adapter_name].to_dict()  # noqa: E731 - rank/alpha survive reload
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(te_state) if te_state else None,
+    te_state = canonical_text_encoder(_peft_state(text_encoder, adapter_name)) if text_encoder is not None else None
+    meta = lambda m: portable_config(m.peft_config[adapter_name])  # noqa: E731 - rank/alpha survive reload
+    StableDiffusionPipeline.save_lora_weights(  # peft key layout (lora_A/lora_B), as diffusers writes it today
+        folder, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state or None,
         weight_name=WEIGHTS, unet_lora_adapter_metadata=meta(unet),
         text_encoder_lora_adapter_metadata=meta(text_encoder) if te_state else None,
     )
-    save_kohya(Path(folder) / KOHYA_WEIGHTS, unet_state, te_state, alpha=unet.peft_config[adapter_name].lora_alpha)
-
-
-def save_kohya(path: Path, unet_state: dict, te_state: dict | None, *, alpha: float) -> None:
-    """kohya/WebUI LoRA (lora_unet_... keys, one .alpha per module) via diffusers' converter."""
-    prefixed = {f"unet.{k}": v for k, v in unet_state.items()}
-    prefixed |= {f"text_encoder.{k}": v for k, v in (te_state or {}).items()}
-    kohya = convert_state_dict_to_kohya(prefixed)
-    for key in kohya:
-        if key.endswith(".alpha"):  # the converter writes alpha = rank (scale 1); keep the trained scale
-            kohya[key] = torch.tensor(float(alpha))
-    rank = next(v.shape[0] for k, v in kohya.items() if k.endswith("lora_down.weight"))
-    save_file(kohya, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                          "ss_network_alpha": str(alpha), "ss_base_model_version": "sd_v1"})
+    config = unet.peft_config[adapter_name]
+    export = f"{export_stem(facts['name'])}.safetensors"
+    save_file(kohya_state(unet_state, te_state, alpha=config.lora_alpha), str(Path(folder) / export),
+              metadata=kohya_metadata(facts, rank=config.r, alpha=config.lora_alpha, text_encoder=bool(te_state)))
+    return export
 
 
 def load_lora(pipe, folder: str | Path, *, adapter_name: str) -> None:
-    """Load a LoRA artifact into a pipeline under `adapter_name` (stock diffusers loader)."""
-    pipe.load_lora_weights(str(folder), weight_name=WEIGHTS, adapter_name=adapter_name)
+    """Load a LoRA artifact into a pipeline under `adapter_name` (stock diffusers loader). A file written without
+    the canonical `text_model.` level (customgen under transformers 5 before 2026-11) is read through a
+    canonical copy, so it loads under either transformers."""
+    path = Path(folder) / WEIGHTS
+    with readable(path) as f:
+        legacy = any(k.startswith("text_encoder.encoder.") for k in f.keys())
+        metadata = f.metadata()
+    if not legacy:
+        pipe.load_lora_weights(str(folder), weight_name=WEIGHTS, adapter_name=adapter_name)
+        return
+    state = load_file(str(path))
+    state = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder.", 1): v for k, v in state.items()}
+    with tempfile.TemporaryDirectory(prefix="customgen-lora-") as tmp:
+        save_file(state, str(Path(tmp) / WEIGHTS), metadata=metadata)
+        pipe.load_lora_weights(tmp, weight_name=WEIGHTS, adapter_name=adapter_name)
+
+
+def _submodule(model, name: str):
+    """`model`'s module `name`, with or without CLIPTextModel's `text_model.` level (it depends on the installed
+    transformers: both forms name the same layer); None when there is none."""
+    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
 
 
 def check_lora(path: Path, modules: dict) -> None:
@@ -77,11 +150,10 @@ def check_lora(path: Path, modules: dict) -> None:
             if not m or modules.get(m.group(1)) is None:
                 continue
             owner, module_path, part = m.groups()
-            try:
-                layer = modules[owner].get_submodule(module_path)
-            except AttributeError:
+            layer = _submodule(modules[owner], module_path)
+            if layer is None:
                 raise UserError(f"{path}: layer {owner}.{module_path} is not in this model "
-                                "(the style was trained for another base model)") from None
+                                "(the style was trained for another base model)")
             shape = f.get_slice(key).get_shape()  # down/A: (r, in); up/B: (out, r)
             down = part.endswith(("down", "_A"))
             want = getattr(layer, "in_features" if down else "out_features", None)
@@ -109,15 +181,15 @@ class LoraMethod(Method):
         comps.unet.add_adapter(self._lora_config(self.cfg.lora.targets))
         groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": self.cfg.train.lr}]
         if self.trains_text_encoder:
-            comps.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
+            comps.text_encoder.add_adapter(self._lora_config(self.cfg.lora.text_encoder_targets))
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups
 
-    def save(self, folder: Path, comps) -> dict:
-        save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None)
+    def save(self, folder: Path, comps, facts: dict) -> dict:
+        export = save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None, facts=facts)
         c = self.cfg.lora
-        return {"weights": WEIGHTS, "exports": [KOHYA_WEIGHTS], "rank": c.rank,
+        return {"weights": WEIGHTS, "exports": [export], "rank": c.rank,
                 "alpha": float(c.alpha if c.alpha is not None else c.rank), "text_encoder": c.text_encoder}
 
 
@@ -141,6 +213,14 @@ class LoraKind(Kind):
 
     def check(self, style, comps) -> None:
         check_lora(style.folder / style.manifest.weights, {"unet": comps.unet, "text_encoder": comps.text_encoder})
+
+    def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
+        """Fuse the adapter into the base weights at `scale` (diffusers' fuse_lora), then drop the adapter."""
+        pipe = build_pipeline(comps, kind="txt2img")
+        load_lora(pipe, style.folder, adapter_name="export")
+        components = ["unet", "text_encoder"] if style.manifest.text_encoder else ["unet"]
+        pipe.fuse_lora(components=components, lora_scale=float(scale), adapter_names=["export"])
+        pipe.unload_lora_weights()
 
     def new_state(self) -> LoraState:
         return LoraState()

@@ -1,6 +1,8 @@
 """Textual Inversion (Gal et al. 2022): only the new token's embedding vectors learn. Recipe: `textual_inversion`.
 
-File: `learned_embeds.safetensors` = {token: (n_vectors, dim)}, what `pipe.load_textual_inversion` reads. At
+Files: `learned_embeds.safetensors` = {token: (n_vectors, dim)}, what `pipe.load_textual_inversion` reads, and
+`<name>.safetensors` = {"emb_params": (n_vectors, dim)}, the WebUI's own format, for a flat `embeddings` folder
+of AUTOMATIC1111 / ComfyUI (the trigger word there is the file stem; diffusers reads it too). At
 inference a TI style at scale w uses prompt embeddings E(prompt without its token) + w·(E(prompt) − E(prompt
 without its token)), Compel's down-weighting rule (w = 1: the plain prompt; w = 0: the prompt without the token).
 """
@@ -14,7 +16,8 @@ from safetensors.torch import save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import first_line, readable
+from customgen.kinds.files import export_stem, first_line, readable
+from customgen.models import build_pipeline
 from customgen.train.freeze import freeze
 
 WEIGHTS = "learned_embeds.safetensors"
@@ -31,11 +34,15 @@ OBJECT_TEMPLATES = (
 
 
 # --- files -------------------------------------------------------------------------------------------------
-def save_textual_inversion(folder: str | Path, text_encoder, token_ids: list[int], *, token: str) -> None:
-    """Save the learned vectors as {token: (n_vectors, dim)}, the format load_textual_inversion reads."""
+def save_textual_inversion(folder: str | Path, text_encoder, token_ids: list[int], *, token: str, name: str) -> str:
+    """Save the learned vectors as {token: (n_vectors, dim)} (diffusers) and as `<name>.safetensors` with the
+    WebUI's `emb_params` key; returns the export's file name."""
     weight = text_encoder.get_input_embeddings().weight
     embeds = weight[token_ids].detach().float().cpu().contiguous()
     save_file({token: embeds}, str(Path(folder) / WEIGHTS))
+    export = f"{export_stem(name)}.safetensors"
+    save_file({"emb_params": embeds}, str(Path(folder) / export), metadata={"customgen_token": token})
+    return export
 
 
 def load_textual_inversion(pipe, folder: str | Path, *, token: str) -> None:
@@ -106,9 +113,10 @@ class TextualInversionMethod(Method):
         # whole text encoder in fp32 for the same reason.
         return torch.float32
 
-    def save(self, folder: Path, comps) -> dict:
-        save_textual_inversion(folder, comps.text_encoder, self.token_ids, token=self.cfg.textual_inversion.token)
-        return {"weights": WEIGHTS, "token": self.cfg.textual_inversion.token}
+    def save(self, folder: Path, comps, facts: dict) -> dict:
+        token = self.cfg.textual_inversion.token
+        export = save_textual_inversion(folder, comps.text_encoder, self.token_ids, token=token, name=facts["name"])
+        return {"weights": WEIGHTS, "exports": [export], "token": token}
 
 
 # --- inference ---------------------------------------------------------------------------------------------
@@ -127,6 +135,17 @@ class TextualInversionKind(Kind):
 
     def check(self, style, comps) -> None:
         check_textual_inversion(style.folder / style.manifest.weights, comps.text_encoder)
+
+    def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
+        """A diffusers folder can carry the token (tokenizer and embedding grow by it); a single file cannot:
+        every SD1 tool expects the original 49,408-row embedding table."""
+        if single_file:
+            raise UserError(f"{style.name} is a Textual Inversion embedding, not a model: put "
+                            f"{style.manifest.exports[0] if style.manifest.exports else WEIGHTS} into the tool's "
+                            "embeddings folder instead of exporting a single-file checkpoint")
+        if scale != 1.0:
+            raise UserError("a Textual Inversion style exports at scale 1 (its scale acts on prompts, not weights)")
+        load_textual_inversion(build_pipeline(comps, kind="txt2img"), style.folder, token=style.manifest.token)
 
     def new_state(self) -> TextualInversionState:
         return TextualInversionState()

@@ -4,6 +4,7 @@ black images poison metrics)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -157,13 +158,20 @@ def load_pretrained_meta(ref: ModelRef) -> Components:
 
 def sd15_config_dir() -> Path:
     """A weightless diffusers folder for SD v1.5 (configs + tokenizer) so single files load offline."""
-    out = Path.home() / ".cache" / "customgen" / "sd15-config"
+    return config_dir("sd15")
+
+
+def config_dir(name: str) -> Path:
+    """A weightless diffusers folder (configs + tokenizer + model_index.json) for the shipped configs `name`
+    (sd15 | tiny): what `from_single_file(..., config=)` needs to read a single file offline."""
+    out = Path.home() / ".cache" / "customgen" / f"{name}-config"
     if (out / "model_index.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(CONFIGS / "sd15", tmp)
-    sd15_tokenizer().save_pretrained(tmp / "tokenizer")
+    shutil.copytree(CONFIGS / name, tmp)
+    if not (tmp / "tokenizer").is_dir():
+        sd15_tokenizer().save_pretrained(tmp / "tokenizer")
     index = {
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None],
@@ -172,8 +180,12 @@ def sd15_config_dir() -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # atomic: a half-written folder is never taken for a complete one
+    if out.exists() and not (out / "model_index.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a folder left by an older version or a crash
+    try:
+        tmp.rename(out)  # atomic: a half-written folder is never taken for a complete one
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

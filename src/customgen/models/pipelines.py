@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from customgen.errors import UserError
 from customgen.models.builders import Components
+from customgen.models.tokenizer import save_tokenizer
 
 KINDS = ("txt2img", "img2img", "inpaint")
 
@@ -27,3 +33,18 @@ def build_pipeline(comps: Components, *, kind: str = "img2img"):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_pipeline(comps: Components, folder: str | Path) -> Path:
+    """A diffusers folder (`from_pretrained` loads it) that transformers 4 and 5 both read: the text encoder's
+    weights under CLIPTextModel's canonical `text_model.` names (transformers 5 writes them without, and
+    transformers 4 would then silently start from random weights), the tokenizer in both formats."""
+    build_pipeline(comps, kind="txt2img").save_pretrained(folder, safe_serialization=True)
+    for path in (Path(folder) / "text_encoder").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        if any(not k.startswith("text_model.") for k in state):
+            save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()},
+                      str(path), metadata=metadata)
+    save_tokenizer(comps.tokenizer, Path(folder) / "tokenizer")
+    return Path(folder)

@@ -1,11 +1,13 @@
 """Run assembly: everything the loop needs, built once (accelerator, components, method, data, optimizer)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -44,6 +46,7 @@ class Run:
     perceptual: Perceptual | None
     weight_dtype: torch.dtype = torch.float32
     prompt_cache: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)  # wall-clock start (kohya's ss_training_started_at)
 
     @property
     def needs_pixels(self) -> bool:
@@ -88,9 +91,18 @@ def build_run(cfg: Config, out: Path) -> Run:
 def make_accelerator(cfg: Config, out: Path, method: Method, plan: MemoryPlan) -> Accelerator:
     """accelerate: mixed precision, accumulation, TensorBoard; unused-parameter DDP only when the text encoder trains."""
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if method.trains_text_encoder else []
-    return Accelerator(mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       log_with="tensorboard", kwargs_handlers=handlers,
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    make = lambda: Accelerator(  # noqa: E731
+        mixed_precision=plan.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum, log_with="tensorboard",
+        kwargs_handlers=handlers, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    try:
+        return make()
+    except ValueError as err:
+        # accelerate keeps one global state per process and refuses another precision: a notebook that trains
+        # twice (bf16, then fp32) would fail. In a single process nothing else shares that state: forget it.
+        if "already been initialized" not in str(err) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return make()
 
 
 def place_components(cfg: Config, comps: Components, accelerator, plan: MemoryPlan, method: Method) -> torch.dtype:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -57,12 +59,33 @@ def offload_unused(run: Run) -> None:
         torch.cuda.empty_cache()
 
 
+def tag_frequency(run: Run) -> dict[str, dict[str, int]]:
+    """Caption tags per image folder, counted as kohya's sd-scripts do (comma-separated, per `N_folder`)."""
+    freq: dict[str, Counter] = defaultdict(Counter)
+    for record in run.images.dataset.records:
+        folder = f"{record.repeats}_{record.label or Path(record.path).parent.name}"
+        caption = run.method.caption(record.caption or "", torch.Generator().manual_seed(0))
+        freq[folder].update(t.strip() for t in caption.split(",") if t.strip())
+    return {k: dict(v) for k, v in freq.items()}
+
+
+def training_facts(run: Run) -> dict:
+    """What the run was, for the kinds' exports (kohya's ss_* metadata) and the manifest."""
+    cfg = run.cfg
+    return {"name": run.out.name, "method": cfg.method, "base_model": cfg.model.ref,
+            "resolution": cfg.data.resolution, "steps": cfg.train.steps, "lr": cfg.train.lr,
+            "text_encoder_lr": cfg.lora.text_encoder_lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
+            "mixed_precision": run.plan.mixed_precision, "optimizer": run.plan.optimizer,
+            "lr_scheduler": cfg.train.lr_scheduler, "num_images": len(run.images.dataset.records),
+            "tag_frequency": tag_frequency(run), "started_at": int(run.started), "finished_at": int(time.time())}
+
+
 def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
     """Save weights, config, manifest and final samples (main process)."""
     acc, cfg, out = run.accelerator, run.cfg, run.out
     acc.wait_for_everyone()
     if acc.is_main_process:
-        fields = run.method.save(out, run.comps)
+        fields = run.method.save(out, run.comps, training_facts(run))
         save_config(cfg, out / "config.yaml")
         validate(run, cfg.train.steps)
         write_manifest(out, Manifest(

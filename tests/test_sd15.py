@@ -1,0 +1,124 @@
+"""SD v1.5 scale (slow tier): every recipe trains one step on `sd15-random` (the real architecture and module
+names, random weights) at 256 px with gradient checkpointing, each artifact is loaded back through the
+stock diffusers loaders and stylizes an image, the subject LoRA's names equal SD v1.5's (written out below
+from the architecture, not read from the installed libraries), and a DreamBooth style exported as a single
+file reads back through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
+
+fp32, not bf16: CPUs without native bf16 (AVX2 only, like CI's) run bf16 convolutions through a slow fallback —
+one 128-channel 3×3 convolution at 256² took 94.7 s in bf16 and 0.34 s in fp32 on this machine — so an SD v1.5
+step in bf16 takes hours here. The bf16 and fp16 (GradScaler) paths run for every recipe on `tiny`
+(tests/test_train.py); this tier adds SD v1.5's shapes and names.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from customgen import kinds
+from customgen.cli import main
+from customgen.config import load_config
+from customgen.inference import clear_sessions, generate, stylize
+from customgen.inference.session import make_scheduler
+from customgen.kinds import lora
+from customgen.models.loading import sd15_config_dir
+from customgen.train import train
+from tests.artifact_fixtures import content_image
+from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SD15 = ["model.ref=sd15-random", "data.resolution=256", "data.min_size=32", "data.max_images=1", "train.steps=1",
+        "train.batch_size=1", "train.mixed_precision=no", "train.gradient_checkpointing=true",
+        "train.checkpoint_every=0", "train.validate_every=0", "validation.steps=1", "validation.num_images=1",
+        "prompt.num_class_images=2", "prompt.class_steps=1", "loss.perceptual_every=1",
+        "loss.perceptual_max_timestep=1000", "loss.decode_crop=8", "train.log_every=1"]
+DATA = {"lora_style": ("wikiart", ["data.style=Cubism"]), "dreambooth_style": ("wikiart", ["data.style=Cubism"]),
+        "textual_inversion": ("wikiart", ["data.style=Cubism"]), "dreambooth_lora_subject": ("photos", []),
+        "lora_anime_kohya": ("kohya", [])}
+# SD v1.5, written out: 16 transformer blocks (down 0-2 × 2, mid, up 1-3 × 3), each attn1 + attn2 × q/k/v/out
+UNET_BLOCKS = ([f"down_blocks.{i}.attentions.{j}" for i in range(3) for j in range(2)] + ["mid_block.attentions.0"]
+               + [f"up_blocks.{i}.attentions.{j}" for i in (1, 2, 3) for j in range(3)])
+SD15_UNET_MODULES = [f"{b}.transformer_blocks.0.{a}.{p}" for b in UNET_BLOCKS for a in ("attn1", "attn2")
+                     for p in ("to_q", "to_k", "to_v", "to_out.0")]
+SD15_TE_MODULES = [f"text_model.encoder.layers.{i}.{m}" for i in range(12) for m in
+                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                    "mlp.fc2")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """recipe → its artifact, trained one step on sd15-random the first time a test asks for it."""
+    root = tmp_path_factory.mktemp("sd15")
+    data = {"wikiart": make_wikiart_tree(root / "wikiart", styles={"Cubism": 2}, size=(96, 80)),
+            "photos": make_instance_folder(root / "photos", n=2, size=(80, 80)),
+            "kohya": make_kohya_tree(root / "kohya", folders={"2_sks girl": 2})}
+    made = {}
+
+    def artifact(recipe: str) -> Path:
+        if recipe not in made:
+            source, extra = DATA[recipe]
+            cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", SD15 + [f"data.root={data[source]}"] + extra)
+            made[recipe] = train(cfg, output=root / recipe, progress=False)
+            gc.collect()
+        return made[recipe]
+    return artifact
+
+
+def test_sd15_module_lists_are_sd15s():
+    assert len(SD15_UNET_MODULES) == 128 and len(SD15_TE_MODULES) == 72
+
+
+@pytest.fixture(scope="module")
+def base_image():
+    """The stylize reference without a style (one sd15-random session serves the whole module)."""
+    return np.asarray(stylize(content_image(0, (256, 256)), None, model="sd15-random", steps=2, strength=0.5,
+                              size=256, seed=0), dtype=np.int16)
+
+
+@pytest.mark.parametrize("recipe", list(DATA))
+def test_each_recipe_trains_one_step_and_stylizes_through_stock_loaders(trained, base_image, recipe):
+    folder = trained(recipe)
+    manifest = kinds.read_manifest(folder)
+    assert manifest.steps == 1 and manifest.resolution == 256
+    loss = np.loadtxt(folder / "logs" / "loss.csv", delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    assert np.isfinite(loss).all()
+    # the session loads LoRA with load_lora_weights, TI with load_textual_inversion, DreamBooth by checked swap
+    img = stylize(content_image(0, (256, 256)), [str(folder)], model="sd15-random", steps=2, strength=0.5,
+                  size=256, seed=0)
+    out = np.asarray(img, dtype=np.int16)
+    assert out.std() > 0 and img.size == (256, 256)
+    assert np.abs(out - base_image).max() > 0  # the style did something
+
+
+def test_subject_lora_names_equal_sd15s_canonical_names(trained):
+    folder = trained("dreambooth_lora_subject")
+    keys = load_file(str(folder / lora.WEIGHTS)).keys()
+    te = {k[len("text_encoder."):].rsplit(".lora_", 1)[0] for k in keys if k.startswith("text_encoder.")}
+    unet = {k[len("unet."):].rsplit(".lora_", 1)[0] for k in keys if k.startswith("unet.")}
+    assert te == set(SD15_TE_MODULES) and unet == set(SD15_UNET_MODULES)
+    kohya = load_file(str(folder / kinds.read_manifest(folder).exports[0])).keys()
+    assert {k.split(".")[0] for k in kohya} == ({"lora_te_" + m.replace(".", "_") for m in SD15_TE_MODULES}
+                                                | {"lora_unet_" + m.replace(".", "_") for m in SD15_UNET_MODULES})
+
+
+def test_dreambooth_single_file_export_reads_back_with_the_same_pixels(trained, tmp_path):
+    folder = trained("dreambooth_style")
+    prompt = kinds.read_manifest(folder).prompt
+    ours = np.asarray(generate(prompt, [str(folder)], model="sd15-random", steps=2, seed=3, size=256))
+    clear_sessions()
+    gc.collect()
+    out = tmp_path / "db.safetensors"
+    assert main(["export", str(folder), "--out", str(out), "--dtype", "fp32"]) == 0
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(sd15_config_dir()), safety_checker=None,
+                                                    requires_safety_checker=False, dtype=torch.float32)
+    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, height=256, width=256,
+                  generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(theirs), ours)
