@@ -1,7 +1,7 @@
 """Trainable parameters and artifact file sizes of every recipe on the SD v1.5 architecture.
 
-Builds `sd15-random` (real architecture, random weights), sets each method up exactly as training does
-(customgen.methods) and writes its artifact with the real save code, untrained: sizes depend only on
+Builds `sd15-random` (real architecture, random weights), sets each recipe's kind up exactly as training does
+(customgen.kinds) and writes its artifact with the real save code, untrained: sizes depend only on
 the shapes. Output: results/benchmarks/artifact_sizes_sd15.json (with the command and machine).
 Run: .venv/bin/python scripts/artifact_sizes.py
 """
@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from customgen.config import find_config, load_config
-from customgen.methods import make_method
+from customgen.kinds import RECIPES, make_method
 from customgen.models import load_components
 
-RECIPES = ["lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject", "lora_anime_kohya"]
+FACTS = {"method": "", "base_model": "sd15-random", "resolution": 512, "steps": 0, "lr": 1e-4, "text_encoder_lr": 5e-5,
+         "batch_size": 1, "seed": 0, "mixed_precision": "no", "optimizer": "adamw", "lr_scheduler": "constant",
+         "num_images": 0, "tag_frequency": {}, "started_at": 0, "finished_at": 0}
 
 
 def measure(recipe: str) -> dict:
@@ -27,16 +29,16 @@ def measure(recipe: str) -> dict:
     method = make_method(cfg)
     method.setup(comps)
     with tempfile.TemporaryDirectory() as d:
-        fields = method.save(d, comps)
+        fields = method.save(Path(d), comps, {**FACTS, "name": recipe, "method": recipe})
         files = {p.name: p.stat().st_size for p in Path(d).iterdir()}
-    return {"recipe": recipe, "method": method.kind, "trainable_params": method.trainable_count(comps),
+    return {"recipe": recipe, "method": method.kind.name, "trainable_params": method.trainable_count(comps),
             "weights_file": fields["weights"], "files_bytes": files,
             **{k: v for k, v in fields.items() if k not in ("weights",)}}
 
 
 def main() -> None:
     t0 = time.time()
-    rows = [measure(r) for r in RECIPES]
+    rows = [measure(r) for r in RECIPES]  # every recipe of the kinds registry
     out = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "artifact_sizes_sd15.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
