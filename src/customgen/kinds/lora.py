@@ -55,7 +55,8 @@ def canonical_text_encoder(state: dict) -> dict:
 def portable_config(config: LoraConfig) -> dict:
     """The adapter's LoraConfig as metadata any supported peft can rebuild (rank and alpha survive reload)."""
     data = config.to_dict()
-    data["target_modules"] = sorted(data["target_modules"])  # a set in memory; JSON wants a list
+    if not isinstance(data["target_modules"], str):  # a set in memory (JSON wants a list); a str is a regex
+        data["target_modules"] = sorted(data["target_modules"])
     return {k: data[k] for k in PORTABLE_CONFIG if k in data}
 
 
