@@ -22,14 +22,13 @@ from safetensors.torch import save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import first_line, readable
+from customgen.kinds.files import first_line
+from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "lora_kohya.safetensors"
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention projections (subject LoRA)
-_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|"
-                  r"lora_linear_layer\.up|lora_A|lora_B)\.weight$")
 
 
 # --- files -------------------------------------------------------------------------------------------------
@@ -67,28 +66,6 @@ def save_kohya(path: Path, unet_state: dict, te_state: dict | None, *, alpha: fl
 def load_lora(pipe, folder: str | Path, *, adapter_name: str) -> None:
     """Load a LoRA artifact into a pipeline under `adapter_name` (stock diffusers loader)."""
     pipe.load_lora_weights(str(folder), weight_name=WEIGHTS, adapter_name=adapter_name)
-
-
-def check_lora(path: Path, modules: dict) -> None:
-    """Every LoRA matrix must match its target layer's in/out features in this model (same architecture)."""
-    with readable(path) as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if not m or modules.get(m.group(1)) is None:
-                continue
-            owner, module_path, part = m.groups()
-            try:
-                layer = modules[owner].get_submodule(module_path)
-            except AttributeError:
-                raise UserError(f"{path}: layer {owner}.{module_path} is not in this model "
-                                "(the style was trained for another base model)") from None
-            shape = f.get_slice(key).get_shape()  # down/A: (r, in); up/B: (out, r)
-            down = part.endswith(("down", "_A"))
-            want = getattr(layer, "in_features" if down else "out_features", None)
-            have = shape[1] if down else shape[0]
-            if want is not None and want != have:
-                raise UserError(f"{path}: {owner}.{module_path} has {have} features in the style but {want} in "
-                                "this model (the style was trained for another base model)")
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -153,7 +130,8 @@ class LoraKind(Kind):
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 load_lora(session.pipeline("img2img"), style.folder, adapter_name=name)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"cannot load LoRA style {style.name} from {style.folder}: {first_line(err)}") from err
+            raise UserError(f"cannot load LoRA style {style.name} from {style.folder} ({first_line(err)}); "
+                            f"{RETRAIN}") from err
         state.adapters[style.folder] = name
         state.active = None  # peft activates a newly loaded adapter: set the active set again
 
