@@ -16,8 +16,8 @@ PACKAGE = SRC / "customgen"
 
 # Lower layers never import higher ones (docs/architecture.md shows the same table).
 LAYERS = {
-    "customgen": 0, "customgen.errors": 0, "customgen.network": 0,
-    "customgen.request": 1, "customgen.config": 1,
+    "customgen": 0, "customgen.errors": 0, "customgen.network": 0, "customgen.lock": 0,
+    "customgen.request": 1, "customgen.limits": 1, "customgen.config": 1,
     "customgen.memory": 2,
     "customgen.models": 3,
     "customgen.data": 4, "customgen.metrics": 4, "customgen.train.freeze": 4, "customgen.train.losses": 4,

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from customgen.config import SMOKE_OVERRIDES, load_config
-from customgen.errors import Notice, UserError
+from customgen.errors import Notice, UserError, os_error_message
 from customgen.request import DEFAULT_MODEL, DEFAULTS, SCHEDULERS, STRUCTURES, STYLE_IMAGE_MODES
 
 # Each handler imports its command's module when it runs (marked `lazy` below): `customgen --help` and usage
@@ -73,7 +73,7 @@ def _cmd_train(args) -> int:
     cfg = load_cli_config(args)
     if args.max_steps is not None:
         cfg.train.steps = args.max_steps
-    out = train(cfg, output=args.output, resume=args.resume, overwrite=args.overwrite)
+    out = train(cfg, output=args.output, resume=args.resume, overwrite=args.overwrite, resume_force=args.resume_force)
     print(f"artifact: {out}")
     return 0
 
@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a style or subject (LoRA, DreamBooth, Textual Inversion)")
     _add_config_args(s)
     s.add_argument("--output", default=None, help="artifact folder (default: train.output/NAME)")
-    s.add_argument("--resume", default="auto", help="auto (latest checkpoint, if any) | never | PATH")
+    s.add_argument("--resume", default="auto", help="auto (latest intact checkpoint, if any) | never | PATH")
+    s.add_argument("--resume-force", action="store_true",
+                   help="resume a checkpoint made with another config (docs/reliability.md)")
     s.add_argument("--max-steps", type=int, default=None, help="override train.steps")
     s.add_argument("--overwrite", action="store_true", help="retrain into a folder that holds an artifact")
     s.set_defaults(func=_cmd_train)
@@ -274,12 +276,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+    except OSError as err:  # a full disk or a path the user may not use is theirs to fix, like a bad input
+        message = os_error_message(err)
+        if message is None:
+            return _unexpected(err, debug)
         if debug:
             traceback.print_exc()
-        else:
-            print(f"error: unexpected failure: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence
+        return _unexpected(err, debug)
+
+
+def _unexpected(err: BaseException, debug: bool) -> int:
+    """Exit 1: the traceback with --debug, else one line."""
+    if debug:
+        traceback.print_exc()
+    else:
+        print(f"error: unexpected failure: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from customgen.errors import UserError
+from customgen.limits import check_limits
 from customgen.request import DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STRENGTH, DEFAULTS, Request
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections LoRA adapts (one constant)
@@ -309,13 +310,13 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), **sets: Any) -> Config:
-    """Defaults ← YAML file ← `--set` overrides ← keyword overrides like `model__ref="tiny"`."""
+    """Defaults ← YAML file ← `--set` overrides ← keyword overrides like `model__ref="tiny"`; limits checked."""
     data = read_yaml(path) if path else {}
     for text in overrides:
         _set(data, *parse_override(text))
     for key, value in sets.items():
         _set(data, key.split("__"), value)
-    return _build(Config, data)
+    return check_limits(_build(Config, data))
 
 
 def to_dict(cfg) -> dict:

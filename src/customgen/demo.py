@@ -18,17 +18,20 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports t
 
 import gradio as gr  # noqa: E402 - after the analytics switch above
 
+from customgen.data.io import ImageRejected, probe_image  # noqa: E402
 from customgen.errors import Notice, UserError  # noqa: E402
 from customgen.inference.images import load_content, read_settings, save_image  # noqa: E402
 from customgen.inference.img2img import stylize  # noqa: E402
 from customgen.inference.library import StyleLibrary  # noqa: E402
 from customgen.inference.session import get_session  # noqa: E402
 from customgen.inference.txt2img import generate  # noqa: E402
-from customgen.request import DEFAULT_MODEL, DEFAULTS, MAX_IMAGES, STRUCTURES as STRUCTURE_NAMES  # noqa: E402
+from customgen.request import (DEFAULT_MODEL, DEFAULTS, MAX_IMAGES, MAX_SEED, Request,  # noqa: E402
+                               STRUCTURES as STRUCTURE_NAMES)
 
 log = logging.getLogger("customgen.demo")
 MAX_FILE_SIZE = "20mb"  # per upload, enforced by Gradio before our code runs
-MAX_PIXELS = 4096 * 4096  # larger uploads are refused (decoding and resizing them would stall the demo)
+MAX_PIXELS = 4096 * 4096  # larger uploads are refused from the header (decoding them would stall the demo)
+FORMATS = "a PNG, JPEG or WebP photo"
 NONE = "(none)"
 ALL = "all methods"
 STRUCTURES = ("none", *STRUCTURE_NAMES)
@@ -59,6 +62,59 @@ def _ui(fn):
                 gr.Warning(str(w.message))
         return result
     return wrapped
+
+
+def upload_message(name: str, err: ImageRejected, max_pixels: int) -> str:
+    """One plain sentence for an upload that is not a usable image."""
+    if err.reason == "empty":
+        return f"{name} is empty (0 bytes): upload {FORMATS}."
+    if err.reason == "too_large":
+        return (f"{name} has more than {max_pixels / 1e6:.1f} million pixels, this demo's limit: resize it and "
+                "upload it again.")
+    if err.reason == "not_an_image":
+        return f"{name} is not an image: upload {FORMATS}."
+    return f"{name} cannot be read as an image ({err.reason}): upload another copy or {FORMATS}."
+
+
+def checked_upload(image: gr.Image, max_pixels) -> gr.Image:
+    """Check what is uploaded to `image` before Gradio decodes it: a non-image, an empty file or one over
+    `max_pixels()` is one plain sentence, not "Could not preprocess input component ..." (customgen.data.io checks).
+    Wraps the instance's preprocess: a gr.Image subclass would make Gradio write a .pyi stub into this package."""
+    decode = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path:
+            name = Path(payload.orig_name or payload.path).name
+            try:
+                probe_image(payload.path, max_pixels=max_pixels())
+            except ImageRejected as err:
+                raise gr.Error(upload_message(name, err, max_pixels()), print_exception=False) from None
+        return decode(payload)
+
+    image.preprocess = preprocess
+    return image
+
+
+def checked_seed(number: gr.Number) -> gr.Number:
+    """A seed box whose bad values (NaN, a fraction) are one sentence too, not Gradio's ValueError."""
+    convert = number.preprocess
+
+    def preprocess(payload):
+        try:
+            return convert(payload)
+        except gr.Error:
+            raise
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"The seed must be a whole number from 0 to {MAX_SEED}, or -1 for a random one.",
+                           print_exception=False) from None
+
+    number.preprocess = preprocess
+    return number
+
+
+def seed_box() -> gr.Number:
+    """The seed input: -1 for a random seed, else 0..MAX_SEED (out-of-range values refused by Gradio)."""
+    return checked_seed(gr.Number(value=-1, precision=0, minimum=-1, maximum=MAX_SEED, label="Seed (-1: random)"))
 
 
 def editor_mask(value) -> np.ndarray | None:
@@ -95,13 +151,15 @@ class DemoState:
         return str(save_image(img, self.out / f"{prefix}-{uuid.uuid4().hex[:8]}.png"))
 
 
-def _seed(value) -> int | None:
-    return None if value is None or int(value) < 0 else int(value)
+def _seed(value):
+    """-1 (or any negative) → None (random); other values go to Request.check as they are."""
+    return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
 
 
 def stylize_handler(state: DemoState, content, style, style_image, mode, mask_value, stylization, steps, seed,
                     structure):
     """Stylize button: returns (result path, download path, settings)."""
+    Request(stylization=stylization, steps=steps, seed=_seed(seed)).check()  # the UI's numbers, before any work
     if not content:
         raise UserError("upload a content image first")
     image = load_content(content, max_pixels=state.max_pixels)
@@ -109,20 +167,22 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
     if style_image:
         load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
     styles = [state.styles[style]] if style and style != NONE else []
-    out = stylize(image, styles, stylization=float(stylization), steps=int(steps), seed=_seed(seed),
-                  model=state.session, mask=editor_mask(mask_value), style_image=style_image or None,
-                  style_image_mode=mode, structure=None if structure == "none" else structure,
-                  styles_dir=state.library.root)
+    seed = None if _seed(seed) is None else int(seed)
+    out = stylize(image, styles, stylization=float(stylization), steps=int(steps), seed=seed, model=state.session,
+                  mask=editor_mask(mask_value), style_image=style_image or None, style_image_mode=mode,
+                  structure=None if structure == "none" else structure, styles_dir=state.library.root)
     path = state.save(out, "stylized")
     return path, path, read_settings(out)
 
 
 def generate_handler(state: DemoState, prompt, negative, style, scale, steps, guidance, seed, count):
     """Generate button: returns (gallery paths, download paths)."""
+    seed = _seed(seed)
+    Request(scales=scale, steps=steps, guidance=guidance, seed=seed, num_images=count).check()
     styles = [state.styles[style]] if style and style != NONE else []
     out = generate(prompt or None, styles, scales=float(scale), model=state.session, negative_prompt=negative or "",
-                   steps=int(steps), guidance=float(guidance), seed=_seed(seed), num_images=int(count),
-                   styles_dir=state.library.root)
+                   steps=int(steps), guidance=float(guidance), seed=seed if seed is None else int(seed),
+                   num_images=int(count), styles_dir=state.library.root)
     paths = [state.save(img, "generated") for img in (out if isinstance(out, list) else [out])]
     return paths, paths
 
@@ -140,11 +200,13 @@ def _stylize_tab(gr, state: DemoState) -> None:
         strength = gr.Slider(0, 1, value=round(DEFAULT_STYLIZATION, 2), step=0.01, label="Stylization",
                              elem_id="stylization")
         steps = gr.Slider(1, 50, value=DEFAULTS.steps, step=1, label="Steps")
-        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+        seed = seed_box()
         structure = gr.Radio(list(STRUCTURES), value="none", label="Structure guidance")
     with gr.Accordion("Mask (optional): paint where the style applies", open=False):
         mask = gr.ImageEditor(type="numpy", label="Mask", sources=[], elem_id="mask",
                               brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff"))
+    for upload in (content, style_image):
+        checked_upload(upload, lambda: state.max_pixels)  # the same cap the handler applies
     button = gr.Button("Stylize", variant="primary", elem_id="stylize")
     download = gr.File(label="Download (PNG with settings)", interactive=False, elem_id="download")
     settings = gr.JSON(label="Settings")
@@ -152,7 +214,7 @@ def _stylize_tab(gr, state: DemoState) -> None:
     content.change(lambda p: {"background": p, "layers": [], "composite": p} if p else None, content, mask)
     button.click(_ui(functools.partial(stylize_handler, state)),
                  [content, style, style_image, mode, mask, strength, steps, seed, structure],
-                 [result, download, settings])
+                 [result, download, settings], api_name="stylize")
 
 
 def _generate_tab(gr, state: DemoState) -> None:
@@ -164,13 +226,13 @@ def _generate_tab(gr, state: DemoState) -> None:
         scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style scale")
         steps = gr.Slider(1, 50, value=DEFAULTS.steps, step=1, label="Steps")
         guidance = gr.Slider(0, 15, value=DEFAULTS.guidance, step=0.5, label="Guidance")
-        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)")
+        seed = seed_box()
         count = gr.Slider(1, min(4, MAX_IMAGES), value=DEFAULTS.num_images, step=1, label="Images")
     button = gr.Button("Generate", variant="primary", elem_id="generate")
     gallery = gr.Gallery(label="Images", elem_id="gallery")
     files = gr.File(label="Download", file_count="multiple", interactive=False)
     button.click(_ui(functools.partial(generate_handler, state)),
-                 [prompt, negative, style, scale, steps, guidance, seed, count], [gallery, files])
+                 [prompt, negative, style, scale, steps, guidance, seed, count], [gallery, files], api_name="generate")
 
 
 def create_app(*, model=DEFAULT_MODEL, styles_dir=None, device=None, dtype=None,

@@ -16,6 +16,8 @@ import pandas as pd
 
 from customgen.config import Config, load_config
 from customgen.errors import UserError
+from customgen.limits import check_limits
+from customgen.lock import output_lock
 from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, style_point
 from customgen.evaluate.inputs import EvalInputs, EvalStyle, resolve_inputs
 from customgen.evaluate.plots import save_result_plots
@@ -39,6 +41,7 @@ def check_settings(e) -> None:
             raise UserError(f"eval strength {s} × {e.steps} steps runs no denoising step: raise eval.steps")
     if e.sweep and not (e.sweep_strengths and e.sweep_scales):
         raise UserError("eval.sweep needs eval.sweep_strengths and eval.sweep_scales (non-empty lists)")
+    e.request("").check()  # steps, size, seed, guidance, scheduler: before any model or image loads
 
 
 def grid_points(styles, e) -> list[Point]:
@@ -53,10 +56,17 @@ def _key(model: str, strength: float, scale: float) -> tuple:
 
 def evaluate(config, *, overwrite: bool = False, progress: bool = True, command: str | None = None,
              plots: bool = True) -> pd.DataFrame:
-    """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style."""
-    cfg = config if isinstance(config, Config) else load_config(config)
+    """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style. The
+    output folder is locked for the run: a second evaluation into it is refused (customgen.lock)."""
+    cfg = check_limits(config if isinstance(config, Config) else load_config(config))
+    check_settings(cfg.eval)
+    with output_lock(Path(cfg.eval.output).expanduser(), command="evaluate"):
+        return run_evaluation(cfg, overwrite=overwrite, progress=progress, command=command, plots=plots)
+
+
+def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str | None, plots: bool) -> pd.DataFrame:
+    """The body of `evaluate`, under its output lock."""
     e = cfg.eval
-    check_settings(e)
     inputs = resolve_inputs(cfg)
     out = Path(e.output).expanduser()
     nets = MetricNetworks(smoke=e.smoke, clip_model=e.clip_model, clip_pretrained=e.clip_pretrained,

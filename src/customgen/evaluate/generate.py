@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from customgen import inference
-from customgen.errors import UserError
+from customgen.errors import Notice, UserError
 from customgen.inference.images import read_settings, save_image, with_settings
 from customgen.memory import peak_memory, sync
 from customgen.models import resolve_ref
@@ -93,11 +95,16 @@ def found_settings(s: dict) -> dict:
 
 
 def reuse(path: Path, want: dict) -> dict | None:
-    """The stored settings of an existing output made with `want`; UserError when made with other settings."""
+    """The stored settings of an existing output made with `want`; UserError when made with other settings; None
+    (generate it again, with a Notice) when the file cannot be read whole: a kill or a full disk cut it short."""
     try:
-        stored = read_settings(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is unreadable ({err}); delete it or pass --overwrite") from err
+        with Image.open(path) as img:
+            img.load()  # every pixel: a truncated PNG fails here, not later while scoring
+            stored = read_settings(img)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: OSError (truncated, unidentified); JSON: ValueError
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        warnings.warn(f"{path} is unreadable ({detail}); generating it again", Notice, stacklevel=2)
+        return None
     if not stored:
         raise UserError(f"{path} holds no customgen settings (not made by this evaluation); "
                         "delete it or pass --overwrite")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from customgen.data.io import is_image_name
 from customgen.errors import UserError
-from customgen.inference.images import check_writable, content_paths, save_image
+from customgen.inference.images import check_writable, content_paths, save_image, writable_folder
 from customgen.inference.img2img import stylize
 from customgen.inference.txt2img import generate
 from customgen.request import Request, random_seed
@@ -30,6 +31,9 @@ def _slug(text: str, limit: int = 40) -> str:
 def output_paths(out: Path | None, command: str, stems: list[str], *, overwrite: bool) -> list[Path]:
     """Where each output goes: --out FILE.png for one image, else files named by stem in a folder; all checked
     before any work starts, so an existing file stops the run at once."""
+    if out is not None and is_image_name(out.name) and out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: outputs are written as .png (the settings are stored in its text chunks); "
+                        "name a .png file or a folder")
     if out is not None and out.suffix.lower() == ".png":
         if len(stems) != 1:
             raise UserError(f"--out {out} names one file but there are {len(stems)} outputs: pass a folder")
@@ -40,6 +44,8 @@ def output_paths(out: Path | None, command: str, stems: list[str], *, overwrite:
         for stem in stems:
             seen[stem] = seen.get(stem, -1) + 1
             paths.append(folder / (f"{stem}.png" if not seen[stem] else f"{stem}-{seen[stem]}.png"))
+    for folder in dict.fromkeys(p.parent for p in paths):
+        writable_folder(folder)
     return [check_writable(p, overwrite=overwrite) for p in paths]
 
 

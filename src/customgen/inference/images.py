@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -155,6 +156,23 @@ def check_writable(path: str | Path, *, overwrite: bool) -> Path:
     return path
 
 
+def writable_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Refuse (one line) a folder that cannot be created or written, before any work: a file in the way, a
+    read-only file system, no permission. Probed with an unnamed temporary file, so nothing is left behind."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"cannot write outputs to {folder}: {existing} is a file, not a folder; "
+                        f"choose another {option}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write outputs to {folder}: {existing} refuses new files ({err.strerror or err}); "
+                        f"choose another {option}") from None
+    return folder
+
+
 def save_image(img: Image.Image, path: str | Path, *, overwrite: bool = False) -> Path:
     """Save as PNG with the settings in PNG text metadata; never replaces a file unless `overwrite`."""
     path = check_writable(path, overwrite=overwrite)
@@ -164,6 +182,9 @@ def save_image(img: Image.Image, path: str | Path, *, overwrite: bool = False) -
             info.add_text(key, img.info[key])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)  # atomic: a crash never leaves half an image under the final name
+    try:
+        img.save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)  # atomic: a crash never leaves half an image under the final name
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file
     return path

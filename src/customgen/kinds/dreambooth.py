@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import first_line, readable
+from customgen.kinds.files import first_line
+from customgen.kinds.validate import check_finite_state, check_weights
 from customgen.train.freeze import freeze, scope_names, unfreeze
 
 WEIGHTS = "dreambooth_unet.safetensors"
@@ -34,7 +35,9 @@ def load_dreambooth(unet, folder: str | Path) -> dict:
     try:
         state = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise UserError(f"{path} is not a readable safetensors file: {first_line(err)}") from err
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(err)}); "
+                        "retrain or re-copy the artifact") from err
+    check_finite_state(path, state)
     own = unet_parameters(unet)
     for key, value in state.items():
         if key not in own:
@@ -91,7 +94,7 @@ class DreamBoothKind(Kind):
     recipes = (Recipe("dreambooth_style", "dreambooth", "style", "tab:orange"),)
 
     def check(self, style, comps) -> None:
-        readable(style.folder / style.manifest.weights).keys()  # keys and shapes are checked when loading
+        check_weights(style.folder / style.manifest.weights, unet_parameters(comps.unet))  # values: when loading
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """Weights = base + scale·(trained − base) (exactly the trained weights at scale 1)."""

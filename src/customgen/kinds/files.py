@@ -8,14 +8,22 @@ from safetensors import safe_open
 
 from customgen.errors import UserError
 
+MAX_DETAIL = 200  # characters of a library's message quoted in ours (whole words, then "…")
+
 
 def inside(folder: Path, name: str) -> Path:
     """`folder/name`, refused (one line, before anything is opened) when `name` leaves the folder: absolute
     paths, `..` and symlinks pointing outside. An artifact reads only its own files."""
+    where = Path(folder) / "style.json"
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UserError(f"{where}: file name {name!r} is not a file name; retrain or repair the manifest")
     root = Path(folder).resolve()
-    path = (root / name).resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, RuntimeError) as err:  # symlink loops, names too long
+        raise UserError(f"{where}: file {name!r} cannot be resolved ({err}); repair the artifact folder") from None
     if Path(name).is_absolute() or not path.is_relative_to(root):
-        raise UserError(f"{Path(folder) / 'style.json'}: file {name!r} lies outside the artifact folder; "
+        raise UserError(f"{where}: file {name!r} lies outside the artifact folder; "
                         "an artifact may only name files inside its own folder")
     return path
 
@@ -30,13 +38,16 @@ def readable(path: Path):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type when empty), at most 300 characters."""
+    """A library's message as a clause inside ours: its first line without a dangling colon, cut at a word
+    boundary (marked …) past MAX_DETAIL characters; its type when empty."""
     text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+    line = (text.splitlines()[0] if text else type(err).__name__).strip().rstrip(":").strip()
+    if len(line) > MAX_DETAIL:
+        line = line[:MAX_DETAIL].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return line
 
 
 def export_stem(name: str) -> str:
     """A file stem for an artifact's exports (`<stem>.safetensors`): the artifact name with anything outside
     letters, digits, `.`, `_` and `-` replaced, so it is safe in every tool's flat folder and on Windows."""
-    stem = re.sub(r"[^0-9A-Za-z._-]+", "_", name).strip("._") or "style"
-    return stem
+    return re.sub(r"[^0-9A-Za-z._-]+", "_", name).strip("._") or "style"

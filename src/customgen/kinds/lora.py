@@ -28,12 +28,11 @@ from safetensors.torch import load_file, save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
+from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline
 from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
-_KEY = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora\.down|lora\.up|lora_linear_layer\.down|"
-                  r"lora_linear_layer\.up|lora_A|lora_B)\.weight$")
 _PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 # LoraConfig fields every supported peft knows: newer peft adds fields (lora_bias, target_parameters, ...) that
 # an older peft's LoraConfig(**metadata) refuses, so a file written under the newest peft would not load on Kaggle.
@@ -132,38 +131,6 @@ def load_lora(pipe, folder: str | Path, *, adapter_name: str) -> None:
         pipe.load_lora_weights(tmp, weight_name=WEIGHTS, adapter_name=adapter_name)
 
 
-def _submodule(model, name: str):
-    """`model`'s module `name`, with or without CLIPTextModel's `text_model.` level (it depends on the installed
-    transformers: both forms name the same layer); None when there is none."""
-    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
-        try:
-            return model.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return None
-
-
-def check_lora(path: Path, modules: dict) -> None:
-    """Every LoRA matrix must match its target layer's in/out features in this model (same architecture)."""
-    with readable(path) as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if not m or modules.get(m.group(1)) is None:
-                continue
-            owner, module_path, part = m.groups()
-            layer = _submodule(modules[owner], module_path)
-            if layer is None:
-                raise UserError(f"{path}: layer {owner}.{module_path} is not in this model "
-                                "(the style was trained for another base model)")
-            shape = f.get_slice(key).get_shape()  # down/A: (r, in); up/B: (out, r)
-            down = part.endswith(("down", "_A"))
-            want = getattr(layer, "in_features" if down else "out_features", None)
-            have = shape[1] if down else shape[0]
-            if want is not None and want != have:
-                raise UserError(f"{path}: {owner}.{module_path} has {have} features in the style but {want} in "
-                                "this model (the style was trained for another base model)")
-
-
 # --- training ----------------------------------------------------------------------------------------------
 class LoraMethod(Method):
     """LoRA on the UNet attention projections (cfg.lora.targets), optionally on the text encoder too."""
@@ -234,7 +201,8 @@ class LoraKind(Kind):
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 load_lora(session.pipeline("img2img"), style.folder, adapter_name=name)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"cannot load LoRA style {style.name} from {style.folder}: {first_line(err)}") from err
+            raise UserError(f"cannot load LoRA style {style.name} from {style.folder} ({first_line(err)}); "
+                            f"{RETRAIN}") from err
         state.adapters[style.folder] = name
         state.active = None  # peft activates a newly loaded adapter: set the active set again
 

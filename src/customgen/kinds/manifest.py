@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
+import typing
 from pathlib import Path
 
 import diffusers
@@ -77,7 +79,28 @@ def read_manifest(folder: str | Path) -> Manifest:
         raise UserError(f"{folder} is not a customgen artifact (no {MANIFEST} inside)")
     try:
         data = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(Manifest)}
-        return Manifest(**{k: v for k, v in data.items() if k in known})
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt: {err}") from err
+        known = typing.get_type_hints(Manifest)
+        fields = {k: v for k, v in data.items() if k in known}
+        manifest = Manifest(**fields)
+    except (json.JSONDecodeError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt ({err}); retrain or re-copy the artifact") from err
+    for key, value in fields.items():
+        if not _fits(value, known[key]):
+            raise UserError(f"{path} is corrupt: {key} is {value!r}, expected {known[key]}; retrain or re-copy "
+                            "the artifact")
+    return manifest
+
+
+def _fits(value, tp) -> bool:
+    """Whether a JSON value has a manifest field's type (ints count as floats; a list holds file names)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, t) for t in typing.get_args(tp))
+    if tp is type(None) or value is None:
+        return value is None and tp is type(None)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, tp)

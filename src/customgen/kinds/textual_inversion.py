@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import export_stem, first_line, readable
+from customgen.kinds.files import export_stem, first_line
+from customgen.kinds.validate import RETRAIN, check_embeddings
 from customgen.models import build_pipeline
 from customgen.train.freeze import freeze
 
@@ -48,17 +49,6 @@ def save_textual_inversion(folder: str | Path, text_encoder, token_ids: list[int
 def load_textual_inversion(pipe, folder: str | Path, *, token: str) -> None:
     """Load a TI artifact (stock loader; several vectors become token, token_1, ...)."""
     pipe.load_textual_inversion(str(Path(folder) / WEIGHTS), token=token)
-
-
-def check_textual_inversion(path: Path, text_encoder) -> None:
-    """The learned vectors must have the text encoder's embedding width."""
-    dim = text_encoder.get_input_embeddings().weight.shape[1]
-    with readable(path) as f:
-        for key in f.keys():
-            width = f.get_slice(key).get_shape()[-1]
-            if width != dim:
-                raise UserError(f"{path}: embedding width {width}, this text encoder has {dim} "
-                                "(the style was trained for another base model)")
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -134,7 +124,8 @@ class TextualInversionKind(Kind):
     recipes = (Recipe("textual_inversion", "textual_inversion", "style", "tab:green"),)
 
     def check(self, style, comps) -> None:
-        check_textual_inversion(style.folder / style.manifest.weights, comps.text_encoder)
+        width = comps.text_encoder.get_input_embeddings().weight.shape[1]
+        check_embeddings(style.folder / style.manifest.weights, width)
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """A diffusers folder can carry the token (tokenizer and embedding grow by it); a single file cannot:
@@ -160,7 +151,7 @@ class TextualInversionKind(Kind):
         try:
             load_textual_inversion(session.pipeline("img2img"), style.folder, token=token)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"cannot load textual inversion {style.name}: {first_line(err)}") from err
+            raise UserError(f"cannot load textual inversion {style.name} ({first_line(err)}); {RETRAIN}") from err
         state.tokens[style.folder] = token
 
     def activate(self, session, active: list[tuple]) -> None:

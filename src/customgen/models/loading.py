@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -98,22 +99,62 @@ def _is_unreachable(err: BaseException) -> bool:
 
 @contextmanager
 def _loading_errors(ref: str):
-    """Turn the loaders' network/cache errors into one actionable line."""
+    """Turn the loaders' network/cache errors into one actionable line; their logs and bars stay quiet meanwhile."""
     try:
-        yield
+        with _quiet_loading():
+            yield
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as err:
         if _is_unreachable(err):
             raise UserError(UNREACHABLE.format(ref=ref)) from err
+        refused = _refused_pickle(err)
+        if refused:
+            raise UserError(f"cannot load model {ref!r}: {refused}") from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {ref!r}: {first[:300]}") from err
+
+
+def _refused_pickle(err: BaseException) -> str | None:
+    """When torch's weights-only unpickler refused a pickled weights file somewhere in `err`'s chain: one clause
+    naming the file and what to do; else None."""
+    chain, seen = [], err
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    if not any(isinstance(e, pickle.UnpicklingError) for e in chain):
+        return None
+    names = re.findall(r"'([^']+\.(?:bin|ckpt|pt|pth))'", " ".join(str(e) for e in chain))
+    what = names[0] if names else "a pickled weights file"
+    return (f"{what} is a pickle that torch's safe loader refuses (it would run code); customgen never runs pickled "
+            "code: use the model's .safetensors weights")
 
 
 def _quiet_hub_logs():
     """diffusers/transformers log multi-line hub warnings before raising; the CLI wants one line."""
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+
+
+@contextmanager
+def _quiet_loading():
+    """diffusers/transformers log multi-line errors (e.g. a missing .safetensors before falling back to .bin) and
+    draw component bars while loading; the CLI's one line says what matters. Restored afterwards."""
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.set_verbosity(dlog.CRITICAL)
+    tlog.set_verbosity(tlog.CRITICAL)
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 def _from_pipeline(pipe, ref: ModelRef) -> Components:

@@ -1,9 +1,14 @@
-"""Checkpoints that a kill at any moment cannot corrupt, and resume.
+"""Checkpoints that a kill at any moment cannot corrupt, and resume that refuses what does not fit.
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a folder named
-`step-NNNNNN` is always whole. It holds the trainable tensors (safetensors), optimizer and LR
-scheduler states and the step. Data order, noise and timesteps are functions of (seed, step), so
-no RNG state is needed for an exact resume.
+`step-NNNNNN` is always whole; a write that fails (disk full) removes its temporary folder and says so in one
+line. It holds the trainable tensors (trainable.safetensors), the optimizer and LR-scheduler states without
+pickle (optimizer.safetensors + JSON in state.json, customgen.train.statefile), the step and the resolved config.
+Data order, noise and timesteps are functions of (seed, step), so no RNG state is needed for an exact resume.
+
+Resume reads and checks the whole checkpoint before restoring anything: a damaged one is refused (`--resume
+auto` falls back to the previous one with a note), one with other tensor names or shapes is refused, and one
+made with another config is refused unless forced (`--resume-force`).
 """
 from __future__ import annotations
 
@@ -11,14 +16,42 @@ import json
 import os
 import re
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from customgen.errors import UserError
+from customgen.errors import Notice, UserError, disk_problem
+from customgen.train.statefile import decode, encode
 
 PATTERN = re.compile(r"^step-(\d{6,})$")
+TRAINABLE, STATES, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"
+PICKLES = ("optimizer.pt", "scheduler.pt")  # what checkpoints of customgen ≤ 0.1 held; never loaded
+# Config keys that do not change the trained weights: resuming with other values is not "another config".
+RESUME_IGNORED = ("name", "train.output", "train.checkpoint_every", "train.checkpoint_minutes",
+                  "train.keep_checkpoints", "train.validate_every", "train.log_every", "train.latent_cache_dir",
+                  "validation.", "eval.")
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint whose files cannot be read back (truncated, missing, not what customgen wrote)."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything one checkpoint holds, read and checked, nothing restored yet."""
+
+    path: Path
+    state: dict  # state.json: step, config_hash, config, optimizer/scheduler trees
+    trainable: dict  # name → tensor
+    optimizer: dict
+    scheduler: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -26,21 +59,26 @@ def checkpoints(folder: Path) -> list[Path]:
     root = Path(folder) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / "state.json").is_file()]
+    found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / STATE).is_file()]
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
 
 def save_checkpoint(folder: Path, *, step: int, tensors: dict, optimizer, lr_scheduler, info: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep`."""
+    """Write checkpoint `step` atomically; keep the newest `keep`. Temporary folders of killed writes go first."""
     root = Path(folder) / "checkpoints"
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **info}, indent=2))
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    for stale in root.glob(".tmp-step-*") if root.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)  # the output lock says no other run writes here
+    try:
+        tmp.mkdir(parents=True)
+        _write(tmp, step, tensors, optimizer, lr_scheduler, info)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = disk_problem(err)
+        if why is None:
+            raise
+        raise UserError(f"cannot write checkpoint {final} ({why}); free disk space (train.keep_checkpoints "
+                        "limits how many are kept) and run again: --resume auto continues from the last one") from err
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -48,28 +86,112 @@ def save_checkpoint(folder: Path, *, step: int, tensors: dict, optimizer, lr_sch
     return final
 
 
-def resolve_resume(folder: Path, resume: str) -> Path | None:
-    """`auto` → the latest complete checkpoint (or None); `never` → None; else a checkpoint path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = checkpoints(folder)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint folder (no state.json inside)")
-    return path
+def _write(tmp: Path, step: int, tensors: dict, optimizer, lr_scheduler, info: dict) -> None:
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TRAINABLE))
+    states: dict = {}
+    trees = {"optimizer": encode(optimizer.state_dict(), states, "optimizer"),
+             "scheduler": encode(lr_scheduler.state_dict(), states, "scheduler")}
+    save_file(states, str(tmp / STATES))
+    (tmp / STATE).write_text(json.dumps({"format": 2, "step": step, **info, **trees}, indent=1, default=str))
 
 
-def load_checkpoint(path: Path, *, tensors: dict, optimizer, lr_scheduler) -> dict:
-    """Restore trainable tensors, optimizer and scheduler from `path`; returns its state.json."""
-    saved = load_file(str(path / "trainable.safetensors"))
-    if set(saved) != set(tensors):
-        missing = sorted(set(tensors) ^ set(saved))[:1]
-        raise UserError(f"checkpoint {path} does not match this run (e.g. {missing}); was it made with another config?")
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read every file of a checkpoint (CheckpointDamaged in one line when one cannot be read)."""
+    path = Path(path)
+    if not (path / STATES).is_file() and any((path / p).exists() for p in PICKLES):
+        raise UserError(f"checkpoint {path} stores its optimizer state as a pickle ({PICKLES[0]}), which customgen "
+                        "never loads (a pickle can run code); resume from a newer checkpoint or pass --resume never")
+    try:
+        state = json.loads((path / STATE).read_text())
+        states = load_file(str(path / STATES))
+        ck = Checkpoint(path, state, load_file(str(path / TRAINABLE)), decode(state["optimizer"], states),
+                        decode(state["scheduler"], states))
+        int(state["step"])
+    except Exception as err:  # noqa: BLE001 - json, safetensors and the tree decoder raise many types
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({_reason(err)})") from err
+    bad = next((k for k, t in ck.trainable.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointDamaged(f"checkpoint {path} is damaged ({bad} holds NaN or infinite values)")
+    return ck
+
+
+def _reason(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [""])[0][:160]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def config_differences(saved: dict | None, current: dict) -> list[str]:
+    """`key: saved → current` for every config key that changes the trained weights."""
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
+                            (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
+    a, b = flat(saved or {}), flat(json.loads(json.dumps(current, default=str)))
+    keys = sorted((k for k in a.keys() | b.keys() if not k.startswith(RESUME_IGNORED) and a.get(k) != b.get(k)),
+                  key=lambda k: (k not in ("method", "model.ref"), k))  # the method and model first: they say most
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys]
+
+
+def check_fits(ck: Checkpoint, tensors: dict, *, config: dict, config_hash: str, force: bool) -> None:
+    """Refuse (one line) a checkpoint of another run: other tensors, other shapes, other config unless forced."""
+    if "config" in ck.state:
+        diff = config_differences(ck.state["config"], config)
+    else:  # written before checkpoints stored their config: only the hash can be compared
+        diff = [] if ck.state.get("config_hash") == config_hash else [f"config hash {ck.state.get('config_hash')!r} "
+                                                                      f"→ {config_hash!r}"]
+    hint = f" (it was made with {diff[0]})" if diff else ""
+    if set(ck.trainable) != set(tensors):
+        other = sorted(set(tensors) ^ set(ck.trainable))[0]
+        raise UserError(f"checkpoint {ck.path} holds other trainable tensors than this run (e.g. {other}){hint}; "
+                        "resume from a checkpoint of this method or pass --resume never")
+    for name, t in tensors.items():
+        if tuple(ck.trainable[name].shape) != tuple(t.shape):
+            raise UserError(f"checkpoint {ck.path} holds {name} of shape {tuple(ck.trainable[name].shape)}, this run "
+                            f"has {tuple(t.shape)}{hint}; resume with that config or pass --resume never")
+    if diff and not force:
+        more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+        raise UserError(f"checkpoint {ck.path} was made with another config ({diff[0]}{more}); pass --resume-force "
+                        "to resume with this config anyway, or --resume never to start over")
+    if diff:
+        warnings.warn(f"resuming {ck.path} with another config ({'; '.join(diff[:3])}): forced", Notice, stacklevel=3)
+
+
+def restore(ck: Checkpoint, *, tensors: dict, optimizer, lr_scheduler) -> None:
+    """Load the checked checkpoint into this run's tensors, optimizer and scheduler."""
+    try:
+        optimizer.load_state_dict(ck.optimizer)
+        lr_scheduler.load_state_dict(ck.scheduler)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+        raise UserError(f"checkpoint {ck.path}: its optimizer state does not fit this run ({_reason(err)}); "
+                        "pass --resume never to start over") from err
     with torch.no_grad():
         for name, t in tensors.items():
-            t.copy_(saved[name].to(t.device, t.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+            t.copy_(ck.trainable[name].to(t.device, t.dtype))
+
+
+def candidates(folder: Path, resume: str) -> list[Path]:
+    """Checkpoints to try, newest first: `auto` → every complete one; `never` → none; else the one named."""
+    if resume == "never":
+        return []
+    if resume == "auto":
+        return checkpoints(folder)[::-1]
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise UserError(f"--resume {resume}: not a complete checkpoint folder (no {STATE} inside)")
+    return [path]
+
+
+def load_latest(folder: Path, resume: str) -> Checkpoint | None:
+    """The checkpoint to resume from; with `auto`, damaged ones are skipped with a note (None: start at 0)."""
+    tried = []
+    for path in candidates(folder, resume):
+        try:
+            return read_checkpoint(path)
+        except CheckpointDamaged as err:
+            if resume != "auto":
+                raise UserError(f"{err}; resume from another checkpoint (--resume auto skips damaged ones) or "
+                                "pass --resume never") from err
+            tried.append(path.name)
+            warnings.warn(f"{err}; trying the previous checkpoint", Notice, stacklevel=2)
+    if tried:
+        raise UserError(f"no intact checkpoint in {Path(folder) / 'checkpoints'} ({', '.join(tried)} damaged); "
+                        "pass --resume never to start over")
+    return None

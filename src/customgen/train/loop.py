@@ -13,10 +13,10 @@ import torch
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from customgen.config import config_hash
+from customgen.config import config_hash, to_dict
 from customgen.errors import UserError
 from customgen.train.build import Run
-from customgen.train.checkpoint import checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
 from customgen.train.data import batch_positions
 from customgen.train.losses import combine, noise_l2
 
@@ -142,14 +142,14 @@ def optimizer_step(run: Run, step: int) -> dict[str, float]:
 
 
 class LossLog:
-    """CSV (logs/loss.csv) + TensorBoard rows; the CSV is appended to on resume."""
+    """CSV (logs/loss.csv) + TensorBoard rows; on resume the CSV keeps the rows up to the resumed step (rows a
+    killed run wrote after its last checkpoint are written again by the resumed run, not twice)."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, start: int = 0):
         self.run, self.path = run, run.out / "logs" / "loss.csv"
         if run.accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                self.path.write_text(",".join(LOG_COLUMNS) + "\n")
+            truncate_log(self.path, start)
 
     def write(self, step: int, logs: dict, sec_per_it: float) -> None:
         row = {"step": step, **{k: round(v, 6) for k, v in logs.items()}, "sec_per_it": round(sec_per_it, 4),
@@ -160,33 +160,61 @@ class LossLog:
                 csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore").writerow(row)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) with its header and the rows of steps ≤ `step`; unparsable rows are dropped."""
+    rows = []
+    if path.is_file():
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def checkpoint(run: Run, step: int) -> None:
     """Save checkpoint `step` (main process) and wait for everyone."""
     if run.accelerator.is_main_process:
         save_checkpoint(run.out, step=step, tensors=run.method.trained_params(run.comps), optimizer=run.optimizer,
-                        lr_scheduler=run.lr_scheduler, info={"config_hash": config_hash(run.cfg)},
+                        lr_scheduler=run.lr_scheduler,
+                        info={"config_hash": config_hash(run.cfg), "config": to_dict(run.cfg)},
                         keep=run.cfg.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()
 
 
-def resume(run: Run, how: str) -> int:
-    """Continue from a checkpoint (`auto`: the latest, if any); returns the first step to run."""
-    path = resolve_resume(run.out, how)
-    if path is None:
+def resume(run: Run, how: str, *, force: bool = False) -> int:
+    """Continue from a checkpoint (`auto`: the latest intact one, if any); returns the first step to run.
+    A checkpoint of another config is refused unless `force` (customgen.train.checkpoint)."""
+    ck = load_latest(run.out, how)
+    if ck is None:
         return 0
-    state = load_checkpoint(path, tensors=run.method.trained_params(run.comps), optimizer=run.optimizer,
-                            lr_scheduler=run.lr_scheduler)
-    run.accelerator.print(f"resumed from {path} at step {state['step']}")
-    return int(state["step"])
+    tensors = run.method.trained_params(run.comps)
+    check_fits(ck, tensors, config=to_dict(run.cfg), config_hash=config_hash(run.cfg), force=force)
+    restore(ck, tensors=tensors, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler)
+    run.accelerator.print(f"resumed from {ck.path} at step {ck.step}")
+    return ck.step
 
 
 def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> dict:
     """Steps `start`..train.steps with logging, checkpoints (every N steps / T minutes) and validation."""
-    cfg, acc = run.cfg, run.accelerator
-    log, last_ckpt, t0 = LossLog(run), time.monotonic(), time.monotonic()
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and acc.is_local_main_process), desc="train")
-    logs, tic = {}, time.monotonic()
-    for step in range(start, cfg.train.steps):
+    cfg = run.cfg
+    log, t0 = LossLog(run, start), time.monotonic()
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and run.accelerator.is_local_main_process),
+               desc="train")
+    try:  # the bar is closed before an error propagates, so the error stays the last line of the output
+        logs = steps(run, range(start, cfg.train.steps), bar, log, validate)
+    finally:
+        bar.close()
+    return {"seconds": time.monotonic() - t0, "last": logs}
+
+
+def steps(run: Run, todo: range, bar, log: LossLog, validate) -> dict:
+    """The loop body: optimizer steps, log rows, checkpoints, validation images."""
+    cfg = run.cfg
+    logs, tic, last_ckpt = {}, time.monotonic(), time.monotonic()
+    for step in todo:
         logs = optimizer_step(run, step)
         done, sec = step + 1, time.monotonic() - tic
         tic = time.monotonic()
@@ -201,8 +229,7 @@ def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> d
             last_ckpt = time.monotonic()
         if validate and cfg.train.validate_every and done % cfg.train.validate_every == 0 and done < cfg.train.steps:
             validate(run, done)
-    bar.close()
-    return {"seconds": time.monotonic() - t0, "last": logs}
+    return logs
 
 
 def out_path(cfg, output: str | Path | None) -> Path:

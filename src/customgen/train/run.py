@@ -11,6 +11,8 @@ import torch
 from customgen.config import Config, config_hash, save_config
 from customgen.errors import UserError
 from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, write_manifest
+from customgen.limits import check_limits
+from customgen.lock import output_lock
 from customgen.memory import peak_memory
 from customgen.train.build import Run, build_run
 from customgen.train.loop import encode_prompts, out_path, resume as resume_from, run_loop
@@ -105,18 +107,21 @@ def trigger_word(cfg: Config) -> str:
 
 
 def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto", overwrite: bool = False,
-          progress: bool = True) -> Path:
-    """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds)."""
+          progress: bool = True, resume_force: bool = False) -> Path:
+    """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds). The output folder
+    is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md)."""
+    check_limits(cfg)
     out = out_path(cfg, output)
-    prepare_output(out, resume=resume, overwrite=overwrite)
-    torch_state = torch.random.get_rng_state()
-    try:
-        run = build_run(cfg, out)
-        run.accelerator.init_trackers("customgen")
-        offload_unused(run)
-        start = resume_from(run, resume)
-        with peak_memory() as peak:
-            stats = run_loop(run, start=start, progress=progress, validate=validate)
-        return finish(run, stats["seconds"], peak.peak_bytes or 0)
-    finally:
-        torch.random.set_rng_state(torch_state)  # the loop seeds per step; leave the caller's RNG as it was
+    with output_lock(out, command="train"):
+        prepare_output(out, resume=resume, overwrite=overwrite)
+        torch_state = torch.random.get_rng_state()
+        try:
+            run = build_run(cfg, out)
+            run.accelerator.init_trackers("customgen")
+            offload_unused(run)
+            start = resume_from(run, resume, force=resume_force)
+            with peak_memory() as peak:
+                stats = run_loop(run, start=start, progress=progress, validate=validate)
+            return finish(run, stats["seconds"], peak.peak_bytes or 0)
+        finally:
+            torch.random.set_rng_state(torch_state)  # the loop seeds per step; leave the caller's RNG as it was
