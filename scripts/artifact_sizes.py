@@ -15,12 +15,8 @@ from pathlib import Path
 import torch
 
 from customgen.config import find_config, load_config
-from customgen.kinds import RECIPES, make_method
+from customgen.kinds import RECIPES, make_method, training_facts
 from customgen.models import load_components
-
-FACTS = {"method": "", "base_model": "sd15-random", "resolution": 512, "steps": 0, "lr": 1e-4, "text_encoder_lr": 5e-5,
-         "batch_size": 1, "seed": 0, "mixed_precision": "no", "optimizer": "adamw", "lr_scheduler": "constant",
-         "num_images": 0, "tag_frequency": {}, "started_at": 0, "finished_at": 0}
 
 
 def measure(recipe: str) -> dict:
@@ -29,7 +25,7 @@ def measure(recipe: str) -> dict:
     method = make_method(cfg)
     method.setup(comps)
     with tempfile.TemporaryDirectory() as d:
-        fields = method.save(Path(d), comps, {**FACTS, "name": recipe, "method": recipe})
+        fields = method.save(Path(d), comps, training_facts(cfg, recipe))
         files = {p.name: p.stat().st_size for p in Path(d).iterdir()}
     return {"recipe": recipe, "method": method.kind.name, "trainable_params": method.trainable_count(comps),
             "weights_file": fields["weights"], "files_bytes": files,

@@ -10,7 +10,7 @@ import torch
 
 from customgen.config import Config, config_hash, save_config
 from customgen.errors import UserError
-from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, write_manifest
+from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, training_facts, write_manifest
 from customgen.limits import check_limits
 from customgen.lock import output_lock
 from customgen.memory import peak_memory
@@ -71,15 +71,11 @@ def tag_frequency(run: Run) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in freq.items()}
 
 
-def training_facts(run: Run) -> dict:
-    """What the run was, for the kinds' exports (kohya's ss_* metadata) and the manifest."""
-    cfg = run.cfg
-    return {"name": run.out.name, "method": cfg.method, "base_model": cfg.model.ref,
-            "resolution": cfg.data.resolution, "steps": cfg.train.steps, "lr": cfg.train.lr,
-            "text_encoder_lr": cfg.lora.text_encoder_lr, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed,
-            "mixed_precision": run.plan.mixed_precision, "optimizer": run.plan.optimizer,
-            "lr_scheduler": cfg.train.lr_scheduler, "num_images": len(run.images.dataset.records),
-            "tag_frequency": tag_frequency(run), "started_at": int(run.started), "finished_at": int(time.time())}
+def run_facts(run: Run) -> dict:
+    """What the run was, for the kinds' exports (kohya's ss_* metadata)."""
+    return training_facts(run.cfg, run.out.name, mixed_precision=run.plan.mixed_precision,
+                          optimizer=run.plan.optimizer, num_images=len(run.images.dataset.records),
+                          tag_frequency=tag_frequency(run), started_at=int(run.started), finished_at=int(time.time()))
 
 
 def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
@@ -87,7 +83,7 @@ def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
     acc, cfg, out = run.accelerator, run.cfg, run.out
     acc.wait_for_everyone()
     if acc.is_main_process:
-        fields = run.method.save(out, run.comps, training_facts(run))
+        fields = run.method.save(out, run.comps, run_facts(run))
         save_config(cfg, out / "config.yaml")
         validate(run, cfg.train.steps)
         write_manifest(out, Manifest(
