@@ -112,6 +112,15 @@ class Kind:
         restores the base model exactly."""
         raise TypeError(f"{type(self).__name__} must define activate()")
 
+    def fuse(self, session) -> None:
+        """Optionally bake the active state into the base weights for speed (LoRA: one adapter fused at its
+        scale). Called after every kind has activated; `unfuse` must undo it exactly."""
+        return None
+
+    def unfuse(self, session) -> None:
+        """Undo `fuse` exactly (the unfused weights bit for bit). Called before any kind loads or activates."""
+        return None
+
     def default_prompt(self, style) -> str:
         """The manifest's prompt, else its token; "" for prompt-free styles."""
         return style.manifest.prompt or style.manifest.token
