@@ -129,6 +129,16 @@ class Kind:
         """`text` with this style's token replaced by what the session loaded it under (kinds with tokens)."""
         return text
 
+    # --- stock tools (what `customgen bench` compares with) ------------------------------------------------------
+    def stock_variants(self) -> dict[str, bool]:
+        """The ways a diffusers user applies this kind's artifact, each with whether customgen's output must equal
+        that one pixel for pixel (at scale 1)."""
+        return {}
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        """Apply `style` at scale 1 to a fresh stock diffusers pipeline as `variant` (see stock_variants)."""
+        raise TypeError(f"{type(self).__name__} must define load_stock()")
+
     def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
         """(token, weight) pairs whose prompt embeddings are interpolated by weight (TI's scale); [] for none."""
         return []

@@ -194,6 +194,14 @@ class LoraKind(Kind):
             pipe.set_adapters([n for n, _ in weighted], adapter_weights=[w for _, w in weighted])
         state.active = weighted
 
+    def stock_variants(self) -> dict[str, bool]:
+        return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        load_lora(pipe, style.folder, adapter_name="style")
+        if variant.endswith("fuse_lora"):
+            pipe.fuse_lora(components=list(LORA_COMPONENTS), lora_scale=1.0)
+
     def fuse(self, session) -> None:
         """Fuse a single active adapter at its scale, as stock `fuse_lora(lora_scale=w)` does it (the adapter at
         weight 1, then the scale); the base weights of its layers are kept on the CPU for `unfuse`."""
