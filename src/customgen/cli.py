@@ -86,7 +86,8 @@ def _cmd_evaluate(args) -> int:
     parts += [f"--set {shlex.quote(kv)}" for kv in args.set or []] + (["--overwrite"] if args.overwrite else [])
     command = " ".join(parts)  # recorded in run.json and every figure's footer
     table = evaluate(cfg, overwrite=args.overwrite, command=command)
-    print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
+    if table is not None:  # None on the other processes of an `accelerate launch` run: the main one reports
+        print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
     return 0
 
 
