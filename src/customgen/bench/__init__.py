@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -86,11 +87,15 @@ def header(s: BenchSettings, info) -> dict:
 
 def guarded(label: dict, job, peak) -> dict:
     """Run one pair; a pair that does not fit in (capped) GPU memory is recorded as "oom", not hidden."""
+    name = next(iter(label.values()))
     try:
-        return with_rates(job(), peak) | {"status": "ok"}
+        row = with_rates(job(), peak) | {"status": "ok"}
+        print(f"bench: {name}: median ratio {row['median_ratio']:.3f}", file=sys.stderr, flush=True)
+        return row
     except torch.cuda.OutOfMemoryError as err:
         gc.collect()
         torch.cuda.empty_cache()
+        print(f"bench: {name}: out of memory", file=sys.stderr, flush=True)
         return label | {"status": "oom", "error": str(err).splitlines()[0]}
 
 
