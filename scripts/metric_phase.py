@@ -32,7 +32,9 @@ def build(work: Path, args):
     wikiart = make_wikiart_tree(work / "wikiart", styles={"Impressionism": 4, "Cubism": 4}, size=(160, 160),
                                 with_csv=False)
     coco = make_coco_folder(work / "coco", n=args.contents, size=tuple(args.content_size))
-    styles = train_tiny_styles(work / "styles", wikiart)
+    styles = work / "styles"
+    if not styles.is_dir():  # a re-run into the same --work reuses the styles and the generated outputs
+        train_tiny_styles(styles, wikiart)
     cfg = load_config(None, [
         "model.ref=tiny", f"eval.styles={styles}", f"eval.content_root={coco}", f"eval.style_root={wikiart}",
         f"eval.output={work / 'out'}", "eval.steps=2", f"eval.size={args.size}", "eval.strength=0.5",
