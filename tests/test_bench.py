@@ -65,7 +65,7 @@ def test_training_and_perceptual_rows(report):
     assert [r["recipe"] for r in rep["training"]] == ["lora_style", "dreambooth_lora_subject"]
     assert [r["prior"] for r in rep["training"]] == [False, True]
     assert all(r["median_ratio"] > 0 and r["stock"]["flops"] > 0 for r in rep["training"])
-    p = rep["perceptual"]
+    p = rep["perceptual"][0]
     assert p["ours"]["flops"] > p["stock"]["flops"]  # the decoder and VGG/LPIPS passes on top of the L2 step
     assert {"decoder forward", "decoder backward", "VGG forward + Gram", "LPIPS forward"} <= set(p["pieces"]["ms"])
 

@@ -99,46 +99,59 @@ def guarded(label: dict, job, peak) -> dict:
         return label | {"status": "oom", "error": str(err).splitlines()[0]}
 
 
-def stylize_jobs(s: BenchSettings, info, data: dict, work: Path, peak) -> dict:
+class Report:
+    """The report being filled: every finished pair is written at once (OUT/NAME.json and .md), so a long run
+    that is stopped keeps what it measured; `finished` is set at the end."""
+
+    def __init__(self, rep: dict, out: Path, name: str, peak):
+        self.rep, self.out, self.name, self.peak = rep, out, name, peak
+
+    def add(self, section: str, label: dict, job) -> None:
+        self.rep.setdefault(section, []).append(guarded(label, job, self.peak))
+        self.save()
+
+    def save(self) -> tuple[Path, Path]:
+        return write_report(self.rep, self.out, self.name)
+
+
+def stylize_jobs(s: BenchSettings, info, data: dict, work: Path, report: Report) -> None:
     """Random-weight styles of every kind, our session, then the pairs and the overhead breakdown."""
     lib = work / "styles"
     for recipe in fixtures.style_recipes():
         fixtures.make_style(recipe, s.model, lib / recipe)
     bench = StylizeBench(s.model, lib, fixtures.content_image(data, s.size), device=info.device, dtype=info.dtype,
                          size=s.size, steps=s.steps, strength=s.strength)
-    out = {}
     if "stylize" in s.jobs:
-        run = lambda pair: bench.run_pair(*pair, repeats=s.repeats, flops=s.flops)  # noqa: E731
-        out["stylize"] = [guarded({"pair": pair[0]}, lambda p=pair: run(p), peak) for pair in bench.pairs()]
+        for pair in bench.pairs():
+            report.add("stylize", {"pair": pair[0]}, lambda p=pair: bench.run_pair(*p, repeats=s.repeats, flops=s.flops))
     if "overhead" in s.jobs:
         styles = [[]] + [[name] for name in sorted(p.name for p in lib.iterdir())]
-        out["overhead"] = {"customgen": [bench.overhead(st, images=s.overhead_images) for st in styles],
-                           "stock": stock_overhead(bench, images=s.overhead_images)}
-    return out
+        report.rep["overhead"] = {"customgen": [bench.overhead(st, images=s.overhead_images) for st in styles],
+                                  "stock": stock_overhead(bench, images=s.overhead_images)}
+        report.save()
 
 
 def run_bench(settings: BenchSettings) -> tuple[dict, tuple[Path, Path]]:
-    """Run the jobs, write the JSON and markdown; returns (report, paths)."""
+    """Run the jobs, write the JSON and markdown (after every pair); returns (report, paths)."""
     s = settings.check()
     info = probe(s.device, s.dtype)
     cap_memory(info, s.cap_gib)
-    rep = header(s, info)
-    peak = device_peak(info.name) if info.device.startswith("cuda") else None
+    slug = "".join(ch if ch.isalnum() else "-" for ch in f"{s.model}_{info.name}".lower()).strip("-")
+    report = Report(header(s, info), Path(s.out), s.name or f"bench_{slug}",
+                    device_peak(info.name) if info.device.startswith("cuda") else None)
     with tempfile.TemporaryDirectory(prefix="customgen-bench-") as tmp:
         work = Path(tmp)
         data = fixtures.write_data(work / "data", size=max(s.size, s.train_resolution))
         if {"stylize", "overhead"} & set(s.jobs):
-            rep |= stylize_jobs(s, info, data, work, peak)
-        if "train" in s.jobs:
-            rep["training"] = [guarded({"recipe": r}, lambda r=r: train_pair(
-                r, s.model, data, work / "train", resolution=s.train_resolution, repeats=s.repeats, flops=s.flops), peak)
-                for r in s.recipes]
+            stylize_jobs(s, info, data, work, report)
+        for r in s.recipes if "train" in s.jobs else []:
+            report.add("training", {"recipe": r}, lambda r=r: train_pair(
+                r, s.model, data, work / "train", resolution=s.train_resolution, repeats=s.repeats, flops=s.flops))
         if "perceptual" in s.jobs:
-            rep["perceptual"] = guarded({"recipe": "perceptual"}, lambda: perceptual_job(
-                s.model, data, work / "perceptual", resolution=s.train_resolution, repeats=s.repeats, flops=s.flops), peak)
-    rep["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in f"{s.model}_{info.name}".lower()).strip("-")
-    return rep, write_report(rep, Path(s.out), s.name or f"bench_{slug}")
+            report.add("perceptual", {"recipe": "perceptual"}, lambda: perceptual_job(
+                s.model, data, work / "perceptual", resolution=s.train_resolution, repeats=s.repeats, flops=s.flops))
+    report.rep["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return report.rep, report.save()
 
 
 __all__ = ["BenchSettings", "JOBS", "run_bench"]

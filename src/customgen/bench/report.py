@@ -101,7 +101,7 @@ def training_section(rep: dict) -> list[str]:
 
 
 def perceptual_section(rep: dict) -> list[str]:
-    p = rep["perceptual"]
+    p = rep["perceptual"][0]
     if p.get("status") == "oom":
         return ["## Perceptual step", "", f"Out of memory: {p['error']}", ""]
     pc = p["pieces"]
@@ -119,7 +119,8 @@ def markdown(rep: dict) -> str:
             f"Command: `{rep['command']}`  ", f"Device: {d['name']} ({d['device']}, {d['dtype']}"
             f"{', capped at ' + str(d['cap_gib']) + ' GiB' if d.get('cap_gib') else ''}); peak "
             f"{_num(d['peak_tflops'], '{:.1f}')} TFLOPS ({d['peak_label'] or 'unknown'})  ",
-            "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"  \nFinished: {rep['finished']}", "",
+            "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "  ",
+            f"Finished: {rep.get('finished') or 'not yet (partial: written after every pair)'}", "",
             f"> {RANDOM_NOTE}", "",
             "Ratios are customgen ÷ the other side per alternating repeat (A B A B ...), median [min–max]; "
             "below 1 customgen is faster. Peak memory is the CUDA peak on a GPU, the peak resident set on a CPU "
