@@ -33,11 +33,12 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def pieces(run, *, repeats: int) -> dict:
-    """Median milliseconds of each piece of the perceptual terms, on the crop the recipe decodes."""
+def pieces(run, *, repeats: int, crop: int | None = None) -> dict:
+    """Median milliseconds of each piece of the perceptual terms, on the latent crop the recipe decodes (or
+    `crop`)."""
     p, vae, cfg = run.perceptual, run.comps.vae, run.cfg
     size = cfg.data.resolution // 8
-    crop = min(cfg.loss.decode_crop or size, size)
+    crop = crop or min(cfg.loss.decode_crop or size, size)
     b, device = cfg.train.batch_size, run.accelerator.device
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(b, 4, crop, crop, generator=gen).to(device).requires_grad_(True)
@@ -83,8 +84,10 @@ def perceptual_job(model: str, data: dict, work: Path, *, resolution: int, repea
     full = Side("L2 + LPIPS + Gram step", lambda: optimizer_step(full_run, next(count))["loss"])
     plain = Side("L2 step", lambda: optimizer_step(l2_run, next(count))["loss"])
     result = alternate(full, plain, repeats=repeats, flops=flops)
+    first = pieces(full_run, repeats=repeats)
     out = {"recipe": recipe, "resolution": resolution, "decode_crop": full_cfg.loss.decode_crop, **result,
-           "pieces": pieces(full_run, repeats=repeats)}
+           "pieces": first,  # and at half the crop side: the decoder's share scales with the decoded pixels
+           "pieces_half_crop": pieces(full_run, repeats=repeats, crop=max(1, first["crop_latent"] // 2))}
     del l2_run, full_run
     gc.collect()
     return out

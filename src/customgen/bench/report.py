@@ -108,8 +108,10 @@ def perceptual_section(rep: dict) -> list[str]:
     lines = [f"## Perceptual step ({p['recipe']}, {p['resolution']} px, decode crop {pc['crop_pixels']} px, "
              f"batch {pc['batch']})", "",
              PAIR_HEADER.format(what="step", stock="L2 step"), _pair_line("L2 + LPIPS + Gram", p, "—"), "",
-             "| piece | ms |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in pc["ms"].items()]
+             "Pieces (ms, medians; the decode crop, then half its side):", "",
+             f"| piece | {pc['crop_pixels']} px | {p['pieces_half_crop']['crop_pixels']} px |", "|---|---|---|"]
+    half = p["pieces_half_crop"]["ms"]
+    lines += [f"| {k} | {v:.1f} | {_num(half.get(k), '{:.1f}')} |" for k, v in pc["ms"].items()]
     return lines + [""]
 
 
