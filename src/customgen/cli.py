@@ -190,7 +190,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--strength", type=float, default=0.6, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
     b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per side, alternating")
+    b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
     b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")
     b.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one run less per side)")
     b.add_argument("--cap-gib", type=float, default=0.0, help="cap CUDA memory, e.g. 15 to emulate a T4 (0: no cap)")

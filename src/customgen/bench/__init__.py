@@ -46,7 +46,7 @@ class BenchSettings:
     scheduler: str = "dpm++"
     train_resolution: int = 256  # training-step resolution (px)
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
-    repeats: int = 3  # timed runs per side, alternating, after one warm-up each
+    repeats: int = 4  # timed runs per side, alternating (A B, B A, ...), after one warm-up each
     overhead_images: int = 5
     flops: bool = True  # count each job's FLOPs (one more run per side)
     cap_gib: float = 0.0  # cap CUDA memory at this many GiB (15: a T4 on a bigger GPU); 0: no cap

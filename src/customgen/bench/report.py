@@ -124,7 +124,7 @@ def markdown(rep: dict) -> str:
             "Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "  ",
             f"Finished: {rep.get('finished') or 'not yet (partial: written after every pair)'}", "",
             f"> {RANDOM_NOTE}", "",
-            "Ratios are customgen ÷ the other side per alternating repeat (A B A B ...), median [min–max]; "
+            "Ratios are customgen ÷ the other side per alternating repeat (A B, B A, A B, ...), median [min–max]; "
             "below 1 customgen is faster. Peak memory is the CUDA peak on a GPU, the peak resident set on a CPU "
             "(both sides' models stay resident, so compare the growth over the resident figure).", ""]
     sections = [("stylize", stylize_section), ("overhead", overhead_section), ("training", training_section),

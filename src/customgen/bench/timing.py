@@ -1,4 +1,4 @@
-"""Side-by-side timing in one process: alternating runs (A B A B ...), a ratio per repeat and their median, peak
+"""Side-by-side timing in one process: alternating runs (A B B A A B ...), a ratio per repeat and their median, peak
 memory per side, FLOPs counted by torch's FlopCounterMode, and achieved FLOP/s against the device's datasheet peak.
 
 Alternating keeps the ratio honest on a shared or throttling machine: both sides see the same load, so the
@@ -84,13 +84,14 @@ class Side:
 
 
 def alternate(ours: Side, stock: Side, *, repeats: int, warmup: int = 1, flops: bool = True) -> dict:
-    """Warm both up, then `repeats` × (ours, stock); per-repeat ratios ours/stock and their median."""
+    """Warm both up, then `repeats` pairs in the order A B, B A, A B, ... (neither side always runs first, so a
+    warm cache or a clock that drifts favours nobody); per-repeat ratios ours/stock and their median."""
     for _ in range(warmup):
         ours.run()
         stock.run()
-    for _ in range(repeats):
-        ours.timed()
-        stock.timed()
+    for i in range(repeats):
+        for side in (ours, stock) if i % 2 == 0 else (stock, ours):
+            side.timed()
     if flops:
         ours.flops, stock.flops = count_flops(ours.run), count_flops(stock.run)
     ratios = [a / b for a, b in zip(ours.seconds, stock.seconds)]
