@@ -99,7 +99,8 @@ def _cmd_bench(args) -> int:
         model=args.model, jobs=args.jobs.split(","), size=args.size, steps=args.steps, strength=args.strength,
         train_resolution=args.train_resolution, repeats=args.repeats, overhead_images=args.overhead_images,
         flops=not args.no_flops, cap_gib=args.cap_gib, device=args.device, dtype=args.dtype, out=str(args.out),
-        name=args.name, command=command, **({"recipes": args.recipes.split(",")} if args.recipes else {}))
+        name=args.name, command=command, pairs=[p for p in args.pairs.split(",") if p],
+        **({"recipes": args.recipes.split(",")} if args.recipes else {}))
     _, paths = run_bench(settings)
     print(f"bench results: {paths[0]} and {paths[1]}")
     return 0
@@ -190,6 +191,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--strength", type=float, default=0.6, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
     b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
+    b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
     b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
     b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")
     b.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one run less per side)")

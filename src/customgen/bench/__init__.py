@@ -46,6 +46,7 @@ class BenchSettings:
     scheduler: str = "dpm++"
     train_resolution: int = 256  # training-step resolution (px)
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
+    pairs: list[str] = field(default_factory=list)  # stylize pairs whose label contains one of these ([]: all)
     repeats: int = 4  # timed runs per side, alternating (A B, B A, ...), after one warm-up each
     overhead_images: int = 5
     flops: bool = True  # count each job's FLOPs (one more run per side)
@@ -122,7 +123,7 @@ def stylize_jobs(s: BenchSettings, info, data: dict, work: Path, report: Report)
     bench = StylizeBench(s.model, lib, fixtures.content_image(data, s.size), device=info.device, dtype=info.dtype,
                          size=s.size, steps=s.steps, strength=s.strength)
     if "stylize" in s.jobs:
-        for pair in bench.pairs():
+        for pair in (p for p in bench.pairs() if not s.pairs or any(k in p[0] for k in s.pairs)):
             report.add("stylize", {"pair": pair[0]}, lambda p=pair: bench.run_pair(*p, repeats=s.repeats, flops=s.flops))
     if "overhead" in s.jobs:
         styles = [[]] + [[name] for name in sorted(p.name for p in lib.iterdir())]
