@@ -86,7 +86,23 @@ def _cmd_evaluate(args) -> int:
     parts += [f"--set {shlex.quote(kv)}" for kv in args.set or []] + (["--overwrite"] if args.overwrite else [])
     command = " ".join(parts)  # recorded in run.json and every figure's footer
     table = evaluate(cfg, overwrite=args.overwrite, command=command)
-    print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
+    if table is not None:  # None on the other processes of an `accelerate launch` run: the main one reports
+        print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from customgen.bench import BenchSettings, run_bench  # lazy
+
+    command = "customgen bench " + " ".join(shlex.quote(a) for a in args.argv)  # recorded in both result files
+    settings = BenchSettings(
+        model=args.model, jobs=args.jobs.split(","), size=args.size, steps=args.steps, strength=args.strength,
+        train_resolution=args.train_resolution, repeats=args.repeats, overhead_images=args.overhead_images,
+        flops=not args.no_flops, cap_gib=args.cap_gib, device=args.device, dtype=args.dtype, out=str(args.out),
+        name=args.name, command=command, pairs=[p for p in args.pairs.split(",") if p],
+        **({"recipes": args.recipes.split(",")} if args.recipes else {}))
+    _, paths = run_bench(settings)
+    print(f"bench results: {paths[0]} and {paths[1]}")
     return 0
 
 
@@ -173,7 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_commands(sub)
     _add_export_command(sub)
     _add_demo_command(sub)
+    _add_bench_command(sub)
     return p
+
+
+def _add_bench_command(sub) -> None:
+    """`customgen bench` (handler: customgen.bench)."""
+    b = sub.add_parser("bench", help="time customgen against stock diffusers on the same weights (JSON + markdown)")
+    b.add_argument("--model", default="sd15-random", help="model reference (sd15-random: SD v1.5 shapes, random weights)")
+    b.add_argument("--jobs", default="stylize,overhead,train,perceptual", help="comma-separated jobs to run")
+    b.add_argument("--size", type=int, default=512, help="stylize working size in px")
+    b.add_argument("--steps", type=int, default=DEFAULTS.steps, help="stylize scheduler steps")
+    b.add_argument("--strength", type=float, default=0.6, help="img2img strength")
+    b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
+    b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
+    b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
+    b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
+    b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")
+    b.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one run less per side)")
+    b.add_argument("--cap-gib", type=float, default=0.0, help="cap CUDA memory, e.g. 15 to emulate a T4 (0: no cap)")
+    b.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if present)")
+    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    b.add_argument("--out", type=Path, default=Path("results/benchmarks"), help="folder for the JSON and markdown")
+    b.add_argument("--name", default="", help="file name without extension (default bench_<model>_<device>)")
+    b.set_defaults(func=_cmd_bench)
 
 
 def _sampling_args(p) -> None:
@@ -215,6 +254,8 @@ def _add_inference_commands(sub) -> None:
     s.add_argument("--style-image-scale", type=float, default=DEFAULTS.style_image_scale, help="weight of the style image")
     s.add_argument("--structure", choices=STRUCTURES, default=None, help="keep structure with a ControlNet")
     s.add_argument("--structure-scale", type=float, default=DEFAULTS.structure_scale, help="ControlNet conditioning scale")
+    s.add_argument("--batch", type=int, default=DEFAULTS.batch, metavar="N",
+                   help="contents of one working size per pipeline call (faster on a GPU; not pixel-identical to 1)")
     s.set_defaults(func=_cmd_stylize)
 
     g = sub.add_parser("generate", help="text-to-image with library styles and subjects")
@@ -258,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv[argv.index("bench") + 1:] if args.command == "bench" else argv
         fmt = warnings.formatwarning
         with warnings.catch_warnings():
             if not debug:  # library deprecation chatter is for developers; users see our notices

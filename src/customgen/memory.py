@@ -102,6 +102,8 @@ class PeakMemory:
     device: str | None = None
     peak_bytes: int | None = None
     rss_bytes: int | None = None
+    start_bytes: int | None = None  # CUDA bytes allocated when the block began (peak − start: what it added)
+    rss_start_bytes: int | None = None  # resident set when the block began
 
     @property
     def bytes(self) -> int | None:
@@ -109,11 +111,11 @@ class PeakMemory:
         return self.peak_bytes if self.peak_bytes is not None else self.rss_bytes
 
 
-def _vm_hwm() -> int | None:
-    """The process's peak resident set (VmHWM) in bytes, from /proc (Linux)."""
+def _vm_status(key: str = "VmHWM") -> int | None:
+    """A size from /proc/self/status in bytes (Linux): VmHWM the peak resident set, VmRSS the current one."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -139,15 +141,16 @@ def peak_memory(device: str | torch.device | None = None):
         dev = dev or torch.device("cuda", torch.cuda.current_device())
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        result.device = str(dev)
+        result.device, result.start_bytes = str(dev), int(torch.cuda.memory_allocated(dev))
     rss = _reset_hwm()
+    result.rss_start_bytes = _vm_status("VmRSS") if rss else None
     try:
         yield result
     finally:
         if cuda:
             torch.cuda.synchronize(dev)
             result.peak_bytes = int(torch.cuda.max_memory_allocated(dev))
-        result.rss_bytes = _vm_hwm() if rss else None
+        result.rss_bytes = _vm_status() if rss else None
 
 
 @dataclass(frozen=True)

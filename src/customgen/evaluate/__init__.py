@@ -6,6 +6,7 @@
 
 Outputs (under eval.output): images/ (stylized PNGs, reused on re-runs), metrics.csv/.json (one row per
 model/style), per_image.csv, summary.md, sweep.csv (eval.sweep), run.json, plots/. See docs/evaluation_metrics.md.
+Several processes: `accelerate launch --num_processes 2 -m customgen evaluate configs/eval.yaml ...`.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from accelerate import PartialState
 
 from customgen.config import Config, load_config
 from customgen.errors import UserError
 from customgen.limits import check_limits
 from customgen.lock import output_lock
-from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, style_point
+from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, merge, style_point
 from customgen.evaluate.inputs import EvalInputs, EvalStyle, resolve_inputs
 from customgen.evaluate.plots import save_result_plots
 from customgen.evaluate.report import (COLUMNS, SMOKE_NOTE, Results, best_per_style, load_results, ordered, run_info,
@@ -55,16 +57,21 @@ def _key(model: str, strength: float, scale: float) -> tuple:
 
 
 def evaluate(config, *, overwrite: bool = False, progress: bool = True, command: str | None = None,
-             plots: bool = True) -> pd.DataFrame:
+             plots: bool = True) -> pd.DataFrame | None:
     """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style. The
-    output folder is locked for the run: a second evaluation into it is refused (customgen.lock)."""
+    output folder is locked for the run: a second evaluation into it is refused (customgen.lock).
+
+    Under `accelerate launch` (several GPUs or machines) every process generates its share of the grid and the
+    main process scores everything and writes the results; the other processes return None (they work under
+    the main process's lock)."""
     cfg = check_limits(config if isinstance(config, Config) else load_config(config))
     check_settings(cfg.eval)
     with output_lock(Path(cfg.eval.output).expanduser(), command="evaluate"):
         return run_evaluation(cfg, overwrite=overwrite, progress=progress, command=command, plots=plots)
 
 
-def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str | None, plots: bool) -> pd.DataFrame:
+def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str | None,
+                   plots: bool) -> pd.DataFrame | None:
     """The body of `evaluate`, under its output lock."""
     e = cfg.eval
     inputs = resolve_inputs(cfg)
@@ -74,7 +81,13 @@ def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str
     grid = grid_points(inputs.styles, e)
     sweep = sweep_points(inputs.styles, e) if e.sweep else []
     points = list({_key(p.model, p.strength, p.scale): p for p in grid + sweep}.values())
-    outputs = generate(points, inputs, cfg, out, overwrite=overwrite, progress=progress)
+    state = PartialState()  # one process, or one of those `accelerate launch` started
+    mine = generate(points, inputs, cfg, out, overwrite=overwrite, progress=progress and state.is_main_process,
+                    rank=state.process_index, world=state.num_processes,
+                    device=str(state.device) if state.num_processes > 1 else None)
+    outputs = merge(mine, points, inputs, out, state)
+    if outputs is None:
+        return None  # the main process scores the merged outputs and writes the results
     rows = image_rows(outputs, inputs, nets, lpips_net=e.lpips_net, progress=progress)
     pick = lambda pts: [r for r in rows if _key(r["model"], r["strength"], r["style_scale"])  # noqa: E731
                         in {_key(p.model, p.strength, p.scale) for p in pts}]

@@ -3,12 +3,14 @@
 A *point* is one model (a library style, or the plain SD img2img baseline) at one strength and style scale.
 Each output PNG carries its settings (customgen.inference metadata) plus the generation time and peak
 memory, so a re-run needs nothing but the images; settings that differ from the config are an error
-unless `overwrite`.
+unless `overwrite`. Under `accelerate launch` each process generates every n-th (point, content) pair on its
+own device and the main process merges the lists (`merge`).
 """
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from customgen.models import resolve_ref
 
 BASELINE = "baseline"  # model and method name of plain SD img2img (no style)
 EVAL_KEY = "eval"  # key in the PNG settings holding seconds / peak memory of the generation
+RANKS = ".ranks"  # OUT/.ranks/<rank>.json: each process's outputs while a multi-process evaluation merges them
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,12 @@ def reuse(path: Path, want: dict) -> dict | None:
     return stored
 
 
-def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg):
+def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg, *, device=None):
     """One output through customgen.inference.stylize (looked up at call time, so tests can count calls)."""
     e = cfg.eval
     styles = None if style_folder is None else [str(style_folder)]
     scale = None if style_folder is None else point.scale
-    request = e.request(cfg.model.ref, strength=point.strength, scale=scale, dtype=cfg.model.dtype)
+    request = e.request(cfg.model.ref, strength=point.strength, scale=scale, dtype=cfg.model.dtype).replace(device=device)
     with peak_memory() as mem:
         sync()
         t0 = time.perf_counter()
@@ -132,17 +135,18 @@ def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg):
     return img, seconds, mem.peak_bytes
 
 
-def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = False,
-             progress: bool = True) -> list[Output]:
-    """Every (point, content) output under OUT/images, generating only those not on disk yet."""
+def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = False, progress: bool = True,
+             rank: int = 0, world: int = 1, device=None) -> list[Output]:
+    """This process's share of the (point, content) outputs under OUT/images — every `world`-th pair of the grid,
+    starting at `rank` — generating only those not on disk yet."""
     folders = {s.name: s.folder for s in inputs.styles}
     names = output_names(inputs.contents)
+    grid = [(point, content) for point in points for content in inputs.contents][rank::world]
     plan = []  # every existing output is checked before anything runs: a mismatch fails fast, in one line
-    for point in points:
-        for content in inputs.contents:
-            path = out / "images" / point.folder / names[content]
-            want = expected_settings(point, content, cfg.eval, cfg.model.ref)
-            plan.append((point, content, path, reuse(path, want) if path.is_file() and not overwrite else None))
+    for point, content in grid:
+        path = out / "images" / point.folder / names[content]
+        want = expected_settings(point, content, cfg.eval, cfg.model.ref)
+        plan.append((point, content, path, reuse(path, want) if path.is_file() and not overwrite else None))
     outputs = []
     todo = sum(stored is None for *_, stored in plan)
     bar = tqdm(total=todo, desc="stylize", unit="img", disable=not progress or todo == 0)
@@ -153,11 +157,35 @@ def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = F
                                   cost.get("peak_memory_bytes"), True))
             continue
         bar.set_postfix_str(f"{point.model} s={point.strength:g}", refresh=False)
-        img, seconds, peak = stylize_one(point, content, folders.get(point.model), cfg)
+        img, seconds, peak = stylize_one(point, content, folders.get(point.model), cfg, device=device)
         settings = json.loads(img.info.get("customgen", "{}"))
         settings[EVAL_KEY] = {"seconds": seconds, "peak_memory_bytes": peak}
         save_image(with_settings(img, settings), path, overwrite=True)
         outputs.append(Output(point, content, path, seconds, peak, False))
         bar.update()
     bar.close()
+    return outputs
+
+
+def merge(mine: list[Output], points: list[Point], inputs, out: Path, state) -> list[Output] | None:
+    """Every process's outputs, in grid order, on the main process (None elsewhere): each process lists its share
+    in OUT/.ranks/<rank>.json, then all wait; a single process returns its own list."""
+    if state.num_processes == 1:
+        return mine
+    folder = out / RANKS
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"path": str(o.path), "seconds": o.seconds, "peak": o.peak_memory_bytes, "reused": o.reused} for o in mine]
+    (folder / f"{state.process_index}.json").write_text(json.dumps(rows))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    done = {r["path"]: r for rank in range(state.num_processes)
+            for r in json.loads((folder / f"{rank}.json").read_text())}
+    shutil.rmtree(folder)
+    names = output_names(inputs.contents)
+    outputs = []
+    for point in points:
+        for content in inputs.contents:
+            r = done[str(out / "images" / point.folder / names[content])]
+            outputs.append(Output(point, content, Path(r["path"]), r["seconds"], r["peak"], r["reused"]))
     return outputs

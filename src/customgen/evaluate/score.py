@@ -1,7 +1,10 @@
 """Metrics for generated outputs: per-image rows, then one row per model/style (means, stds, set metrics, cost).
 
-Degenerate outputs (black, NaN, constant) are kept in the per-image table with their `flag` and left out of
-every mean and of FID/KID (customgen.metrics.summarize / fid_images do the exclusion).
+Per-image metrics are computed per content image: the content is loaded and encoded once, and every output made
+from it (all points) goes through CLIP, LPIPS and SSIM in batches; reference styles are encoded once. CLIP and
+Inception features are cached per image (sha1 of its bytes) under eval.output/features, so a re-run or a larger
+study computes only new images. Degenerate outputs (black, NaN, constant) are kept in the per-image table with
+their `flag` and left out of every mean and of FID/KID (customgen.metrics.summarize / the set metrics).
 """
 from __future__ import annotations
 
@@ -17,30 +20,60 @@ from customgen.evaluate.generate import BASELINE, Output
 
 PAIR_METRICS = ("clip_content", "clip_style", "style_strength", "ssim", "lpips")  # per image
 SET_METRICS = ("fid", "kid", "art_fid")  # per model/style
+BATCH = 16  # images per network call (CLIP, LPIPS, Inception)
 
 
 def _img(path):
     return M.load_image(path)
 
 
-def image_rows(outputs: list[Output], inputs, nets, *, lpips_net: str, progress: bool = True) -> list[dict]:
+def content_metrics(paths: list, content, nets, lp, *, batch_size: int = BATCH) -> list[tuple[dict, object, str]]:
+    """(clip_content/ssim/lpips results, CLIP feature, flag) for each output made from one content image."""
+    content = _img(content)
+    images = [_img(p) for p in paths]
+    arrays = [M.to_array(im) for im in images]
+    flags = [M.is_degenerate(a) for a in arrays]
+    ok = [i for i, f in enumerate(flags) if f != "nan"]
+    feats = dict(zip(ok, M.encode_images([images[i] for i in ok], nets.clip, cache=nets.feature_cache,
+                                         batch_size=batch_size))) if ok else {}
+    content_feat = M.encode_images([content], nets.clip, cache=nets.feature_cache)  # (1, D)
+    ssims, lpipses = M.ssim_many(arrays, content), M.lpips_many(arrays, content, net=lp, batch_size=batch_size)
+    out = []
+    for i, flag in enumerate(flags):
+        clip = M.clip_result("clip_content", feats.get(i), content_feat, smoke=nets.clip.smoke, flag=flag)
+        out.append(({"clip_content": clip, "ssim": ssims[i], "lpips": lpipses[i]}, feats.get(i), flag))
+    return out
+
+
+def reference_features(inputs, nets, *, batch_size: int = BATCH) -> dict[str, np.ndarray]:
+    """CLIP features (M, D) of every style's reference images, once."""
+    return {s: M.encode_images(list(paths), nets.clip, cache=nets.feature_cache, batch_size=batch_size)
+            for s, paths in sorted(inputs.references.items()) if paths}
+
+
+def image_rows(outputs: list[Output], inputs, nets, *, lpips_net: str, progress: bool = True,
+               batch_size: int = BATCH) -> list[dict]:
     """Per-image metric rows (MetricResults under '_results'); a baseline image gets one row per reference style."""
     lp = nets.lpips(lpips_net)
-    refs = {s: [_img(p) for p in paths] for s, paths in inputs.references.items()}
+    refs = reference_features(inputs, nets, batch_size=batch_size)
     ref_of = {s.name: s.reference for s in inputs.styles}
+    by_content: dict = defaultdict(list)
+    for i, o in enumerate(outputs):
+        by_content[o.content].append(i)
+    pairs: dict[int, tuple] = {}
+    for content, idx in tqdm(by_content.items(), desc="metrics", unit="content", disable=not progress):
+        pairs.update(zip(idx, content_metrics([outputs[i].path for i in idx], content, nets, lp, batch_size=batch_size)))
     rows = []
-    for o in tqdm(outputs, desc="metrics", unit="img", disable=not progress):
-        out, content = _img(o.path), _img(o.content)
-        pair = {"clip_content": M.clip_content(out, content, embedder=nets.clip, cache=nets.feature_cache),
-                "ssim": M.ssim(out, content), "lpips": M.lpips(out, content, net=lp)}
+    for i, o in enumerate(outputs):
+        pair, feat, flag = pairs[i]
         styles = (inputs.reference_styles or [None]) if o.point.model == BASELINE else [ref_of[o.point.model]]
         for style in styles:
             res = dict(pair)
             if style is not None:
-                res["clip_style"] = M.clip_style(out, refs[style], embedder=nets.clip, cache=nets.feature_cache)
+                res["clip_style"] = M.clip_result("clip_style", feat, refs[style], smoke=nets.clip.smoke, flag=flag)
             rows.append({"model": o.point.model, "method": o.point.method, "style": style or "",
                          "strength": o.point.strength, "style_scale": o.point.scale, "content": str(o.content),
-                         "output": str(o.path), "flag": M.is_degenerate(out), "seconds": o.seconds,
+                         "output": str(o.path), "flag": flag, "seconds": o.seconds,
                          "peak_memory_bytes": o.peak_memory_bytes, "reused": o.reused, "_results": res})
     add_style_strength(rows)
     return rows
@@ -81,26 +114,36 @@ def _cost(group: list[dict], style) -> dict:
             "peak_memory_bytes": m.peak_memory_bytes if m else None}
 
 
-def _set_metrics(group: list[dict], refs: list, nets, e, lpips_mean: float) -> dict:
-    """FID and KID between the group's outputs and the style references, and ArtFID; with sample sizes."""
-    if not refs:
+def _set_metrics(group: list[dict], refs, nets, e, lpips_mean: float) -> dict:
+    """FID and KID between the group's outputs and the style references (features computed once per image, the
+    references' once per style), and ArtFID; with sample sizes."""
+    enc = nets.inception
+    fa = M.encode_images([r["output"] for r in group], enc, cache=nets.feature_cache) if group else None
+    if fa is None or refs is None:
         return {k: math.nan for k in ("fid", "fid_std", "kid", "kid_std", "art_fid", "art_fid_std")} | {
             "fid_n": 0, "fid_n_ref": 0, "kid_subset_size": 0, "_smoke": False}
-    outs = [_img(r["output"]) for r in group]
-    kw = dict(extractor=nets.inception, cache=nets.feature_cache)
-    fid = M.fid_images(outs, refs, **kw)
-    kid = M.kid_images(outs, refs, subset_size=e.kid_subset, seed=e.seed, **kw)
+    fid = M.fid(fa, refs, smoke=enc.smoke)
+    kid = M.kid(fa, refs, subset_size=e.kid_subset, seed=e.seed, smoke=enc.smoke)
     art = M.art_fid(lpips_mean, fid)
     return {"fid": fid.value, "fid_std": math.nan, "kid": kid.value, "kid_std": kid.std, "art_fid": art.value,
             "art_fid_std": math.nan, "fid_n": fid.n, "fid_n_ref": fid.n_ref,
             "kid_subset_size": min(e.kid_subset, kid.n, kid.n_ref), "_smoke": fid.smoke or kid.smoke}
 
 
+def reference_set_features(inputs, nets) -> dict[str, np.ndarray | None]:
+    """Inception features of each style's non-degenerate reference images (None when none is usable)."""
+    out = {}
+    for style, paths in inputs.references.items():
+        keep = [p for p in paths if M.is_degenerate(p) is None]
+        out[style] = M.encode_images(keep, nets.inception, cache=nets.feature_cache) if keep else None
+    return out
+
+
 def aggregate(rows: list[dict], inputs, nets, cfg, *, set_metrics: bool = True) -> pd.DataFrame:
     """One row per (model, style, strength, scale): means/stds of per-image metrics, FID/KID/ArtFID, cost."""
     e = cfg.eval
     styles = {s.name: s for s in inputs.styles}
-    refs = {s: [_img(p) for p in paths] for s, paths in inputs.references.items()} if set_metrics else {}
+    refs = reference_set_features(inputs, nets) if set_metrics else {}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["style"], r["strength"], r["style_scale"])].append(r)
@@ -117,7 +160,7 @@ def aggregate(rows: list[dict], inputs, nets, cfg, *, set_metrics: bool = True) 
         row["n_flagged"] = sum(1 for r in group if r["flag"])
         if set_metrics:
             kept = [r for r in group if not r["flag"]]
-            sm = _set_metrics(kept, refs.get(style, []) if kept else [], nets, e, row["lpips"])
+            sm = _set_metrics(kept, refs.get(style), nets, e, row["lpips"])
             set_smoke = sm.pop("_smoke")
             smoke = smoke or set_smoke
             row |= sm

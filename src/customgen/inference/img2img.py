@@ -2,7 +2,10 @@
 an optional mask, a style image (IP-Adapter or nearest library style) and structure guidance (ControlNet).
 
 With no style the call is exactly stock `StableDiffusionImg2ImgPipeline` with the same weights, strength,
-steps, guidance and `torch.Generator("cpu").manual_seed(seed)`.
+steps, guidance and `torch.Generator("cpu").manual_seed(seed)`. Per image, customgen adds only the resize to the
+working size and back, the mask and the metadata: the scheduler and the encoded prompt are reused from the
+session. `request.batch` > 1 runs content images of the same working size together, each with its own
+generator seeded with `seed`.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from customgen.inference.images import (composite, default_feather, feather_mask
                                         load_mask, to_original, to_working, with_settings)
 from customgen.inference.library import StyleLibrary, resolve_styles
 from customgen.inference.nearest import nearest_style
-from customgen.inference.prompts import build_prompt, prompt_kwargs
-from customgen.inference.session import Session, get_session, make_scheduler
+from customgen.inference.prompts import build_prompt, conditioning
+from customgen.inference.session import Session, get_session, lap
 from customgen.inference.txt2img import as_request, preview
 from customgen.request import Request
 
@@ -52,7 +55,7 @@ def stylize(content, styles=None, request: Request | None = None, *, styles_dir=
         add_style_image(session, job, load_content(req.style_image), library, embedder)
     with session.lock:
         session.activate(job.specs)
-        outputs = [stylize_one(session, img, job) for img in contents]
+        outputs = stylize_all(session, contents, job)
     return outputs[0] if is_single(content) else outputs
 
 
@@ -86,31 +89,62 @@ def add_style_image(session: Session, job: Job, image: Image.Image, library: Sty
     job.notes["style_image"] = f"nearest:{chosen.name}"
 
 
-def stylize_one(session: Session, content: Image.Image, job: Job) -> Image.Image:
-    """One content image through the (ControlNet) img2img pipeline; back at its size, mask composited."""
-    req = job.request
-    work = to_working(content, req.size or session.native_size)
-    control = adapters.control_image(session, req.structure, work) if req.structure else None
-    pipe = adapters.controlnet_pipeline(session, req.structure) if req.structure else session.pipeline("img2img")
-    pipe.scheduler = make_scheduler(req.scheduler, session.comps.scheduler.config)
-    prompt = build_prompt(session, job.specs, req.prompt)
-    kwargs = dict(image=work, strength=req.strength, num_inference_steps=req.steps, guidance_scale=req.guidance,
-                  generator=torch.Generator("cpu").manual_seed(req.seed),
-                  **prompt_kwargs(session, pipe, job.specs, prompt, req.negative_prompt))
-    if control is not None:
-        kwargs.update(control_image=control, controlnet_conditioning_scale=float(req.structure_scale))
-    ip = (adapters.ip_adapter(session, pipe, float(req.style_image_scale)) if job.style_image is not None
-          else contextlib.nullcontext())
-    with ip, torch.inference_mode():
+def batches(sizes: list[tuple[int, int]], batch: int) -> list[list[int]]:
+    """Indices grouped by working size, at most `batch` per group, in first-seen order."""
+    groups: dict = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault(size, []).append(i)
+    return [idx[i:i + batch] for idx in groups.values() for i in range(0, len(idx), batch)]
+
+
+def stylize_all(session: Session, contents: list[Image.Image], job: Job) -> list[Image.Image]:
+    """Every content image, `request.batch` of one working size per pipeline call; outputs in input order."""
+    with lap(session, "resize"):
+        works = [to_working(c, job.request.size or session.native_size) for c in contents]
+    outputs: list = [None] * len(contents)
+    for idx in batches([w.size for w in works], job.request.batch):
+        for i, out in zip(idx, stylize_batch(session, [contents[i] for i in idx], [works[i] for i in idx], job)):
+            outputs[i] = out
+    return outputs
+
+
+def stylize_batch(session: Session, contents: list[Image.Image], works: list[Image.Image], job: Job) -> list:
+    """Content images of one working size through one (ControlNet) img2img call; back at their sizes, masks
+    composited."""
+    req, n = job.request, len(works)
+    with lap(session, "prepare"):
+        pipe = adapters.controlnet_pipeline(session, req.structure) if req.structure else session.pipeline("img2img")
+        if pipe.scheduler is not session.scheduler(req.scheduler):
+            pipe.scheduler = session.scheduler(req.scheduler)
+        prompt = build_prompt(session, job.specs, req.prompt)
+        generators = [torch.Generator("cpu").manual_seed(req.seed) for _ in works]
+        kwargs = dict(image=works[0] if n == 1 else works, strength=req.strength, num_inference_steps=req.steps,
+                      guidance_scale=req.guidance, generator=generators[0] if n == 1 else generators,
+                      **conditioning(session, pipe, job.specs, prompt, req.negative_prompt, guidance=req.guidance,
+                                     batch=n))
+        if req.structure:
+            control = [adapters.control_image(session, req.structure, w) for w in works]
+            kwargs.update(control_image=control[0] if n == 1 else control,
+                          controlnet_conditioning_scale=float(req.structure_scale))
         if job.style_image is not None:
             kwargs["ip_adapter_image"] = job.style_image
-        out = pipe(**kwargs).images[0]
+    ip = (adapters.ip_adapter(session, pipe, float(req.style_image_scale)) if job.style_image is not None
+          else contextlib.nullcontext())
+    with lap(session, "pipeline"), ip, torch.inference_mode():
+        images = pipe(**kwargs).images
+    with lap(session, "finish"):
+        return [finish(session, job, prompt, c, w.size, out) for c, w, out in zip(contents, works, images)]
+
+
+def finish(session: Session, job: Job, prompt: str, content: Image.Image, work_size, out: Image.Image) -> Image.Image:
+    """An output back at its content's size, the mask composited, the settings attached."""
+    req = job.request
     out = to_original(out, content.size)
     if req.mask is not None:
         weights = feather_mask(load_mask(req.mask, content.size), default_feather(content.size)
                                if req.feather is None else req.feather)
         out = composite(content, out, weights)
-    return with_settings(out, settings(session, job, prompt, content, work.size))
+    return with_settings(out, settings(session, job, prompt, content, work_size))
 
 
 def settings(session: Session, job: Job, prompt: str, content: Image.Image, work_size) -> dict:

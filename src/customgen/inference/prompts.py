@@ -3,8 +3,13 @@
 A kind may weight tokens (Textual Inversion's scale): for (token, w) the prompt embeddings become
 E(prompt without the token) + w·(E(prompt) − E(prompt without the token)), Compel's down-weighting rule
 (w = 1: the plain prompt; w = 0: the prompt without the token).
+
+`conditioning` encodes a prompt once while the session's active styles stay the same: the pipeline gets the
+tensors it would have computed from the strings, so outputs are unchanged and the text encoder runs once.
 """
 from __future__ import annotations
+
+import torch
 
 from customgen.inference.library import Style
 
@@ -49,3 +54,21 @@ def prompt_kwargs(session, pipe, specs: list[tuple[Style, float]], prompt: str, 
         only = encode(without_tokens(prompt, [t for t in tokens if t != token]))
         embeds = embeds + weight * (only - none)
     return {"prompt_embeds": embeds, "negative_prompt": negative_prompt}
+
+
+def conditioning(session, pipe, specs: list[tuple[Style, float]], prompt: str, negative_prompt: str, *,
+                 guidance: float, batch: int = 1) -> dict:
+    """prompt_embeds (+ negative_prompt_embeds under classifier-free guidance) for `batch` images, encoded as the
+    pipeline encodes the strings and cached in the session until the active styles change."""
+    cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' own test
+    key = (prompt, negative_prompt, cfg, tuple((s.folder, float(w)) for s, w in specs))
+    if key not in session.prompts:
+        kw = prompt_kwargs(session, pipe, specs, prompt, negative_prompt)
+        with torch.inference_mode():
+            session.prompts[key] = pipe.encode_prompt(kw.get("prompt"), pipe._execution_device, 1, cfg,
+                                                      negative_prompt, prompt_embeds=kw.get("prompt_embeds"))
+    embeds, negative = session.prompts[key]  # (1, 77, D) each; negative is None without guidance
+    out = {"prompt_embeds": embeds.expand(batch, -1, -1)}
+    if negative is not None:
+        out["negative_prompt_embeds"] = negative.expand(batch, -1, -1)
+    return out

@@ -1,13 +1,17 @@
 """A loaded base model and the styles loaded into it: the base loads once, switching styles loads only style weights.
 
 Each adaptation kind keeps its own state in the session (`session.state(kind)`) and does its own loading and
-activation (customgen.kinds): LoRA styles are named peft adapters, Textual Inversion tokens are added once,
-DreamBooth weights are swapped in and the base weights restored exactly.
+activation (customgen.kinds): LoRA styles are named peft adapters (one active style fused), Textual Inversion
+tokens are added once, DreamBooth weights are swapped in and the base weights restored exactly.
+
+What does not change between images is built once: the schedulers (a pipeline resets its scheduler on every
+call, as a stock pipeline reuses its own) and the encoded prompts of the active styles.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
 
 import diffusers
@@ -19,6 +23,7 @@ import customgen.models as models
 from customgen.errors import UserError
 from customgen.inference.library import check_compatible
 from customgen.kinds import KINDS, Kind
+from customgen.memory import sync
 from customgen.request import DEFAULT_MODEL, SCHEDULERS as SCHEDULER_NAMES
 
 # One scheduler per name, all built from the model's own scheduler config.
@@ -66,8 +71,12 @@ class Session:
         self.lock = threading.RLock()  # the demo serves requests from threads; one generation at a time
         self.extra: dict = {}  # lazily built add-ons (ControlNets, IP-Adapter, previews)
         self.loaded: dict = {}  # artifact folder → Style, once its weights are in the base model
+        self.active: tuple | None = None  # ((artifact folder, scale), ...) activated last; None: unknown
+        self.prompts: dict = {}  # encoded prompts while the active styles stay the same (inference.prompts)
+        self.timings: dict | None = None  # phase → [seconds]; stylize fills it when a benchmark sets a dict
         self._pipes: dict = {}
         self._states: dict = {}
+        self._schedulers: dict = {}
 
     @property
     def native_size(self) -> int:
@@ -90,21 +99,58 @@ class Session:
             self._pipes[kind] = pipe
         return self._pipes[kind]
 
+    def scheduler(self, name: str):
+        """The scheduler `name`, built once from the model's config (every pipeline call resets it)."""
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self.comps.scheduler.config)
+        return self._schedulers[name]
+
     def activate(self, specs: list[tuple]) -> None:
-        """Make exactly these (style, scale) pairs active; every other loaded style is switched off."""
+        """Make exactly these (style, scale) pairs active; every other loaded style is switched off. Nothing
+        happens when they are already active; otherwise kinds unfuse, load, activate, then fuse."""
+        key = tuple((style.folder, float(w)) for style, w in specs)
+        if key == self.active:
+            return
+        self.unfuse()
         for style, _ in specs:
             self.load(style)
         for kind in KINDS.values():
             kind.activate(self, [(s, w) for s, w in specs if s.kind is kind])
+        for kind in KINDS.values():
+            kind.fuse(self)
+        self.active = key
+
+    def unfuse(self) -> None:
+        """Every kind's fused weights undone exactly; the encoded prompts forgotten."""
+        for kind in KINDS.values():
+            kind.unfuse(self)
+        self.active = None
+        self.prompts.clear()
 
     def load(self, style) -> None:
         """Load a style's weights into the base once (checked against this architecture first)."""
         if style.folder in self.loaded:
             return
         check_compatible(style, self.comps)
+        self.unfuse()  # loaders and DreamBooth's swap see the unfused weights
         with quiet_diffusers():
             style.kind.load(self, style)
         self.loaded[style.folder] = style
+
+
+@contextlib.contextmanager
+def lap(session: Session, phase: str):
+    """Time the block into `session.timings[phase]` (synchronised) when a benchmark asked for timings."""
+    if session.timings is None:
+        yield
+        return
+    sync()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync()
+        session.timings.setdefault(phase, []).append(time.perf_counter() - start)
 
 
 def get_session(model=DEFAULT_MODEL, *, device=None, dtype=None) -> Session:

@@ -8,8 +8,8 @@ import customgen
 from customgen.errors import UserError
 from customgen.inference.images import with_settings
 from customgen.inference.library import Style, StyleLibrary, resolve_styles
-from customgen.inference.prompts import build_prompt, prompt_kwargs
-from customgen.inference.session import Session, get_session, make_scheduler
+from customgen.inference.prompts import build_prompt, conditioning
+from customgen.inference.session import Session, get_session
 from customgen.request import Request, random_seed
 
 
@@ -41,9 +41,10 @@ def run_txt2img(session: Session, specs, prompt: str, req: Request) -> list[Imag
     """The stock txt2img pipeline with the active styles (req: seed, width and height set); each image carries
     its settings."""
     pipe = session.pipeline("txt2img")
-    pipe.scheduler = make_scheduler(req.scheduler, session.comps.scheduler.config)
+    if pipe.scheduler is not session.scheduler(req.scheduler):
+        pipe.scheduler = session.scheduler(req.scheduler)
     with torch.inference_mode():
-        out = pipe(**prompt_kwargs(session, pipe, specs, prompt, req.negative_prompt),
+        out = pipe(**conditioning(session, pipe, specs, prompt, req.negative_prompt, guidance=float(req.guidance)),
                    num_inference_steps=int(req.steps), guidance_scale=float(req.guidance),
                    generator=torch.Generator("cpu").manual_seed(req.seed), num_images_per_prompt=req.num_images,
                    width=req.width, height=req.height).images

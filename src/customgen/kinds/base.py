@@ -118,6 +118,15 @@ class Kind:
         restores the base model exactly."""
         raise TypeError(f"{type(self).__name__} must define activate()")
 
+    def fuse(self, session) -> None:
+        """Optionally bake the active state into the base weights for speed (LoRA: one adapter fused at its
+        scale). Called after every kind has activated; `unfuse` must undo it exactly."""
+        return None
+
+    def unfuse(self, session) -> None:
+        """Undo `fuse` exactly (the unfused weights bit for bit). Called before any kind loads or activates."""
+        return None
+
     def default_prompt(self, style) -> str:
         """The manifest's prompt, else its token; "" for prompt-free styles."""
         return style.manifest.prompt or style.manifest.token
@@ -125,6 +134,16 @@ class Kind:
     def prompt(self, session, style, text: str) -> str:
         """`text` with this style's token replaced by what the session loaded it under (kinds with tokens)."""
         return text
+
+    # --- stock tools (what `customgen bench` compares with) ------------------------------------------------------
+    def stock_variants(self) -> dict[str, bool]:
+        """The ways a diffusers user applies this kind's artifact, each with whether customgen's output must equal
+        that one pixel for pixel (at scale 1)."""
+        return {}
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        """Apply `style` at scale 1 to a fresh stock diffusers pipeline as `variant` (see stock_variants)."""
+        raise TypeError(f"{type(self).__name__} must define load_stock()")
 
     def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
         """(token, weight) pairs whose prompt embeddings are interpolated by weight (TI's scale); [] for none."""

@@ -117,6 +117,12 @@ class DreamBoothKind(Kind):
             state.base.setdefault(key, value.to("cpu"))
         swap_weights(unet, originals)  # back to the base until activated
 
+    def stock_variants(self) -> dict[str, bool]:
+        return {"merged UNet": True}  # a stock pipeline holding the fine-tuned UNet
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        load_dreambooth(pipe.unet, style.folder)
+
     def activate(self, session, active: list[tuple]) -> None:
         """Weights = base + Σ scale·(trained − base); exactly the trained weights for one style at scale 1."""
         state = session.state(self)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -162,15 +163,35 @@ class LoraMethod(Method):
 
 
 # --- inference ---------------------------------------------------------------------------------------------
+LORA_COMPONENTS = ("unet", "text_encoder")  # pipeline components LoRA styles adapt (stock fuse_lora names)
+
+
 @dataclass
 class LoraState:
     """LoRA styles loaded into one session: artifact folder → peft adapter name, and what is active now."""
 
     adapters: dict = field(default_factory=dict)
     active: tuple | None = None  # ((adapter, weight), ...) last set; None: nothing set yet
+    fused: dict | None = None  # peft layer → (weight, bias) of its base layer before fusing, on the CPU
+
+
+def lora_layers(pipe, adapter: str) -> list:
+    """The peft LoRA layers of the pipeline's UNet and text encoder that hold `adapter`."""
+    return [m for c in LORA_COMPONENTS for m in getattr(pipe, c).modules()
+            if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})]
+
+
+def _base_copy(layer) -> tuple:
+    base = layer.get_base_layer()
+    bias = getattr(base, "bias", None)
+    return base.weight.detach().to("cpu", copy=True), None if bias is None else bias.detach().to("cpu", copy=True)
 
 
 class LoraKind(Kind):
+    """LoRA styles as named peft adapters. One active style is fused into the base weights at its scale (stock
+    `fuse_lora`: the LoRA branch costs nothing per step); blends run unfused through `set_adapters`. Unfusing
+    copies the saved base weights back, so switching styles restores the base model bit for bit."""
+
     name = "lora"
     weights = WEIGHTS
     has_scale = True
@@ -210,7 +231,8 @@ class LoraKind(Kind):
         state = session.state(self)
         if not state.adapters:
             return
-        weighted = tuple((state.adapters[s.folder], float(w)) for s, w in active)
+        # An adapter at weight 0 adds exactly nothing: leaving it out lets a single remaining style fuse.
+        weighted = tuple((state.adapters[s.folder], float(w)) for s, w in active if float(w) != 0.0)
         if weighted == state.active:
             return  # nothing changed: set_adapters walks every module of the UNet
         pipe = session.pipeline("img2img")
@@ -220,3 +242,39 @@ class LoraKind(Kind):
             pipe.enable_lora()
             pipe.set_adapters([n for n, _ in weighted], adapter_weights=[w for _, w in weighted])
         state.active = weighted
+
+    def stock_variants(self) -> dict[str, bool]:
+        return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        load_lora(pipe, style.folder, adapter_name="style")
+        if variant.endswith("fuse_lora"):
+            pipe.fuse_lora(components=list(LORA_COMPONENTS), lora_scale=1.0)
+
+    def fuse(self, session) -> None:
+        """Fuse a single active adapter at its scale, as stock `fuse_lora(lora_scale=w)` does it (the adapter at
+        weight 1, then the scale); the base weights of its layers are kept on the CPU for `unfuse`."""
+        state = session.state(self)
+        if state.fused is not None or not state.active or len(state.active) != 1:
+            return
+        (name, weight), = state.active
+        pipe = session.pipeline("img2img")
+        state.fused = {layer: _base_copy(layer) for layer in lora_layers(pipe, name)}
+        pipe.set_adapters([name], adapter_weights=[1.0])
+        pipe.fuse_lora(components=list(LORA_COMPONENTS), lora_scale=weight, adapter_names=[name])
+
+    def unfuse(self, session) -> None:
+        """Unmerge (peft's bookkeeping), then copy the saved base weights back: exact, unlike W + ΔW − ΔW."""
+        state = session.state(self)
+        if state.fused is None:
+            return
+        with warnings.catch_warnings():  # layers of other (unfused) adapters say so, once each
+            warnings.filterwarnings("ignore", message="Already unmerged")
+            session.pipeline("img2img").unfuse_lora(components=list(LORA_COMPONENTS))
+        with torch.no_grad():
+            for layer, (weight, bias) in state.fused.items():
+                base = layer.get_base_layer()
+                base.weight.copy_(weight)
+                if bias is not None:
+                    base.bias.copy_(bias)
+        state.fused, state.active = None, None  # fusing rescaled the layers: set the adapters again

@@ -157,6 +157,12 @@ class TextualInversionKind(Kind):
     def activate(self, session, active: list[tuple]) -> None:
         return None  # a token is active when the prompt holds it; its scale acts through token_weights
 
+    def stock_variants(self) -> dict[str, bool]:
+        return {"load_textual_inversion": True}
+
+    def load_stock(self, pipe, style, variant: str) -> None:
+        load_textual_inversion(pipe, style.folder, token=style.manifest.token)
+
     def loaded_token(self, session, style) -> str:
         """The token a style was loaded under (its own, or an alias when another style already took it)."""
         return session.state(self).tokens.get(style.folder, style.manifest.token)

@@ -3,7 +3,7 @@
 Every metric returns a ``MetricResult`` (value, sample sizes, ``smoke`` flag, degenerate-output flag);
 ``summarize`` averages rows while leaving flagged ones out. See docs/evaluation_metrics.md.
 """
-from customgen.metrics.clip import clip_content, clip_style, cosine_distance, style_strength
+from customgen.metrics.clip import clip_content, clip_result, clip_style, cosine_distance, style_strength
 from customgen.memory import peak_memory
 from customgen.metrics.cost import artifact_bytes, time_per_image
 from customgen.metrics.distribution import art_fid, fid, fid_images, frechet_distance, kid, kid_images
@@ -13,11 +13,12 @@ from customgen.metrics.networks import (
     LpipsScorer, MetricNetworks, OpenClipEmbedder, SmokeCNN, build_clip_embedder, build_inception_encoder,
     build_lpips_scorer, get_default_networks, set_default_networks,
 )
-from customgen.metrics.perceptual import lpips, ssim
+from customgen.metrics.perceptual import lpips, lpips_many, ssim, ssim_many
 from customgen.metrics.result import MetricResult, Summary, summarize
 
 __all__ = [
-    "clip_content", "clip_style", "style_strength", "ssim", "lpips", "fid", "kid", "art_fid",
+    "clip_content", "clip_style", "clip_result", "style_strength", "ssim", "ssim_many", "lpips", "lpips_many",
+    "fid", "kid", "art_fid",
     "fid_images", "kid_images", "frechet_distance", "cosine_distance",
     "time_per_image", "peak_memory", "artifact_bytes",
     "is_degenerate", "summarize", "MetricResult", "Summary",

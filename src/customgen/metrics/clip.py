@@ -32,18 +32,28 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 - cos  # (M,)
 
 
+def clip_result(name: str, feature: np.ndarray | None, ref_features: np.ndarray, *, smoke: bool,
+                flag: str | None = None) -> MetricResult:
+    """Mean cosine distance of one output's CLIP feature (D,) to reference features (M, D), as a MetricResult
+    (nan for a NaN output, which cannot be embedded; the row is excluded anyway)."""
+    n_ref = len(ref_features)
+    if flag == "nan" or feature is None:
+        return MetricResult(name, math.nan, smoke=smoke, n_ref=n_ref, flag=flag)
+    d = cosine_distance(feature, ref_features)  # (M,)
+    return MetricResult(name, float(d.mean()), smoke=smoke, n_ref=n_ref, per_item=tuple(float(x) for x in d),
+                        flag=flag)
+
+
 def _clip_distance(name: str, output: ImageLike, refs: Sequence[ImageLike], embedder, cache) -> MetricResult:
     """Shared body: flag degenerate outputs, embed output + references, mean cosine distance."""
     if len(refs) == 0:
         raise ValueError(f"{name}: no reference images given")
     embedder, cache = _resolve(embedder, cache)
     flag = is_degenerate(output)
-    if flag == "nan":  # NaN pixels cannot be embedded; the row is excluded anyway
-        return MetricResult(name, math.nan, smoke=embedder.smoke, n_ref=len(refs), flag=flag)
+    if flag == "nan":
+        return clip_result(name, None, np.zeros((len(refs), 1)), smoke=embedder.smoke, flag=flag)
     feats = encode_images([output, *refs], embedder, cache=cache)  # (1 + M, D)
-    d = cosine_distance(feats[0], feats[1:])  # (M,)
-    return MetricResult(name, float(d.mean()), smoke=embedder.smoke, n_ref=len(refs),
-                        per_item=tuple(float(x) for x in d), flag=flag)
+    return clip_result(name, feats[0], feats[1:], smoke=embedder.smoke, flag=flag)
 
 
 def clip_content(output: ImageLike, content: ImageLike, *, embedder: ImageEncoder | None = None,

@@ -141,16 +141,35 @@ def build_clip_embedder(*, model: str = "ViT-B-32", pretrained: str = "openai", 
 
 # ---------------------------------------------------------------- LPIPS backbone
 class LpipsScorer:
-    """lpips.LPIPS wrapped: two (H, W, 3) float images in [0, 1] → distance (Zhang et al. 2018)."""
+    """lpips.LPIPS wrapped: two (H, W, 3) float images in [0, 1] → distance (Zhang et al. 2018).
+
+    `features` and `distance` split lpips.LPIPS.forward (same operations, same order) so a reference's backbone
+    features are computed once for all the outputs compared with it, and outputs go through in batches."""
 
     def __init__(self, model: torch.nn.Module, *, net: str, smoke: bool, source: str, device: str):
         self.model, self.net, self.smoke, self.source, self.device = model.eval().to(device), net, smoke, source, device
 
     @torch.inference_mode()
+    def features(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Unit-normalised backbone features per layer, each (B, C_l, h_l, w_l), of (H, W, 3) images in [0, 1]."""
+        import lpips as lpips_pkg  # lazy: only when LPIPS is asked for
+
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(a)).float().permute(2, 0, 1) for a in images])
+        x = 2 * x.to(self.device) - 1  # (B, 3, H, W) in [-1, 1], as LPIPS(normalize=True)
+        return [lpips_pkg.normalize_tensor(f) for f in self.model.net.forward(self.model.scaling_layer(x))]
+
+    @torch.inference_mode()
+    def distance(self, feats: list[torch.Tensor], reference: list[torch.Tensor]) -> np.ndarray:
+        """Distances (B,) between features and a reference's features (batch 1, broadcast)."""
+        from lpips.lpips import spatial_average  # lazy: as above
+
+        val = 0
+        for lin, f, r in zip(self.model.lins, feats, reference):
+            val += spatial_average(lin((f - r) ** 2), keepdim=True)
+        return val.flatten().float().cpu().numpy()
+
     def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
-        ta, tb = (torch.from_numpy(np.ascontiguousarray(x)).float().permute(2, 0, 1)[None].to(self.device)
-                  for x in (a, b))  # (1, 3, H, W) in [0, 1]
-        return float(self.model(ta, tb, normalize=True).flatten()[0])
+        return float(self.distance(self.features([a]), self.features([b]))[0])
 
 
 def build_lpips_scorer(*, net: str = "alex", device: str | None = None, smoke: bool = False,

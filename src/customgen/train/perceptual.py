@@ -1,8 +1,10 @@
 """Decoder-based loss terms for style LoRA: LPIPS to the source and Gram to the style set on the
 decoded x0 prediction, optionally on content images noised to the img2img strength.
 
-The VAE decoder pass is the expensive part: terms run every N steps, below a timestep threshold,
-optionally on a random latent crop; with both weights at 0 this module is never built.
+The VAE decoder pass is the expensive part (its forward and backward over the decoded pixels are most of a
+perceptual step's extra cost: `customgen bench --jobs perceptual` times the pieces): terms run every N steps,
+below a timestep threshold, optionally on a random latent crop; with both weights at 0 this module is never
+built. The loss networks are frozen: gradients flow through them to the image, never into their weights.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ class Perceptual:
         self.cfg = cfg.loss
         self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device)).model if self.cfg.lpips > 0 else None
         self.vgg = VGGFeatures().to(device) if self.cfg.gram > 0 else None
+        for net in filter(None, (self.lpips, self.vgg)):
+            net.requires_grad_(False).eval()  # LPIPS' linear heads train by default: no weight gradients, only x's
         self.grams = style_grams(self.vgg, style_pixels.to(device)) if self.vgg is not None else None
         self.smoke = bool(getattr(self.vgg, "smoke", False))
 
