@@ -69,11 +69,11 @@ def _lora_weights(folder: Path, seed: int, rank: int, alpha: float, text_encoder
     unet = comps.unet
     if cross_attention_dim is not None:  # "another base model": same blocks, different text width
         unet = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": cross_attention_dim})
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    lora.add_lora(unet, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     te = comps.text_encoder if text_encoder else None
     if te is not None:
-        te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS),
-                                  init_lora_weights="gaussian"))
+        lora.add_lora(te, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS),
+                                     init_lora_weights="gaussian"))
     gen = torch.Generator().manual_seed(seed)
     for model in filter(None, (unet, te)):
         for n, p in model.named_parameters():

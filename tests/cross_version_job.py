@@ -41,8 +41,8 @@ def fill(params: dict, seed: int, std: float) -> None:
 
 def write(base: str, out: Path) -> None:
     c = load_components(base, device="cpu", dtype=torch.float32)
-    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGETS)))
-    c.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(TEXT_ENCODER_TARGETS)))
+    lora.add_lora(c.unet, LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGETS)))
+    lora.add_lora(c.text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=list(TEXT_ENCODER_TARGETS)))
     for model, seed in ((c.unet, 1), (c.text_encoder, 2)):
         names = {n.replace("text_model.", ""): p for n, p in model.named_parameters() if "lora_" in n}
         fill(names, seed, 0.3)

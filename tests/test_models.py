@@ -229,3 +229,17 @@ def test_inspect_lora_count_matches_peft():
     assert report["unet"]["lora"] == trainable == lora_parameter_count(build_reserved("tiny").unet, rank=4)
     assert report["unet"]["cross_attention_projections"] < report["unet"]["attention_projections"]
     assert report["unet"]["attention_projections"] < report["unet"]["transformer_blocks"] < report["unet"]["total"]
+
+
+@pytest.mark.parametrize("name", ["sd15", "tiny"])
+def test_offline_config_folder_holds_the_tokenizer_files_transformers_4_reads(name, tmp_path, monkeypatch):
+    """The weightless folder single files load through is cached in ~/.cache and shared by every venv of the
+    machine: written under transformers 5 (tokenizer.json only), transformers 4's CLIPTokenizer could not read
+    it. A folder an older customgen left without vocab.json/merges.txt is rebuilt."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = loading.config_dir(name)
+    assert out.is_relative_to(tmp_path)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (out / "tokenizer" / f).is_file(), f
+    (out / "tokenizer" / "vocab.json").unlink()  # what a transformers-5 save left before the fix
+    assert (loading.config_dir(name) / "tokenizer" / "vocab.json").is_file()

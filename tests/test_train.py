@@ -334,3 +334,29 @@ def test_two_runs_in_one_process_may_change_precision(data, tmp_path):
         cfg = recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0", f"train.mixed_precision={precision}",
                          "train.steps=1")
         assert kinds.read_manifest(train(cfg, output=tmp_path / f"run{i}", progress=False)).steps == 1
+
+
+def test_text_encoder_lora_never_goes_through_transformers_peft_gate(data, tmp_path, monkeypatch):
+    """transformers 5.24 refuses its own add_adapter/set_adapter/... unless peft >= 0.22, which PyPI did not have
+    (newest: 0.21.2): a fresh install broke every subject LoRA. peft's own injection (what diffusers calls) has
+    no such gate. Here transformers demands an impossible peft: training, stock reload and a session that
+    activates, blends and switches off the subject must still work."""
+    import transformers.integrations.peft as hf_peft
+    from customgen.inference import clear_sessions, generate
+
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "999.0")
+    cfg = recipe_cfg("dreambooth_lora_subject", data, "loss.lpips=0", "loss.gram=0", "train.steps=1",
+                     "train.lr=0.02", "lora.text_encoder_lr=0.02")
+    out = train(cfg, output=tmp_path / "subject", progress=False)
+    manifest = kinds.read_manifest(out)
+    assert manifest.text_encoder
+    prompt = manifest.prompt
+    assert np.isfinite(render(stock_reload(manifest, out), prompt)).all()
+    clear_sessions()
+    run = dict(model="tiny", steps=2, seed=0, size=64, device="cpu")
+    base = np.asarray(generate(prompt, None, **run))
+    styled = np.asarray(generate(prompt, [str(out)], scales=[1.0], **run))
+    blended = np.asarray(generate(prompt, [str(out)], scales=[0.5], **run))
+    assert np.array_equal(np.asarray(generate(prompt, None, **run)), base)  # switched off: the base model again
+    assert not np.array_equal(styled, base) and not np.array_equal(blended, styled)
+    clear_sessions()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -133,6 +133,14 @@ def load_lora(pipe, folder: str | Path, *, adapter_name: str) -> None:
 
 
 # --- training ----------------------------------------------------------------------------------------------
+def add_lora(model, config: LoraConfig, adapter_name: str = "default") -> None:
+    """Inject a trainable LoRA adapter with peft's own `inject_adapter_in_model`, what both diffusers' and
+    transformers' `add_adapter` call. transformers' mixin first refuses any peft below its own floor (5.24 asks
+    for peft 0.22 while PyPI's newest is 0.21.2), so a fresh install could not train a text-encoder LoRA."""
+    inject_adapter_in_model(config, model, adapter_name)
+    model._hf_peft_config_loaded = True  # what add_adapter records: diffusers' and transformers' adapter calls read it
+
+
 class LoraMethod(Method):
     """LoRA on the UNet attention projections (cfg.lora.targets), optionally on the text encoder too."""
 
@@ -147,10 +155,10 @@ class LoraMethod(Method):
 
     def setup(self, comps) -> list[dict]:
         freeze(comps.unet, comps.vae, comps.text_encoder)
-        comps.unet.add_adapter(self._lora_config(self.cfg.lora.targets))
+        add_lora(comps.unet, self._lora_config(self.cfg.lora.targets))
         groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": self.cfg.train.lr}]
         if self.trains_text_encoder:
-            comps.text_encoder.add_adapter(self._lora_config(self.cfg.lora.text_encoder_targets))
+            add_lora(comps.text_encoder, self._lora_config(self.cfg.lora.text_encoder_targets))
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups

@@ -23,12 +23,13 @@ from transformers.utils import logging as tlog
 from customgen.errors import Notice, UserError
 from customgen.memory import probe
 from customgen.models.builders import CONFIGS, RESERVED, Components, build_reserved
-from customgen.models.tokenizer import sd15_tokenizer
+from customgen.models.tokenizer import save_tokenizer, sd15_tokenizer
 from customgen.network import hub_reachable
 from customgen.request import DEFAULT_MODEL
 
 ALIASES = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}  # deleted from the Hub in 2024
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json")
 UNREACHABLE = (
     "cannot load {ref!r}: its weights are not on this machine and the Hub cannot be reached. "
     "On Kaggle turn on Internet in the notebook settings, or attach the model as an input and pass "
@@ -206,13 +207,16 @@ def config_dir(name: str) -> Path:
     """A weightless diffusers folder (configs + tokenizer + model_index.json) for the shipped configs `name`
     (sd15 | tiny): what `from_single_file(..., config=)` needs to read a single file offline."""
     out = Path.home() / ".cache" / "customgen" / f"{name}-config"
-    if (out / "model_index.json").is_file():
+    # Complete = the index and the tokenizer files both transformers 4 and 5 read: the cache is shared by every
+    # venv of the machine, and a folder saved by transformers 5 alone (tokenizer.json) fails under 4.
+    complete = lambda d: all((d / f).is_file() for f in ("model_index.json", *TOKENIZER_FILES))  # noqa: E731
+    if complete(out):
         return out
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(CONFIGS / name, tmp)
     if not (tmp / "tokenizer").is_dir():
-        sd15_tokenizer().save_pretrained(tmp / "tokenizer")
+        save_tokenizer(sd15_tokenizer(), tmp / "tokenizer")
     index = {
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None],
@@ -221,7 +225,7 @@ def config_dir(name: str) -> Path:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    if out.exists() and not (out / "model_index.json").is_file():
+    if out.exists() and not complete(out):
         shutil.rmtree(out, ignore_errors=True)  # a folder left by an older version or a crash
     try:
         tmp.rename(out)  # atomic: a half-written folder is never taken for a complete one
