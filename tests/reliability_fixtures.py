@@ -177,6 +177,13 @@ def build_library(sandbox: Path) -> Path:
         for name, change in table.items():
             rewrite(src, lib / name, weights, change)
     make_lora(lib / "lora_wide", cross_attention_dim=48)  # "another base model": other text width
+    for src, decoy, weights in ((good["lora_a"], lib / "lora_nan", lora.WEIGHTS),
+                                (good["ti"], lib / "ti_nan", textual_inversion.WEIGHTS),
+                                (good["dreambooth"], lib / "db_nan", dreambooth.WEIGHTS)):
+        # style.json names a clean copy while the stock-named file beside it holds NaN: the file checked on
+        # load must be the file loaded
+        named = manifest_variant(decoy, lib / f"{decoy.name}_decoy", weights="clean.safetensors")
+        shutil.copy(src / weights, named / "clean.safetensors")
     outside = sandbox / "outside"
     shutil.copytree(good["lora_a"], outside / "stolen")  # a valid LoRA: if it were read, the command would succeed
     manifest_variant(good["lora_a"], lib / "escape_dotdot", weights="../../outside/stolen/" + lora.WEIGHTS)

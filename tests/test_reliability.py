@@ -171,6 +171,19 @@ def test_other_float_dtypes_are_cast(sb, capfd, style):
     assert np.abs(a - b).max() <= 2
 
 
+@pytest.mark.parametrize("decoy,style", [("lora_nan_decoy", "lora_a"), ("ti_nan_decoy", "ti"),
+                                         ("db_nan_decoy", "dreambooth")])
+def test_the_weights_file_checked_is_the_file_loaded(sb, capfd, decoy, style):
+    """Input: a style whose style.json names `clean.safetensors` (the good style's weights) beside a stock-named
+    file full of NaN; expected: exit 0 and the good style's pixels (a check of one file and a load of the other
+    gave a black image)."""
+    outs = [sb.root / "decoy" / f"{name}.png" for name in (decoy, style)]
+    for name, out in zip((decoy, style), outs):
+        cli(capfd, sb.root, stylize(sb, "--style", name, "--out", out, "--overwrite"), code=0,
+            changes=[sb.root / "decoy"])
+    assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
+
+
 def test_pickled_model_folder_is_one_line_and_runs_no_code(sb, capfd):
     """Input: --model a diffusers folder whose UNet is a malicious pickled .bin; expected: exit 2, one line naming
     the file, the pickle never executed."""

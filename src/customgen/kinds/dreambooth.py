@@ -29,9 +29,10 @@ def save_dreambooth(folder: str | Path, unet, names: list[str], *, scope: str) -
     save_file(state, str(Path(folder) / WEIGHTS), metadata={"format": "customgen-dreambooth", "scope": scope})
 
 
-def load_dreambooth(unet, folder: str | Path) -> dict:
-    """Swap DreamBooth weights into `unet` with key and shape checks; returns the originals to restore."""
-    path = Path(folder) / WEIGHTS
+def load_dreambooth(unet, folder: str | Path, weights: str = WEIGHTS) -> dict:
+    """Swap an artifact's DreamBooth `weights` into `unet` with key, shape and value checks; returns the originals
+    to restore."""
+    path = Path(folder) / weights
     try:
         state = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt files
@@ -98,7 +99,7 @@ class DreamBoothKind(Kind):
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """Weights = base + scale·(trained − base) (exactly the trained weights at scale 1)."""
-        base = load_dreambooth(comps.unet, style.folder)
+        base = load_dreambooth(comps.unet, style.folder, style.manifest.weights)
         if scale != 1.0:
             params = unet_parameters(comps.unet)
             swap_weights(comps.unet, {k: b.float() + scale * (params[k].detach().float() - b.float())
@@ -110,7 +111,7 @@ class DreamBoothKind(Kind):
     def load(self, session, style) -> None:
         state, unet = session.state(self), session.comps.unet
         self.activate(session, [])  # load against the base weights, so the returned originals are the base
-        originals = load_dreambooth(unet, style.folder)
+        originals = load_dreambooth(unet, style.folder, style.manifest.weights)
         params = unet_parameters(unet)  # works after LoRA wrapped the layers too
         state.trained[style.folder] = {key: params[key].detach().to("cpu", copy=True) for key in originals}
         for key, value in originals.items():
@@ -121,7 +122,7 @@ class DreamBoothKind(Kind):
         return {"merged UNet": True}  # a stock pipeline holding the fine-tuned UNet
 
     def load_stock(self, pipe, style, variant: str) -> None:
-        load_dreambooth(pipe.unet, style.folder)
+        load_dreambooth(pipe.unet, style.folder, style.manifest.weights)
 
     def activate(self, session, active: list[tuple]) -> None:
         """Weights = base + Σ scale·(trained − base); exactly the trained weights for one style at scale 1."""

@@ -114,16 +114,16 @@ def save_lora(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapt
     return export
 
 
-def load_lora(pipe, folder: str | Path, *, adapter_name: str) -> None:
-    """Load a LoRA artifact into a pipeline under `adapter_name` (stock diffusers loader). A file written without
-    the canonical `text_model.` level (customgen under transformers 5 before 2026-11) is read through a
-    canonical copy, so it loads under either transformers."""
-    path = Path(folder) / WEIGHTS
+def load_lora(pipe, folder: str | Path, *, adapter_name: str, weights: str = WEIGHTS) -> None:
+    """Load a LoRA artifact's `weights` file into a pipeline under `adapter_name` (stock diffusers loader). A file
+    written without the canonical `text_model.` level (customgen under transformers 5 before 2026-11) is read
+    through a canonical copy, so it loads under either transformers."""
+    path = Path(folder) / weights
     with readable(path) as f:
         legacy = any(k.startswith("text_encoder.encoder.") for k in f.keys())
         metadata = f.metadata()
     if not legacy:
-        pipe.load_lora_weights(str(folder), weight_name=WEIGHTS, adapter_name=adapter_name)
+        pipe.load_lora_weights(str(folder), weight_name=weights, adapter_name=adapter_name)
         return
     state = load_file(str(path))
     state = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder.", 1): v for k, v in state.items()}
@@ -214,7 +214,7 @@ class LoraKind(Kind):
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """Fuse the adapter into the base weights at `scale` (diffusers' fuse_lora), then drop the adapter."""
         pipe = build_pipeline(comps, kind="txt2img")
-        load_lora(pipe, style.folder, adapter_name="export")
+        load_lora(pipe, style.folder, adapter_name="export", weights=style.manifest.weights)
         components = ["unet", "text_encoder"] if style.manifest.text_encoder else ["unet"]
         pipe.fuse_lora(components=components, lora_scale=float(scale), adapter_names=["export"])
         pipe.unload_lora_weights()
@@ -228,7 +228,8 @@ class LoraKind(Kind):
         try:
             with warnings.catch_warnings():  # peft warns on every second adapter; named adapters are the point
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                load_lora(session.pipeline("img2img"), style.folder, adapter_name=name)
+                load_lora(session.pipeline("img2img"), style.folder, adapter_name=name,
+                          weights=style.manifest.weights)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise UserError(f"cannot load LoRA style {style.name} from {style.folder} ({first_line(err)}); "
                             f"{RETRAIN}") from err
@@ -255,7 +256,7 @@ class LoraKind(Kind):
         return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style
 
     def load_stock(self, pipe, style, variant: str) -> None:
-        load_lora(pipe, style.folder, adapter_name="style")
+        load_lora(pipe, style.folder, adapter_name="style", weights=style.manifest.weights)
         if variant.endswith("fuse_lora"):
             pipe.fuse_lora(components=list(LORA_COMPONENTS), lora_scale=1.0)
 

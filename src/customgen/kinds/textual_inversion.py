@@ -46,9 +46,9 @@ def save_textual_inversion(folder: str | Path, text_encoder, token_ids: list[int
     return export
 
 
-def load_textual_inversion(pipe, folder: str | Path, *, token: str) -> None:
-    """Load a TI artifact (stock loader; several vectors become token, token_1, ...)."""
-    pipe.load_textual_inversion(str(Path(folder) / WEIGHTS), token=token)
+def load_textual_inversion(pipe, folder: str | Path, *, token: str, weights: str = WEIGHTS) -> None:
+    """Load a TI artifact's `weights` file (stock loader; several vectors become token, token_1, ...)."""
+    pipe.load_textual_inversion(str(Path(folder) / weights), token=token)
 
 
 # --- training ----------------------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ class TextualInversionKind(Kind):
                             "embeddings folder instead of exporting a single-file checkpoint")
         if scale != 1.0:
             raise UserError("a Textual Inversion style exports at scale 1 (its scale acts on prompts, not weights)")
-        load_textual_inversion(build_pipeline(comps, kind="txt2img"), style.folder, token=style.manifest.token)
+        load_textual_inversion(build_pipeline(comps, kind="txt2img"), style.folder, token=style.manifest.token,
+                               weights=style.manifest.weights)
 
     def new_state(self) -> TextualInversionState:
         return TextualInversionState()
@@ -149,7 +150,8 @@ class TextualInversionKind(Kind):
         if token in session.comps.tokenizer.get_vocab():  # another style (or the vocabulary) has it: load an alias
             token = f"<{style.name}-{len(state.tokens)}>"
         try:
-            load_textual_inversion(session.pipeline("img2img"), style.folder, token=token)
+            load_textual_inversion(session.pipeline("img2img"), style.folder, token=token,
+                                   weights=style.manifest.weights)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise UserError(f"cannot load textual inversion {style.name} ({first_line(err)}); {RETRAIN}") from err
         state.tokens[style.folder] = token
@@ -161,7 +163,7 @@ class TextualInversionKind(Kind):
         return {"load_textual_inversion": True}
 
     def load_stock(self, pipe, style, variant: str) -> None:
-        load_textual_inversion(pipe, style.folder, token=style.manifest.token)
+        load_textual_inversion(pipe, style.folder, token=style.manifest.token, weights=style.manifest.weights)
 
     def loaded_token(self, session, style) -> str:
         """The token a style was loaded under (its own, or an alias when another style already took it)."""
