@@ -30,16 +30,17 @@ CONTENT_PATHS = None  # optional content_paths.json from 00_Data_EDA (used inste
 STYLE_PATHS = None  # optional style_paths.json from 00_Data_EDA (used instead of STYLE_ROOT)
 OUTPUT_DIR = "/kaggle/working/{out}" if KAGGLE else "outputs/{out}"
 METHODS = {methods}  # manifest methods evaluated here (the baseline always runs)
-MAX_CONTENTS = 20  # content photos (seeded choice)
-STRENGTH = 0.6  # img2img strength for every method and the baseline
-STYLE_SCALE = 1.0  # LoRA adapter scale (DreamBooth/TI run at 1)
-STEPS = 25
-SIZE = 512  # working resolution (short side)
-SEED = 0
+# None below = customgen's default (EvalConfig in src/customgen/config.py); the next cell prints what runs.
+MAX_CONTENTS = None  # content photos (seeded choice)
+STRENGTH = None  # img2img strength for every method and the baseline
+STYLE_SCALE = None  # LoRA adapter scale (DreamBooth/TI run at 1)
+STEPS = None  # inference steps
+SIZE = None  # working resolution (short side)
+SEED = None  # the same seed for every method and the baseline
 SWEEP = True  # strength × scale trade-off sweep
-SWEEP_STRENGTHS = [0.3, 0.45, 0.6, 0.75]
-SWEEP_SCALES = {scales}
-MIN_SIZE = None  # skip content/reference images with a shorter side below this (None: 256)
+SWEEP_STRENGTHS = None  # img2img strengths of the sweep
+SWEEP_SCALES = {scales}  # adapter scales of the sweep (kinds without a scale run at 1)
+MIN_SIZE = None  # skip content/reference images with a shorter side below this
 SMOKE = False  # True: random-weight metric networks (tests); results are marked smoke
 '''
 
@@ -56,15 +57,18 @@ from customgen.evaluate import describe_front, evaluate, load_results
 
 need = [k for k, given in (("coco", CONTENT_PATHS), ("wikiart", STYLE_PATHS)) if not given]
 roots = resolve_data_roots(wikiart=STYLE_ROOT, coco=CONTENT_ROOT, need=need)
+chosen = dict(max_contents=MAX_CONTENTS, strength=STRENGTH, style_scale=STYLE_SCALE, steps=STEPS, size=SIZE,
+              seed=SEED, sweep_strengths=SWEEP_STRENGTHS, sweep_scales=SWEEP_SCALES, min_size=MIN_SIZE)
 cfg = load_config(None, model__ref=MODEL, eval__styles=str(STYLES_DIR), eval__methods=list(METHODS),
                   eval__content_root=str(roots["coco"] or ""), eval__content_paths=CONTENT_PATHS or "",
                   eval__style_root=str(roots["wikiart"] or ""), eval__style_paths=STYLE_PATHS or "",
-                  eval__output=str(OUTPUT_DIR), eval__max_contents=MAX_CONTENTS, eval__strength=STRENGTH,
-                  eval__style_scale=STYLE_SCALE, eval__steps=STEPS, eval__size=SIZE, eval__seed=SEED,
-                  eval__sweep=SWEEP, eval__sweep_strengths=SWEEP_STRENGTHS, eval__sweep_scales=SWEEP_SCALES,
-                  eval__min_size=MIN_SIZE, eval__smoke=SMOKE)
+                  eval__output=str(OUTPUT_DIR), eval__sweep=SWEEP, eval__smoke=SMOKE,
+                  **{f"eval__{k}": v for k, v in chosen.items() if v is not None})  # None: the default
+e = cfg.eval
 print(f"model {MODEL}\\nstyles {STYLES_DIR}\\ncontent {CONTENT_PATHS or roots['coco']}\\n"
-      f"references {STYLE_PATHS or roots['wikiart']}\\noutput {Path(OUTPUT_DIR).resolve()}")
+      f"references {STYLE_PATHS or roots['wikiart']}\\noutput {Path(OUTPUT_DIR).resolve()}\\n"
+      f"strength {e.strength}, style scale {e.style_scale}, steps {e.steps}, size {e.size}, seed {e.seed}, "
+      f"{e.max_contents} contents; sweep strengths {e.sweep_strengths} × scales {e.sweep_scales}")
 '''
 
 RUN = '''table = evaluate(cfg, command=f"notebooks/{name}.ipynb (MODEL={{MODEL}}, METHODS={{METHODS}})")
@@ -123,7 +127,7 @@ def eval_nb(name, title, intro, methods, scales, out, sweep_note):
 nb_a = eval_nb("04a_Evaluation_Metrics_LoRA", "04a · Evaluation metrics: LoRA styles",
                "Evaluates the LoRA style artifacts: CLIP-content, CLIP-style, Style Strength, SSIM, LPIPS, FID/KID "
                "(with sample sizes), ArtFID and cost, plus the strength × LoRA-scale trade-off sweep.",
-               '["lora_style"]', "[0.5, 0.75, 1.0]", "eval/lora",
+               '["lora_style"]', "None", "eval/lora",
                "For LoRA both the img2img strength and the adapter scale move the result: one curve per scale.")
 nb_b = eval_nb("04b_Evaluation_Metrics_DreamBooth_TI", "04b · Evaluation metrics: DreamBooth and Textual Inversion",
                "Evaluates the DreamBooth and Textual Inversion style artifacts with the same metrics, contents, seed "

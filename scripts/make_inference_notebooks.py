@@ -26,8 +26,8 @@ N_CONTENT = 4  # content images in each grid (the first N of the fixed content s
 OUTPUT_DIR = "/kaggle/working/infer/{short}" if KAGGLE else "outputs/infer/{short}"
 STRENGTHS = [0.3, 0.45, 0.6, 0.75]  # img2img denoising strength grid (style scale 1.0)
 SCALES = [0.0, 0.5, 0.8, 1.0]  # style scale grid, at strength FIXED_STRENGTH ({scale_meaning})
-FIXED_STRENGTH = 0.6
-STEPS = 25  # DPM-Solver++ steps
+FIXED_STRENGTH = None  # None: customgen's default img2img strength (customgen.request.DEFAULTS)
+STEPS = None  # DPM-Solver++ steps; None: customgen's default
 SEED = 0  # same seed → same pixels
 SIZE = None  # working resolution (short side, multiple of 8); None: the model's own (512 for SD v1.5)
 OVERWRITE = True  # re-running replaces this notebook's own outputs
@@ -40,12 +40,12 @@ session = get_session(MODEL)  # the base model loads once; every call below reus
 contents = load_contents(CONTENT_DIR, limit=N_CONTENT)
 m = style.manifest
 print(f"{style.name}: method {m.method}, kind {m.kind}, trained on {m.base_model}, prompt {style.default_prompt!r}")
+knobs = dict(seed=SEED, size=SIZE, **({} if STEPS is None else {"steps": STEPS}))  # left out: the default
 print(f"{len(contents)} content images, working size {SIZE or session.native_size}, model {session.comps.ref}")"""
 
 GRID = """from customgen.inference import plot_grid, save_grid, sweep
 
-{name}_grid = sweep(contents, style, vary="{vary}", values={values}, model=session, steps=STEPS, seed=SEED,
-                  size=SIZE{extra})
+{name}_grid = sweep(contents, style, vary="{vary}", values={values}, model=session, **knobs{extra})
 print("saved to", save_grid({name}_grid, OUTPUT_DIR, "{name}", overwrite=OVERWRITE))
 plot_grid({name}_grid, cell=1.6 if SMOKE else 2.4)"""
 

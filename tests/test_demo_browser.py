@@ -104,6 +104,13 @@ def test_stylize_handler_with_a_painted_mask_and_pixel_limit(app, tmp_path):
         state.max_pixels = MAX_PIXELS
 
 
+def test_styles_table_names_each_kind(app):
+    """The styles tab's table: one row per style with its method and kind as the manifests write them."""
+    rows = {r[0]: r for r in app.customgen_state.table()}
+    assert rows["lora_a"][1:3] == ["lora_style", "lora"] and rows["ti"][2] == "textual_inversion"
+    assert rows["dreambooth"][2] == "dreambooth" and all(isinstance(cell, str) for r in rows.values() for cell in r)
+
+
 def test_generate_handler_batch_with_a_subject(app):
     from customgen.demo import generate_handler
 

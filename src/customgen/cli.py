@@ -15,7 +15,7 @@ from pathlib import Path
 
 from customgen.config import SMOKE_OVERRIDES, load_config
 from customgen.errors import Notice, UserError, os_error_message
-from customgen.request import DEFAULT_MODEL, DEFAULTS, SCHEDULERS, STRUCTURES, STYLE_IMAGE_MODES
+from customgen.request import DEFAULT_MODEL, DEFAULT_STRENGTH, DEFAULTS, SCHEDULERS, STRUCTURES, STYLE_IMAGE_MODES
 
 # Each handler imports its command's module when it runs (marked `lazy` below): `customgen --help` and usage
 # errors answer in a fraction of a second instead of paying several seconds for torch and diffusers.
@@ -200,7 +200,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--jobs", default="stylize,overhead,train,perceptual", help="comma-separated jobs to run")
     b.add_argument("--size", type=int, default=512, help="stylize working size in px")
     b.add_argument("--steps", type=int, default=DEFAULTS.steps, help="stylize scheduler steps")
-    b.add_argument("--strength", type=float, default=0.6, help="img2img strength")
+    b.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
     b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
     b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
@@ -243,7 +243,7 @@ def _add_inference_commands(sub) -> None:
     s.add_argument("--content", nargs="+", required=True, metavar="IMG",
                    help="content image(s), a folder of images, or a content_paths.json selection")
     _sampling_args(s)
-    s.add_argument("--strength", type=float, default=None, help="img2img denoising strength in [0, 1] (default 0.6)")
+    s.add_argument("--strength", type=float, default=None, help=f"img2img denoising strength in [0, 1] (default {DEFAULT_STRENGTH})")
     s.add_argument("--stylization", type=float, default=None,
                    help="one knob in [0, 1] setting strength and scale together (see docs/inference.md)")
     s.add_argument("--mask", default=None, metavar="IMG", help="stylize only where this mask is white")

@@ -25,8 +25,8 @@ from customgen.inference.img2img import stylize  # noqa: E402
 from customgen.inference.library import StyleLibrary  # noqa: E402
 from customgen.inference.session import get_session  # noqa: E402
 from customgen.inference.txt2img import generate  # noqa: E402
-from customgen.request import (DEFAULT_MODEL, DEFAULTS, MAX_IMAGES, MAX_SEED, Request,  # noqa: E402
-                               STRUCTURES as STRUCTURE_NAMES)
+from customgen.request import (DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STYLIZATION, DEFAULTS, MAX_IMAGES,  # noqa: E402
+                               MAX_SEED, STYLE_IMAGE_MODES, Request, STRUCTURES as STRUCTURE_NAMES)
 
 log = logging.getLogger("customgen.demo")
 MAX_FILE_SIZE = "20mb"  # per upload, enforced by Gradio before our code runs
@@ -35,7 +35,6 @@ FORMATS = "a PNG, JPEG or WebP photo"
 NONE = "(none)"
 ALL = "all methods"
 STRUCTURES = ("none", *STRUCTURE_NAMES)
-DEFAULT_STYLIZATION = 2 / 3  # = the default strength 0.6 and scale 1 (customgen.request.stylization_knobs)
 HELP = ("Upload a photo, pick a style from the library (or upload a style image), set the stylization and "
         "click **Stylize**. Paint on the mask to stylize only part of the image. The PNG download carries "
         "every setting in its metadata.")
@@ -145,7 +144,8 @@ class DemoState:
         return [ALL] + sorted({s.manifest.method for s in self.styles.values()})
 
     def table(self) -> list[list[str]]:
-        return [[n, s.manifest.method, s.kind, s.manifest.base_model, s.default_prompt] for n, s in self.styles.items()]
+        return [[n, s.manifest.method, s.kind.name, s.manifest.base_model, s.default_prompt]
+                for n, s in self.styles.items()]
 
     def save(self, img, prefix: str) -> str:
         return str(save_image(img, self.out / f"{prefix}-{uuid.uuid4().hex[:8]}.png"))
@@ -156,10 +156,15 @@ def _seed(value):
     return None if value is None or (isinstance(value, (int, float)) and value < 0) else value
 
 
+def _int(value):
+    """A checked whole number from the UI (Gradio sends floats) as an int; None stays None."""
+    return None if value is None else int(value)
+
+
 def stylize_handler(state: DemoState, content, style, style_image, mode, mask_value, stylization, steps, seed,
                     structure):
     """Stylize button: returns (result path, download path, settings)."""
-    Request(stylization=stylization, steps=steps, seed=_seed(seed)).check()  # the UI's numbers, before any work
+    request = Request(stylization=stylization, steps=steps, seed=_seed(seed)).check()  # the UI's numbers, first
     if not content:
         raise UserError("upload a content image first")
     image = load_content(content, max_pixels=state.max_pixels)
@@ -167,22 +172,21 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
     if style_image:
         load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
     styles = [state.styles[style]] if style and style != NONE else []
-    seed = None if _seed(seed) is None else int(seed)
-    out = stylize(image, styles, stylization=float(stylization), steps=int(steps), seed=seed, model=state.session,
-                  mask=editor_mask(mask_value), style_image=style_image or None, style_image_mode=mode,
-                  structure=None if structure == "none" else structure, styles_dir=state.library.root)
+    request = request.replace(stylization=float(stylization), steps=int(steps), seed=_int(request.seed),
+                              model=state.session, mask=editor_mask(mask_value), style_image=style_image or None,
+                              style_image_mode=mode, structure=None if structure == "none" else structure)
+    out = stylize(image, styles, request, styles_dir=state.library.root)
     path = state.save(out, "stylized")
     return path, path, read_settings(out)
 
 
 def generate_handler(state: DemoState, prompt, negative, style, scale, steps, guidance, seed, count):
     """Generate button: returns (gallery paths, download paths)."""
-    seed = _seed(seed)
-    Request(scales=scale, steps=steps, guidance=guidance, seed=seed, num_images=count).check()
+    request = Request(scales=scale, steps=steps, guidance=guidance, seed=_seed(seed), num_images=count).check()
     styles = [state.styles[style]] if style and style != NONE else []
-    out = generate(prompt or None, styles, scales=float(scale), model=state.session, negative_prompt=negative or "",
-                   steps=int(steps), guidance=float(guidance), seed=seed if seed is None else int(seed),
-                   num_images=int(count), styles_dir=state.library.root)
+    request = request.replace(scales=float(scale), steps=int(steps), guidance=float(guidance), seed=_int(request.seed),
+                              num_images=int(count), model=state.session, negative_prompt=negative or "")
+    out = generate(prompt or None, styles, request, styles_dir=state.library.root)
     paths = [state.save(img, "generated") for img in (out if isinstance(out, list) else [out])]
     return paths, paths
 
@@ -195,7 +199,7 @@ def _stylize_tab(gr, state: DemoState) -> None:
         method = gr.Dropdown(state.methods(), value=ALL, label="Method", elem_id="method")
         style = gr.Dropdown(state.choices(), value=NONE, label="Style", elem_id="style")
         style_image = gr.Image(type="filepath", label="…or a style image", sources=["upload"], elem_id="style-image")
-        mode = gr.Radio(["auto", "ip-adapter", "nearest"], value="auto", label="Style image mode")
+        mode = gr.Radio(list(STYLE_IMAGE_MODES), value=DEFAULTS.style_image_mode, label="Style image mode")
     with gr.Row():
         strength = gr.Slider(0, 1, value=round(DEFAULT_STYLIZATION, 2), step=0.01, label="Stylization",
                              elem_id="stylization")
@@ -223,7 +227,7 @@ def _generate_tab(gr, state: DemoState) -> None:
         negative = gr.Textbox(label="Negative prompt")
     with gr.Row():
         style = gr.Dropdown(state.choices(), value=NONE, label="Style or subject")
-        scale = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style scale")
+        scale = gr.Slider(0, 1.5, value=DEFAULT_SCALE, step=0.05, label="Style scale")
         steps = gr.Slider(1, 50, value=DEFAULTS.steps, step=1, label="Steps")
         guidance = gr.Slider(0, 15, value=DEFAULTS.guidance, step=0.5, label="Guidance")
         seed = seed_box()

@@ -116,11 +116,17 @@ DEFAULT_STRENGTH = DEFAULTS.knobs()[0]  # 0.6 (= stylization 2/3)
 DEFAULT_SCALE = 1.0
 
 
+STYLIZATION_FLOOR, STYLIZATION_SPAN = 0.2, 0.6  # the knob's strength range: 0.2 + 0.6·s
+
+
 def stylization_knobs(s: float) -> tuple[float, float]:
     """One knob s in [0, 1] → (strength, scale) = (0.2 + 0.6·s, min(1, 2·s)): the style fades in first, then
     denoising grows so it can reshape the image. s = 0 is plain img2img at strength 0.2 with the style off."""
     _float_in("stylization", s, 0.0, 1.0)
-    return round(0.2 + 0.6 * s, 6), round(min(1.0, 2.0 * s), 6)
+    return round(STYLIZATION_FLOOR + STYLIZATION_SPAN * s, 6), round(min(1.0, 2.0 * s), 6)
+
+
+DEFAULT_STYLIZATION = (DEFAULT_STRENGTH - STYLIZATION_FLOOR) / STYLIZATION_SPAN  # 2/3: the default strength, scale 1
 
 
 def scale_list(scales) -> list:

@@ -30,6 +30,7 @@ from customgen.bench.train import train_pair
 from customgen.errors import UserError
 from customgen.kinds import RECIPES, package_versions
 from customgen.memory import probe
+from customgen.request import DEFAULT_STRENGTH, DEFAULTS
 
 JOBS = ("stylize", "overhead", "train", "perceptual")
 
@@ -41,9 +42,9 @@ class BenchSettings:
     model: str = "sd15-random"  # model reference; sd15-random: SD v1.5 shapes, random weights
     jobs: list[str] = field(default_factory=lambda: list(JOBS))
     size: int = 512  # stylize working size (px)
-    steps: int = 25  # stylize scheduler steps (img2img runs steps × strength of them)
-    strength: float = 0.6
-    scheduler: str = "dpm++"
+    steps: int = DEFAULTS.steps  # stylize scheduler steps (img2img runs steps × strength of them)
+    strength: float = DEFAULT_STRENGTH
+    scheduler: str = DEFAULTS.scheduler
     train_resolution: int = 256  # training-step resolution (px)
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     pairs: list[str] = field(default_factory=list)  # stylize pairs whose label contains one of these ([]: all)

@@ -21,12 +21,6 @@ SSIM_RADIUS = int(3.5 * SSIM_SIGMA + 0.5)  # 5: window 11Ã—11, truncated at 3.5Ï
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilising constants (data range 1)
 
 
-def _pair(output: ImageLike, reference: ImageLike) -> tuple[np.ndarray, np.ndarray]:
-    """Both as (H, W, 3) float64 in [0, 1], the output resized to the reference's size if they differ."""
-    ref = to_array(reference)
-    return resize_to(to_array(output), ref.shape[:2]), ref
-
-
 def _gaussian() -> torch.Tensor:
     """The normalised 1-D Gaussian window (2r + 1,), float64, as torchmetrics builds it."""
     dist = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64)

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from customgen.memory import seeded
 from customgen.models.tokenizer import sd15_tokenizer, tiny_tokenizer
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -48,15 +49,10 @@ def build_reserved(name: str, *, meta: bool = False) -> Components:
     te_cfg = CLIPTextConfig(**_json(root / "text_encoder" / "config.json"))
     te_cfg._attn_implementation = "sdpa"
     device = torch.device("meta") if meta else torch.device("cpu")
-    torch_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(SEED)
-        with device:
-            unet = UNet2DConditionModel.from_config(unet_cfg)
-            vae = AutoencoderKL.from_config(vae_cfg)
-            text_encoder = CLIPTextModel(te_cfg)
-    finally:
-        torch.random.set_rng_state(torch_state)  # building a model must not move the caller's RNG
+    with seeded(SEED), device:  # building a model must not move the caller's RNG
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(te_cfg)
     for m in (unet, vae, text_encoder):
         m.eval()
     tokenizer = tiny_tokenizer(root / "tokenizer") if name == "tiny" else sd15_tokenizer()
