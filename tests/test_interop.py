@@ -156,16 +156,58 @@ def test_single_file_export_loads_through_diffusers_with_the_styles_pixels(lib, 
     assert diff.max() <= tolerance, diff.max()
 
 
-def test_diffusers_export_loads_with_from_pretrained(lib, tmp_path):
-    out = tmp_path / "db_folder"
-    assert main(["export", str(lib["dreambooth"]), "--format", "diffusers", "--out", str(out), "--dtype", "fp32"]) == 0
+@pytest.mark.parametrize("name,scale,tolerance", [("dreambooth", 1.0, 0), ("style", 0.7, 1), ("subject", 1.0, 1)])
+def test_diffusers_export_loads_with_from_pretrained(lib, tmp_path, name, scale, tolerance):
+    """A DreamBooth or a LoRA (fused at `scale`, text encoder too for the subject) as a diffusers folder."""
+    out = tmp_path / f"{name}_folder"
+    assert main(["export", str(lib[name]), "--format", "diffusers", "--out", str(out), "--scale", str(scale),
+                 "--dtype", "fp32"]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
-    prompt = kinds.read_manifest(lib["dreambooth"]).prompt
+    prompt = kinds.read_manifest(lib[name]).prompt or "a painting"
     exported = pipe(prompt, num_inference_steps=4, height=64, width=64,
                     generator=torch.Generator("cpu").manual_seed(5)).images[0]
-    ours = generate(prompt, [str(lib["dreambooth"])], model="tiny", steps=4, seed=5, size=64)
-    assert np.array_equal(np.asarray(exported), np.asarray(ours))
+    ours = generate(prompt, [str(lib[name])], scales=scale, model="tiny", steps=4, seed=5, size=64)
+    diff = np.abs(np.asarray(exported, dtype=np.int16) - np.asarray(ours, dtype=np.int16))
+    assert diff.max() <= tolerance, diff.max()
+
+
+def test_default_export_is_fp16_and_draws_like_the_fp32_one(lib, tmp_path):
+    """Without --dtype the checkpoint is fp16 (half the size, what A1111/ComfyUI users download) and, read back
+    in fp32, draws what the fp32 export draws up to fp16 rounding of the weights."""
+    half, full = tmp_path / "half.safetensors", tmp_path / "full.safetensors"
+    assert main(["export", str(lib["dreambooth"]), "--out", str(half)]) == 0
+    assert main(["export", str(lib["dreambooth"]), "--out", str(full), "--dtype", "fp32"]) == 0
+    with safe_open(str(half), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F16"}, dtypes
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    prompt = kinds.read_manifest(lib["dreambooth"]).prompt
+    draw = lambda path: np.asarray(single_file_pipe(path)(  # noqa: E731
+        prompt, num_inference_steps=4, height=64, width=64, generator=torch.Generator("cpu").manual_seed(5)).images[0],
+        dtype=np.int16)
+    a, b = draw(half), draw(full)
+    assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 8
+
+
+def test_a_kohya_file_with_sdxl_style_te1_names_loads_like_the_canonical_one(lib, tmp_path):
+    """Exports customgen wrote before issue 8 named the SD1 text encoder `lora_te1_` (SDXL's prefix); diffusers'
+    kohya reader (what a diffusers user loads it with) still reads them with the same pixels."""
+    folder, manifest = lib["subject"], kinds.read_manifest(lib["subject"])
+    canonical = folder / manifest.exports[0]
+    with safe_open(str(canonical), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(canonical))
+    old = {k.replace("lora_te_text_model_", "lora_te1_", 1): v for k, v in state.items()}
+    assert sum(k.startswith("lora_te1_") for k in old) == sum(k.startswith("lora_te_") for k in state) > 0
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    prompt = "a photo of sks person"
+    images = []
+    for where, name in ((folder, canonical.name), (tmp_path, "old.safetensors")):
+        pipe = build_pipeline(load_components("tiny", device="cpu"), kind="txt2img")
+        pipe.load_lora_weights(str(where), weight_name=name)
+        images.append(pixels(pipe, prompt))
+    assert np.abs(images[0] - images[1]).max() < 1e-6
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(lib, tmp_path, capsys):

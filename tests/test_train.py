@@ -1,4 +1,5 @@
 """Training on `tiny`: every recipe, frozen weights stay frozen, stock reloading, losses, resume, DDP."""
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,14 @@ def test_recipe_trains_only_its_parameters_and_reloads_with_stock_loaders(recipe
         kohya = load_pipeline("tiny", kind="txt2img", device="cpu")
         kohya.load_lora_weights(str(out), weight_name=manifest.exports[0])
         assert abs(render(kohya, prompt) - reloaded).max() < 1e-4
+        from safetensors import safe_open
+
+        with safe_open(str(out / manifest.exports[0]), "pt") as f:
+            meta = f.metadata()
+        assert (meta["ss_resolution"], meta["ss_steps"], meta["ss_output_name"]) == ("(64, 64)", "3", "art")
+        if recipe == "lora_anime_kohya":  # kohya's own count of caption tags per `N_folder` (make_kohya_tree)
+            tags = json.loads(meta["ss_tag_frequency"])
+            assert tags["3_sks girl"]["a photo of sks girl"] >= 1 and tags["3_sks girl"]["custom caption"] >= 1
 
 
 def test_perceptual_losses_reach_lora_and_decoder_is_skipped_without_them(data, tmp_path, monkeypatch):
@@ -293,8 +302,21 @@ def test_validation_uses_fixed_content_images(data, tmp_path):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_trains_in_bf16_with_gradient_checkpointing_and_reloads(recipe, data, tmp_path):
     """bf16 autocast (accelerate supports it on CPU) with checkpointing forced on, as configured by the recipe."""
+    from customgen.train import run as run_module
+
+    seen = {}
+
+    def spy(run, **kwargs):  # what the loop really ran with (a silent fp32 fallback would pass the rest)
+        seen.update(precision=run.accelerator.mixed_precision, checkpointing=run.comps.unet.is_gradient_checkpointing,
+                    frozen={p.dtype for p in run.comps.unet.parameters() if not p.requires_grad})
+        return real(run, **kwargs)
+
+    real = run_module.run_loop
     cfg = recipe_cfg(recipe, data, "train.mixed_precision=bf16", "train.gradient_checkpointing=true", "train.steps=2")
-    out = train(cfg, output=tmp_path / "bf16", progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "run_loop", spy)
+        out = train(cfg, output=tmp_path / "bf16", progress=False)
+    assert seen == {"precision": "bf16", "checkpointing": True, "frozen": {torch.bfloat16}}, seen
     losses = pd.read_csv(out / "logs" / "loss.csv")["loss"]
     assert len(losses) == 2 and np.isfinite(losses).all()
     manifest = kinds.read_manifest(out)
