@@ -117,6 +117,23 @@ def test_sampling_input_refused_in_one_line(sb, capfd, case, argv, match):
     cli(capfd, sb.root, argv(sb), code=2, match=match)
 
 
+LIMITS = [c for c in SAMPLING if re.search(r"--(steps|size|seed|strength|stylization|guidance|num-images|width) ", c[0])]
+
+
+@pytest.mark.parametrize("case,argv,match", LIMITS, ids=[c[0] for c in LIMITS])
+def test_absurd_numbers_are_refused_before_any_model_loads(sb, capfd, monkeypatch, case, argv, match):
+    """Input: the argv with no model able to load; expected: the same one-line refusal (the limits are argument
+    checks, so a billion steps never reach a GPU)."""
+    from customgen.inference import img2img, txt2img
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for module in (img2img, txt2img):
+        monkeypatch.setattr(module, "get_session", no_model)
+    cli(capfd, sb.root, argv(sb), code=2, match=match)
+
+
 def test_missing_output_folders_are_created(sb, capfd):
     """Input: --out into three folders that do not exist yet; expected: exit 0, the PNG written there."""
     out = sb.root / "new" / "deep" / "folder" / "x.png"
@@ -588,9 +605,13 @@ def test_demo_refuses_uploads_over_the_size_cap(sb, demo):
     the documented 20 MB cap named, before any of our code runs."""
     import httpx
 
-    with (uploads(sb) / "big.png").open("rb") as f:
+    big = uploads(sb) / "big.png"
+    before = snapshot(sb.root)
+    with big.open("rb") as f:
         r = httpx.post(demo.url + "gradio_api/upload", files={"files": ("big.png", f, "image/png")}, timeout=120)
-    assert r.status_code == 413 and "20" in r.text, (r.status_code, r.text[:300])
+    assert r.status_code == 413 and f"maximum allowed size of {20 * 1024 * 1024} bytes" in r.text, (r.status_code,
+                                                                                                   r.text[:300])
+    assert snapshot(sb.root) == before
 
 
 def test_demo_good_upload_still_works(sb, demo):
@@ -598,7 +619,9 @@ def test_demo_good_upload_still_works(sb, demo):
     file written into the package (Gradio writes .pyi stubs for component subclasses)."""
     from gradio_client import handle_file
 
+    before = snapshot(sb.root)
     result, download, settings = demo.client.predict(handle_file(sb.content), *DEFAULT_INPUTS[1:], api_name="/stylize")
+    assert snapshot(sb.root) == before  # the result lives in the demo's own temp folder
     assert Image.open(result).size == Image.open(sb.content).size and settings["styles"][0]["name"] == "lora_a"
     assert not list((ROOT / "src" / "customgen").rglob("*.pyi"))
 
@@ -611,6 +634,7 @@ def test_browser_upload_of_a_non_image_shows_one_sentence(sb, demo):
         pytest.skip("/usr/bin/chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
+    before = snapshot(sb.root)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -622,6 +646,7 @@ def test_browser_upload_of_a_non_image_shows_one_sentence(sb, demo):
             assert "Could not preprocess" not in page.content()
         finally:
             browser.close()
+    assert snapshot(sb.root) == before
 
 
 @pytest.mark.parametrize("value,kind", [(float("nan"), "seed box"), (float("nan"), "stylization")])
@@ -633,6 +658,7 @@ def test_demo_nan_is_one_sentence(sb, demo, value, kind):
     from customgen.demo import _ui, seed_box, stylize_handler
 
     box = seed_box()
+    before = snapshot(sb.root)
     with pytest.raises(gr.Error) as err:
         if kind == "seed box":
             box.preprocess(value)
@@ -642,4 +668,4 @@ def test_demo_nan_is_one_sentence(sb, demo, value, kind):
     expected = {"seed box": r"^The seed must be a whole number from 0 to 18446744073709551615, or -1 for a random "
                             r"one\.$", "stylization": r"^stylization must be a finite number, got nan$"}[kind]
     assert re.match(expected, err.value.message), err.value.message
-    assert box.preprocess(7.0) == 7
+    assert box.preprocess(7.0) == 7 and snapshot(sb.root) == before
