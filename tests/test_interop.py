@@ -190,26 +190,6 @@ def test_default_export_is_fp16_and_draws_like_the_fp32_one(lib, tmp_path):
     assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 8
 
 
-def test_a_kohya_file_with_sdxl_style_te1_names_loads_like_the_canonical_one(lib, tmp_path):
-    """Exports customgen wrote before issue 8 named the SD1 text encoder `lora_te1_` (SDXL's prefix); diffusers'
-    kohya reader (what a diffusers user loads it with) still reads them with the same pixels."""
-    folder, manifest = lib["subject"], kinds.read_manifest(lib["subject"])
-    canonical = folder / manifest.exports[0]
-    with safe_open(str(canonical), "pt") as f:
-        meta = f.metadata()
-    state = load_file(str(canonical))
-    old = {k.replace("lora_te_text_model_", "lora_te1_", 1): v for k, v in state.items()}
-    assert sum(k.startswith("lora_te1_") for k in old) == sum(k.startswith("lora_te_") for k in state) > 0
-    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
-    prompt = "a photo of sks person"
-    images = []
-    for where, name in ((folder, canonical.name), (tmp_path, "old.safetensors")):
-        pipe = build_pipeline(load_components("tiny", device="cpu"), kind="txt2img")
-        pipe.load_lora_weights(str(where), weight_name=name)
-        images.append(pixels(pipe, prompt))
-    assert np.abs(images[0] - images[1]).max() < 1e-6
-
-
 def test_export_refuses_what_it_cannot_write_in_one_line(lib, tmp_path, capsys):
     cases = [["export", str(lib["ti"]), "--out", str(tmp_path / "ti.safetensors")],  # an embedding is no model
              ["export", str(lib["style"]), "--out", str(tmp_path / "x.ckpt")],  # pickles are never written
