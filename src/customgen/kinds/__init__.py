@@ -16,8 +16,8 @@ from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.dreambooth import DreamBoothKind
 from customgen.kinds.files import inside
 from customgen.kinds.lora import LoraKind
-from customgen.kinds.manifest import (MANIFEST, Manifest, package_versions, read_manifest, training_facts,
-                                      write_manifest)
+from customgen.kinds.manifest import (MANIFEST, SNAPSHOTS, Manifest, list_snapshots, package_versions, read_manifest,
+                                      snapshot_folder, training_facts, write_manifest)
 from customgen.kinds.textual_inversion import TextualInversionKind
 
 KINDS: dict[str, Kind] = {k.name: k for k in (LoraKind(), DreamBoothKind(), TextualInversionKind())}
@@ -56,5 +56,6 @@ def read_artifact(folder: str | Path) -> tuple[Manifest, Kind]:
     return manifest, kind
 
 
-__all__ = ["KINDS", "RECIPES", "MANIFEST", "Kind", "Manifest", "Method", "Recipe", "get_kind", "make_method",
-           "package_versions", "read_artifact", "training_facts", "read_manifest", "recipe", "write_manifest"]
+__all__ = ["KINDS", "RECIPES", "MANIFEST", "SNAPSHOTS", "Kind", "Manifest", "Method", "Recipe", "get_kind",
+           "list_snapshots", "make_method", "package_versions", "read_artifact", "read_manifest", "recipe",
+           "snapshot_folder", "training_facts", "write_manifest"]

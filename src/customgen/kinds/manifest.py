@@ -3,11 +3,13 @@
     <artifact>/style.json     the manifest (method, kind, base model, token, rank, config hash, versions, ...)
     <artifact>/config.yaml    the resolved training config
     <artifact>/<weights>      the kind's files (customgen.kinds: LoRA, DreamBooth, Textual Inversion)
+    <artifact>/snapshots/step-NNNNNN/   complete artifacts of the same run at earlier steps (train.snapshot_every)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 import types
 import typing
@@ -22,6 +24,8 @@ import customgen
 from customgen.errors import UserError
 
 MANIFEST = "style.json"
+SNAPSHOTS = "snapshots"  # <artifact>/snapshots/step-NNNNNN/: a whole artifact per snapshot step
+_SNAPSHOT = re.compile(r"^step-(\d{6,})$")
 
 
 @dataclasses.dataclass
@@ -41,7 +45,8 @@ class Manifest:
     scope: str | None = None  # DreamBooth: attention | cross_attention | full
     text_encoder: bool = False  # LoRA also trained the text encoder
     resolution: int = 512
-    steps: int = 0
+    steps: int = 0  # the run's train.steps
+    step: int = 0  # the optimizer step these weights are from (a snapshot's N; 0 in artifacts older than snapshots)
     trainable_params: int = 0
     file_bytes: int = 0
     train_seconds: float = 0.0
@@ -51,6 +56,19 @@ class Manifest:
     versions: dict = dataclasses.field(default_factory=dict)
     created: str = ""
     format_version: int = 1
+
+
+def snapshot_folder(artifact: str | Path, step: int) -> Path:
+    """Where the snapshot of `artifact` at optimizer step `step` lives."""
+    return Path(artifact) / SNAPSHOTS / f"step-{step:06d}"
+
+
+def list_snapshots(artifact: str | Path) -> list[Path]:
+    """The complete snapshots of `artifact` (folders holding a manifest), by step; half-written ones are skipped."""
+    root = Path(artifact) / SNAPSHOTS
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := _SNAPSHOT.match(p.name)) and (p / MANIFEST).is_file()] \
+        if root.is_dir() else []
+    return [p for _, p in sorted(found)]
 
 
 def package_versions() -> dict:

@@ -90,7 +90,7 @@ def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
             name=out.name, method=cfg.method, kind=run.method.kind.name, base_model=cfg.model.ref,
             prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
             token=fields.pop("token", "") or trigger_word(cfg), resolution=cfg.data.resolution,
-            steps=cfg.train.steps, trainable_params=run.method.trainable_count(run.comps),
+            steps=cfg.train.steps, step=cfg.train.steps, trainable_params=run.method.trainable_count(run.comps),
             train_seconds=round(seconds, 2), peak_memory_bytes=peak_bytes, config_hash=config_hash(cfg), **fields))
     acc.end_training()
     return out
