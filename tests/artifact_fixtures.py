@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
+from packaging.version import Version
 from PIL import Image
 
 from customgen import kinds
@@ -19,6 +21,13 @@ from customgen.config import TEXT_ENCODER_TARGETS
 from customgen.models import load_components
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def stock_reads_kohya_text_encoder(text_encoder) -> bool:
+    """Whether this diffusers' `load_lora_weights` reads an SD1 kohya file's `lora_te_` keys into this text encoder:
+    before 0.42 its converter needs CLIPTextModel's `text_model.` level, which transformers 5.15 and later removed
+    (IndexError in utils/peft_utils.py on Colab's diffusers 0.39 + transformers 5.15; docs/interop.md)."""
+    return Version(diffusers.__version__) >= Version("0.42") or hasattr(text_encoder, "text_model")
 
 
 def facts(name: str, **changes) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from customgen.errors import UserError
 from customgen.kinds.manifest import Manifest
+from customgen.models import canonical_text_encoder
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,11 @@ class Method:
         raise TypeError(f"{type(self).__name__} must define setup()")
 
     def trained_params(self, comps) -> dict[str, torch.Tensor]:
-        """Name → trainable tensor, for checkpoints and the 'frozen stays frozen' check."""
-        return {f"unet.{n}": p for n, p in comps.unet.named_parameters() if p.requires_grad} | {
-            f"text_encoder.{n}": p for n, p in comps.text_encoder.named_parameters() if p.requires_grad}
+        """Name → trainable tensor, for checkpoints and the 'frozen stays frozen' check; text-encoder names are the
+        canonical ones, so a checkpoint written under one transformers release resumes under another."""
+        return {f"unet.{n}": p for n, p in comps.unet.named_parameters() if p.requires_grad} | canonical_text_encoder(
+            {f"text_encoder.{n}": p for n, p in comps.text_encoder.named_parameters() if p.requires_grad},
+            prefix="text_encoder.")
 
     def trainable_count(self, comps) -> int:
         """Parameters the method really learns (TI: only the new rows)."""

@@ -30,7 +30,7 @@ from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
 from customgen.kinds.validate import RETRAIN, check_lora
-from customgen.models import build_pipeline
+from customgen.models import build_pipeline, canonical_text_encoder
 from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -44,12 +44,6 @@ PORTABLE_CONFIG = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", 
 # --- files -------------------------------------------------------------------------------------------------
 def _peft_state(model, adapter_name: str) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
-
-
-def canonical_text_encoder(state: dict) -> dict:
-    """Text-encoder keys with CLIPTextModel's `text_model.` level, as SD1 tools name them (transformers 5's
-    module tree lacks it; transformers 4's has it)."""
-    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
 
 
 def portable_config(config: LoraConfig) -> dict:

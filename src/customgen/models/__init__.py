@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from customgen.models.builders import Components, build_reserved
 from customgen.models.loading import DEFAULT_MODEL, ModelRef, load_components, resolve_ref
-from customgen.models.pipelines import KINDS, build_pipeline, save_pipeline
+from customgen.models.pipelines import KINDS, build_pipeline, canonical_text_encoder, save_pipeline
 
 
 def load_pipeline(ref="stable-diffusion-v1-5/stable-diffusion-v1-5", *, kind: str = "img2img", dtype=None, device=None):
@@ -16,5 +16,6 @@ def load_pipeline(ref="stable-diffusion-v1-5/stable-diffusion-v1-5", *, kind: st
     return build_pipeline(comps, kind=kind)
 
 
-__all__ = ["Components", "DEFAULT_MODEL", "KINDS", "ModelRef", "build_pipeline", "build_reserved", "save_pipeline",
+__all__ = ["Components", "DEFAULT_MODEL", "KINDS", "ModelRef", "build_pipeline", "build_reserved", "canonical_text_encoder",
+           "save_pipeline",
            "load_components", "load_pipeline", "resolve_ref"]

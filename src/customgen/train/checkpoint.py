@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from customgen.errors import Notice, UserError, disk_problem
+from customgen.models import canonical_text_encoder
 from customgen.train.statefile import decode, encode
 
 PATTERN = re.compile(r"^step-(\d{6,})$")
@@ -104,8 +105,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         state = json.loads((path / STATE).read_text())
         states = load_file(str(path / STATES))
-        ck = Checkpoint(path, state, load_file(str(path / TRAINABLE)), decode(state["optimizer"], states),
-                        decode(state["scheduler"], states))
+        trainable = canonical_text_encoder(load_file(str(path / TRAINABLE)), prefix="text_encoder.")  # any release's names
+        ck = Checkpoint(path, state, trainable, decode(state["optimizer"], states), decode(state["scheduler"], states))
         int(state["step"])
     except Exception as err:  # noqa: BLE001 - json, safetensors and the tree decoder raise many types
         raise CheckpointDamaged(f"checkpoint {path} is damaged ({_reason(err)})") from err
