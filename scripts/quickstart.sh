@@ -8,11 +8,26 @@
 #   MODEL=stable-diffusion-v1-5/stable-diffusion-v1-5 WIKIART_ROOT=/kaggle/input/wikiart \
 #   COCO_ROOT=/kaggle/input/coco-2017-dataset/coco2017/val2017 STYLE=Analytical_Cubism \
 #   OUT=/kaggle/working/quickstart bash scripts/quickstart.sh
+# In a Kaggle or Colab notebook (KAGGLE_KERNEL_RUN_TYPE is set / google.colab imports), or with SKIP_SETUP=1, it
+# uses the notebook's own Python and preinstalled packages (`python -m customgen`, after the README's install
+# cell) and never creates .venv: a second environment there would download torch again for nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup.sh
 export HF_HUB_DISABLE_TELEMETRY=1 MPLBACKEND=Agg
-cg() { .venv/bin/customgen "$@"; }
+PY=$(command -v python3 || command -v python)
+if [ -n "${KAGGLE_KERNEL_RUN_TYPE:-}" ] || "$PY" -c "import google.colab" 2>/dev/null; then
+  SKIP_SETUP=1
+fi
+if [ "${SKIP_SETUP:-0}" = 1 ]; then
+  "$PY" -c "import customgen" 2>/dev/null || {
+    echo "error: customgen is not installed for $PY; run the README's install cell first (cd into the clone, pip install -q -r requirements.txt)" >&2
+    exit 2; }
+  echo "using $PY and its installed packages (no .venv)"
+  cg() { "$PY" -m customgen "$@"; }
+else
+  bash scripts/setup.sh
+  cg() { .venv/bin/customgen "$@"; }
+fi
 
 MODEL=${MODEL:-tiny}
 OUT=${OUT:-outputs/quickstart}

@@ -1,6 +1,6 @@
 """Artifacts cross library versions: written under the newest transformers/diffusers/peft/accelerate they load
 under the oldest that pyproject.toml allows, and the other way round, with the same pixels and the same key
-names. scripts/test_oldest.sh builds .venv-oldest and runs this with CUSTOMGEN_OLDEST_PYTHON set (CI does)."""
+names. scripts/oldest_venv.sh builds .venv-oldest; scripts/test.sh runs this with CUSTOMGEN_OLDEST_PYTHON set (CI does)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import pytest
 
 JOB = Path(__file__).with_name("cross_version_job.py")
 OLDEST = os.environ.get("CUSTOMGEN_OLDEST_PYTHON")
-pytestmark = pytest.mark.skipif(not OLDEST, reason="needs .venv-oldest: run scripts/test_oldest.sh (CI does)")
+pytestmark = pytest.mark.skipif(not OLDEST, reason="needs .venv-oldest: TIERS=oldest bash scripts/test.sh (CI does)")
 
 
 def job(python: str, *args) -> None:

@@ -239,10 +239,12 @@ def test_a_written_folder_that_would_not_reload_is_refused(tmp_path):
     comps = load_components("tiny", device="cpu")
     folder = save_pipeline(comps, tmp_path / "model")
     path = folder / "text_encoder" / "model.safetensors"
-    good = load_file(str(path))
+    good = {k: v.clone() for k, v in load_file(str(path)).items()}  # copies: the file is overwritten below
+    n = len(good)
     renamed = {k.replace("text_model.", "text_base_model.model.model.", 1): v for k, v in good.items()}
-    for broken, words in ((renamed, "weights missing"),
-                          ({k: v + 1 if k.endswith("final_layer_norm.weight") else v for k, v in good.items()}, "1 different")):
+    altered = {k: v + 1 if k.endswith("final_layer_norm.weight") else v for k, v in good.items()}
+    for broken, words in ((renamed, f"{n} weights missing, {n} unexpected, 0 different"),
+                          (altered, "0 weights missing, 0 unexpected, 1 different")):
         save_file(broken, str(path))
         with pytest.raises(UserError, match=words) as err:
             check_saved(comps, folder)
