@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from customgen.cli import main
 from customgen.inference import clear_sessions
-from customgen.kinds import lora
+from customgen.kinds import list_snapshots, lora, read_artifact
 from customgen.lock import LOCK_NAME, output_lock
 from customgen.train.checkpoint import checkpoints
 from tests.reliability_fixtures import (ROOT, Evil, build_inputs, build_library, build_pickled_model, build_runs, cli,
@@ -513,6 +513,44 @@ def test_kill_during_checkpoint_write_then_concurrent_run_then_resume(sb, capfd,
     assert [r["step"] for r in rows] == [str(i) for i in range(1, 7)]
     assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
     assert_same_weights(out, sb.runs["lora"])
+
+
+SNAPSHOT_SETS = ["train.snapshot_every=1", "train.keep_snapshots=3", "train.checkpoint_every=4",
+                 "prompt.num_class_images=2", "prompt.class_steps=2"]  # the subject recipe, snapshots at 1-5
+
+
+def all_weights(folder: Path) -> list[dict]:
+    """The tensors of every weights file of an artifact (main file first, then its exports)."""
+    manifest, kind = read_artifact(folder)
+    return [load_file(str(folder / name)) for name in kind.files(manifest)]
+
+
+def test_kill_after_a_snapshot_past_the_last_checkpoint_then_resume(sb, capfd):
+    """Input: a subject run (snapshot every step, 3 kept, checkpoint at step 4 of 6) SIGKILLed right after
+    snapshot 5 was renamed into place, before the oldest was pruned: snapshots 2-5 on disk, checkpoint 4.
+    Expected: `--resume auto` resumes at step 4, re-makes snapshot 5 in its place (a new folder, never a second
+    one, no temporary folder left), prunes step 2, and ends with exactly the snapshot folders of an uninterrupted
+    run, every weights file (diffusers and kohya) holding the same tensors."""
+    sets = [*SNAPSHOT_SETS, f"data.root={sb.root / 'data' / 'wikiart' / 'Cubism'}"]
+    whole, out = sb.root / "work" / "snap-whole", sb.root / "work" / "snap-killed"
+    cli(capfd, sb.root, train_argv(sb.root, whole, *sets, config="dreambooth_lora_subject"), code=0, changes=[whole])
+    argv = train_argv(sb.root, out, *sets, config="dreambooth_lora_subject")
+    proc, marker = start_paused(sb, argv, module="customgen.train.artifact", name="write_folder",
+                                when="len(calls) == 5")  # snapshot 5 renamed into place
+    kill(proc)
+    marker.unlink()
+    assert [p.name for p in list_snapshots(out)] == [f"step-00000{i}" for i in (2, 3, 4, 5)]
+    assert [p.name for p in checkpoints(out)] == ["step-000004"] and not (out / "style.json").exists()
+    killed_inode = (out / "snapshots" / "step-000005" / "style.json").stat().st_ino
+    r = cli(capfd, sb.root, argv, code=0, changes=[out])
+    assert "resumed from" in r.out and "at step 4" in r.out
+    names = [p.name for p in list_snapshots(out)]
+    assert names == [p.name for p in list_snapshots(whole)] == ["step-000003", "step-000004", "step-000005"]
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == names  # no temporary or replaced folder left
+    assert (out / "snapshots" / "step-000005" / "style.json").stat().st_ino != killed_inode  # re-made, in place
+    for a, b in zip([*list_snapshots(out), out], [*list_snapshots(whole), whole]):
+        for x, y in zip(all_weights(a), all_weights(b), strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), a
 
 
 def test_kill_during_evaluation_then_rerun(sb, capfd, recwarn, evaluated):

@@ -1,8 +1,9 @@
 """SD v1.5 scale (slow tier): every recipe trains one step on `sd15-random` (the real architecture and module
-names, random weights) at 256 px with gradient checkpointing, each artifact is loaded back through the
-stock diffusers loaders and stylizes an image, the subject LoRA's names equal SD v1.5's (written out below
-from the architecture, not read from the installed libraries), and a DreamBooth style exported as a single
-file reads back through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
+names, random weights) at 256 px with gradient checkpointing (the subject recipe two, with a snapshot after the
+first), each artifact is loaded back through the stock diffusers loaders and stylizes an image, the subject LoRA's
+names equal SD v1.5's (written out below from the architecture, not read from the installed libraries), its
+snapshot loads through stock `load_lora_weights`, and a DreamBooth style exported as a single file reads back
+through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
 
 Training runs in bf16 autocast (frozen weights bf16, trainables fp32) where the CPU computes bf16 natively
 (AVX512-BF16 or AMX, as the 2-core machines here do: the tier is faster in bf16 than in fp32 there). Without
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -31,6 +33,7 @@ from customgen.config import load_config
 from customgen.inference import clear_sessions, generate, stylize
 from customgen.inference.session import make_scheduler
 from customgen.kinds import lora
+from customgen.models import load_pipeline
 from customgen.models.loading import sd15_config_dir
 from customgen.train import train
 from tests.artifact_fixtures import content_image
@@ -54,8 +57,9 @@ SD15 = ["model.ref=sd15-random", "data.resolution=256", "data.min_size=32", "dat
         "train.checkpoint_every=0", "train.validate_every=0", "validation.steps=1", "validation.num_images=1",
         "prompt.num_class_images=2", "prompt.class_steps=1", "loss.perceptual_every=1",
         "loss.perceptual_max_timestep=1000", "loss.decode_crop=8", "train.log_every=1"]
+SNAPSHOT = ["train.steps=2", "train.snapshot_every=1"]  # the subject recipe: one snapshot (step 1), then step 2
 DATA = {"lora_style": ("wikiart", ["data.style=Cubism"]), "dreambooth_style": ("wikiart", ["data.style=Cubism"]),
-        "textual_inversion": ("wikiart", ["data.style=Cubism"]), "dreambooth_lora_subject": ("photos", []),
+        "textual_inversion": ("wikiart", ["data.style=Cubism"]), "dreambooth_lora_subject": ("photos", SNAPSHOT),
         "lora_anime_kohya": ("kohya", [])}
 # SD v1.5, written out: 16 transformer blocks (down 0-2 × 2, mid, up 1-3 × 3), each attn1 + attn2 × q/k/v/out
 UNET_BLOCKS = ([f"down_blocks.{i}.attentions.{j}" for i in range(3) for j in range(2)] + ["mid_block.attentions.0"]
@@ -101,7 +105,8 @@ def base_image():
 def test_each_recipe_trains_one_step_and_stylizes_through_stock_loaders(trained, base_image, recipe):
     folder = trained(recipe)
     manifest = kinds.read_manifest(folder)
-    assert manifest.steps == 1 and manifest.resolution == 256
+    steps = 2 if SNAPSHOT[0] in DATA[recipe][1] else 1
+    assert manifest.steps == manifest.step == steps and manifest.resolution == 256
     if manifest.kind == "lora":  # the precision the run really had (kohya metadata: the plan, not the request)
         with safe_open(str(folder / manifest.exports[0]), "pt") as f:
             assert f.metadata()["ss_mixed_precision"] == PRECISION
@@ -124,6 +129,28 @@ def test_subject_lora_names_equal_sd15s_canonical_names(trained):
     kohya = load_file(str(folder / kinds.read_manifest(folder).exports[0])).keys()
     assert {k.split(".")[0] for k in kohya} == ({"lora_te_" + m.replace(".", "_") for m in SD15_TE_MODULES}
                                                 | {"lora_unet_" + m.replace(".", "_") for m in SD15_UNET_MODULES})
+
+
+def test_subject_snapshot_loads_through_stock_load_lora_weights(trained):
+    """The snapshot of step 1 is a whole artifact: stock diffusers loads it into a fresh SD v1.5 pipeline, and every
+    adapter matrix the pipeline then holds is the snapshot's (not the final step's)."""
+    folder = trained("dreambooth_lora_subject")
+    (snap,) = kinds.list_snapshots(folder)
+    manifest = kinds.read_manifest(snap)
+    assert (snap.name, manifest.step, manifest.steps, manifest.text_encoder) == ("step-000001", 1, 2, True)
+    saved, final = (load_file(str(f / lora.WEIGHTS)) for f in (snap, folder))
+    assert saved.keys() == final.keys() and any(not torch.equal(saved[k], final[k]) for k in saved)
+    clear_sessions()  # the stylize session of the other tests: one SD v1.5 in memory at a time
+    gc.collect()
+    pipe = load_pipeline("sd15-random", kind="txt2img", device="cpu")
+    pipe.load_lora_weights(str(snap), weight_name=lora.WEIGHTS)
+    (adapter,) = pipe.get_list_adapters()["unet"]
+    loaded = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet, adapter_name=adapter).items()}
+    loaded |= {f"text_encoder.{k}": v for k, v in lora.canonical_text_encoder(
+        get_peft_model_state_dict(pipe.text_encoder, adapter_name=adapter)).items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    del pipe
+    gc.collect()
 
 
 def test_dreambooth_single_file_export_reads_back_with_the_same_pixels(trained, tmp_path):

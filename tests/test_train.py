@@ -257,7 +257,8 @@ def test_cli_train_and_bad_inputs(data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_process_accelerate_launch(data, tmp_path):
-    sets = SMALL[1:] + RECIPES["lora_style"](data) + ["loss.lpips=0", "loss.gram=0", "train.steps=2"]
+    sets = SMALL[1:] + RECIPES["lora_style"](data) + ["loss.lpips=0", "loss.gram=0", "train.steps=2",
+                                                       "train.snapshot_every=1"]  # rank 0 writes it, rank 1 waits
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "customgen", "train",
            str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output", str(tmp_path / "ddp")]
@@ -266,6 +267,8 @@ def test_two_process_accelerate_launch(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = kinds.read_manifest(tmp_path / "ddp")
     assert m.steps == 2 and (tmp_path / "ddp" / "ddp.safetensors").is_file() and m.exports == ["ddp.safetensors"]
+    (snap,) = kinds.list_snapshots(tmp_path / "ddp")
+    assert kinds.read_manifest(snap).step == 1 and r.stdout.count("snapshot step 1:") == 1  # the main process only
 
 
 def test_memory_plan_picks_what_fits_a_t4():

@@ -64,6 +64,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0: none)
     checkpoint_minutes: float = 30.0  # also checkpoint after this many minutes (Kaggle sessions end)
     keep_checkpoints: int = 2  # at most this many checkpoints are kept
+    snapshot_every: int = 0  # steps between snapshots, whole artifacts in OUTPUT/snapshots/step-NNNNNN (0: none)
+    keep_snapshots: int = 0  # at most this many snapshots are kept, the newest (0: all)
     validate_every: int = 500  # steps between validation images (0: only at the end)
     log_every: int = 10  # steps between log rows
     output: str = "outputs/styles"  # artifacts go to OUTPUT/NAME unless --output names the folder

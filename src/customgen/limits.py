@@ -21,7 +21,7 @@ LIMITS: dict[str, tuple] = {
     "train.lr": (0, 1), "train.warmup_steps": (0, MILLION), "train.weight_decay": (0, 1),
     "train.max_grad_norm": (0, 1e6), "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (0, MILLION),
     "train.checkpoint_minutes": (0, 1e6), "train.keep_checkpoints": (0, 10_000), "train.validate_every": (0, MILLION),
-    "train.log_every": (0, MILLION),
+    "train.log_every": (0, MILLION), "train.snapshot_every": (0, MILLION), "train.keep_snapshots": (0, 10_000),
     "lora.rank": (1, 1024), "lora.alpha": (0, 1e6), "lora.text_encoder_lr": (0, 1),
     "loss.l2": (0, 1e6), "loss.lpips": (0, 1e6), "loss.gram": (0, 1e6), "loss.perceptual_every": (1, MILLION),
     "loss.perceptual_max_timestep": (0, 1000), "loss.decode_crop": (0, MAX_SIDE // 8),

@@ -30,8 +30,8 @@ class Recipe:
 class Method:
     """The training half of a kind: which parameters train, captions, per-step hooks, the saved artifact.
 
-    The one loop (customgen.train.loop) calls, per run: `setup` once, then `caption` per example, `after_step`
-    per optimizer step, `trained_params` per checkpoint, and `save` at the end.
+    The one loop (customgen.train.loop) calls, per run: `saved_bytes` and `setup` once, then `caption` per example,
+    `after_step` per optimizer step, `trained_params` per checkpoint, and `save` per snapshot and at the end.
     """
 
     trains_text_encoder = False
@@ -69,6 +69,11 @@ class Method:
     def text_encoder_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The text encoder's dtype in a mixed-precision run (frozen weights go to `weight_dtype`)."""
         return weight_dtype
+
+    def saved_bytes(self, comps) -> int:
+        """Bytes of the tensors `save` writes, over every file it writes, counted from the base model's shapes
+        before `setup` (what the snapshot disk check plans with, customgen.train.snapshots)."""
+        raise TypeError(f"{type(self).__name__} must define saved_bytes()")
 
     def save(self, folder: Path, comps, facts: dict) -> dict:
         """Write the weights (and exports for other tools) into `folder`; returns manifest fields. `facts` are

@@ -73,6 +73,11 @@ class DreamBoothMethod(Method):
         self.names = scope_names(comps.unet, self.cfg.dreambooth.scope)
         return [{"params": unfreeze(comps.unet, self.names), "lr": self.cfg.train.lr}]
 
+    def saved_bytes(self, comps) -> int:
+        """fp32 copies of the scope's UNet parameters, in one file."""
+        names = set(scope_names(comps.unet, self.cfg.dreambooth.scope))
+        return 4 * sum(p.numel() for n, p in comps.unet.named_parameters() if n in names)
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         save_dreambooth(folder, comps.unet, self.names, scope=self.cfg.dreambooth.scope)
         return {"weights": WEIGHTS, "scope": self.cfg.dreambooth.scope}

@@ -31,6 +31,7 @@ from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
+from customgen.models.inspect import lora_parameter_count
 from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -75,7 +76,8 @@ def kohya_metadata(facts: dict, *, rank: int, alpha: float, text_encoder: bool) 
         "ss_output_name": facts["name"], "ss_sd_model_name": facts["base_model"], "ss_base_model_version": "sd_v1",
         "ss_v2": "False", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
         "ss_network_alpha": str(alpha), "ss_network_train_unet_only": str(not text_encoder),
-        "ss_resolution": f"({facts['resolution']}, {facts['resolution']})", "ss_steps": str(facts["steps"]),
+        "ss_resolution": f"({facts['resolution']}, {facts['resolution']})",
+        "ss_steps": str(facts.get("step", facts["steps"])),  # trained so far (a snapshot's step), of ss_max_train_steps
         "ss_max_train_steps": str(facts["steps"]), "ss_learning_rate": str(facts["lr"]),
         "ss_unet_lr": str(facts["lr"]), "ss_text_encoder_lr": str(facts["text_encoder_lr"] if text_encoder else 0),
         "ss_batch_size_per_device": str(facts["batch_size"]), "ss_num_train_images": str(facts["num_images"]),
@@ -156,6 +158,14 @@ class LoraMethod(Method):
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups
+
+    def saved_bytes(self, comps) -> int:
+        """fp32 A and B of every targeted Linear, in two files: the diffusers file and the kohya export."""
+        c = self.cfg.lora
+        params = lora_parameter_count(comps.unet, rank=c.rank, targets=tuple(c.targets))
+        if self.trains_text_encoder:
+            params += lora_parameter_count(comps.text_encoder, rank=c.rank, targets=tuple(c.text_encoder_targets))
+        return 2 * 4 * params
 
     def save(self, folder: Path, comps, facts: dict) -> dict:
         export = save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None, facts=facts)

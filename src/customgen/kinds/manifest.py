@@ -78,13 +78,13 @@ def package_versions() -> dict:
 
 
 def training_facts(cfg, name: str, **measured) -> dict:
-    """What a training run was, from its config plus what it measured (`measured` wins): the kinds' save methods
-    record it in their exports (kohya's ss_* metadata)."""
+    """What a training run was, from its config plus what it measured (`measured` wins; `step`: the step the
+    weights are from, a snapshot's): the kinds' save methods record it in their exports (kohya's ss_* metadata)."""
     return {"name": name, "method": cfg.method, "base_model": cfg.model.ref, "resolution": cfg.data.resolution,
             "steps": cfg.train.steps, "lr": cfg.train.lr, "text_encoder_lr": cfg.lora.text_encoder_lr,
             "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
             "optimizer": cfg.train.optimizer, "lr_scheduler": cfg.train.lr_scheduler, "num_images": 0,
-            "tag_frequency": {}, "started_at": 0, "finished_at": 0} | measured
+            "tag_frequency": {}, "started_at": 0, "finished_at": 0, "step": cfg.train.steps} | measured
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:

@@ -103,6 +103,11 @@ class TextualInversionMethod(Method):
         # whole text encoder in fp32 for the same reason.
         return torch.float32
 
+    def saved_bytes(self, comps) -> int:
+        """fp32 vectors of the new tokens, in two files: the diffusers file and the WebUI embedding."""
+        width = comps.text_encoder.get_input_embeddings().weight.shape[1]
+        return 2 * 4 * self.cfg.textual_inversion.num_vectors * width
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         token = self.cfg.textual_inversion.token
         export = save_textual_inversion(folder, comps.text_encoder, self.token_ids, token=token, name=facts["name"])

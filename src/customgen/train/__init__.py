@@ -2,7 +2,9 @@
 
     train/run.py         train(), the output folder, the artifact at the end
     train/build.py       run assembly: accelerator, components, method, data, optimizer (the Run dataclass)
-    train/loop.py        the one loop: encode → add noise → UNet → loss → step; checkpoints, logs, validation
+    train/loop.py        the one loop: encode → add noise → UNet → loss → step; snapshots, checkpoints, logs
+    train/artifact.py    what a run saves: the final artifact and its snapshots (train.snapshot_every)
+    train/snapshots.py   snapshot steps, how many are kept, the disk check before the first step
     train/checkpoint.py  atomic checkpoints and resume
     train/data.py        training images, their order per step, class images
     train/losses.py      per-sample loss terms; train/perceptual.py the decoder-based terms

@@ -22,6 +22,7 @@ from customgen.models.loading import place
 from customgen.train.data import ImageSet, ensure_class_images, image_set, training_records
 from customgen.train.freeze import parameter_report
 from customgen.train.perceptual import Perceptual
+from customgen.train.snapshots import check_space, kept_snapshots
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precision → dtype of frozen weights
 
@@ -62,6 +63,8 @@ def build_run(cfg: Config, out: Path) -> Run:
     acc.print(plan.describe(info))
     records = training_records(cfg)
     comps = load_components(cfg.model.ref, device="cpu", dtype=torch.float32)
+    if kept_snapshots(cfg):  # before class images, adapters and any step: snapshots the disk cannot hold are refused
+        acc.print(check_space(cfg, out, method.saved_bytes(comps)))
     weight_dtype = WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32)
     for m in (comps.unet, comps.vae):
         place(m, acc.device, weight_dtype)

@@ -2,8 +2,9 @@
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a folder named
 `step-NNNNNN` is always whole; a write that fails (disk full) removes its temporary folder and says so in one
-line. It holds the trainable tensors (trainable.safetensors), the optimizer and LR-scheduler states without
-pickle (optimizer.safetensors + JSON in state.json, customgen.train.statefile), the step and the resolved config.
+line (`write_folder`, which snapshots use too). It holds the trainable tensors (trainable.safetensors), the
+optimizer and LR-scheduler states without pickle (optimizer.safetensors + JSON in state.json,
+customgen.train.statefile), the step and the resolved config.
 Data order, noise and timesteps are functions of (seed, step), so no RNG state is needed for an exact resume.
 
 Resume reads and checks the whole checkpoint before restoring anything: a damaged one is refused (`--resume
@@ -19,6 +20,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,8 +34,8 @@ TRAINABLE, STATES, STATE = "trainable.safetensors", "optimizer.safetensors", "st
 PICKLES = ("optimizer.pt", "scheduler.pt")  # what checkpoints of customgen ≤ 0.1 held; never loaded
 # Config keys that do not change the trained weights: resuming with other values is not "another config".
 RESUME_IGNORED = ("name", "train.output", "train.checkpoint_every", "train.checkpoint_minutes",
-                  "train.keep_checkpoints", "train.validate_every", "train.log_every", "train.latent_cache_dir",
-                  "validation.", "eval.")
+                  "train.keep_checkpoints", "train.snapshot_every", "train.keep_snapshots", "train.validate_every",
+                  "train.log_every", "train.latent_cache_dir", "validation.", "eval.")
 
 
 class CheckpointDamaged(UserError):
@@ -65,26 +67,43 @@ def checkpoints(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, *, step: int, tensors: dict, optimizer, lr_scheduler, info: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep`. Temporary folders of killed writes go first."""
-    root = Path(folder) / "checkpoints"
-    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    for stale in root.glob(".tmp-step-*") if root.is_dir() else ():
+    """Write checkpoint `step` atomically; keep the newest `keep`."""
+    final = Path(folder) / "checkpoints" / f"step-{step:06d}"
+    write_folder(final, lambda tmp: _write(tmp, step, tensors, optimizer, lr_scheduler, info), what="checkpoint",
+                 advice="free disk space (train.keep_checkpoints limits how many are kept) and run again: --resume "
+                        "auto continues from the last one")
+    prune(checkpoints(folder), keep)
+    return final
+
+
+def write_folder(final: Path, fill: Callable[[Path], None], *, what: str, advice: str) -> Path:
+    """Make folder `final` atomically: `fill(tmp)` writes a temporary sibling `.tmp-NAME`, renamed into place when
+    complete (an older `final` is moved aside first, then removed). A failed fill removes its temporary folder; one
+    that ran out of disk says so in one line (`advice`: what to do). Leftovers of killed writes go first."""
+    root = final.parent
+    tmp, old = root / f".tmp-{final.name}", root / f".old-{final.name}"
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")] if root.is_dir() else ():
         shutil.rmtree(stale, ignore_errors=True)  # the output lock says no other run writes here
     try:
         tmp.mkdir(parents=True)
-        _write(tmp, step, tensors, optimizer, lr_scheduler, info)
+        fill(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         why = disk_problem(err)
         if why is None:
             raise
-        raise UserError(f"cannot write checkpoint {final} ({why}); free disk space (train.keep_checkpoints "
-                        "limits how many are kept) and run again: --resume auto continues from the last one") from err
-    shutil.rmtree(final, ignore_errors=True)
+        raise UserError(f"cannot write {what} {final} ({why}); {advice}") from err
+    if final.exists():  # re-made after a resume: a kill between the two renames leaves only `.old-NAME`
+        os.replace(final, old)
     os.replace(tmp, final)
-    for old in checkpoints(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prune(folders: list[Path], keep: int) -> None:
+    """Remove all but the last `keep` of `folders` (oldest first); 0 keeps all."""
+    for old in folders[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(tmp: Path, step: int, tensors: dict, optimizer, lr_scheduler, info: dict) -> None:

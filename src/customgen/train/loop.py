@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from customgen.config import config_hash, to_dict
 from customgen.errors import UserError
+from customgen.train.artifact import snapshot
 from customgen.train.build import Run
 from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
 from customgen.train.data import batch_positions
@@ -198,20 +199,20 @@ def resume(run: Run, how: str, *, force: bool = False) -> int:
 
 
 def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> dict:
-    """Steps `start`..train.steps with logging, checkpoints (every N steps / T minutes) and validation."""
+    """Steps `start`..train.steps with logging, snapshots, checkpoints (every N steps / T minutes) and validation."""
     cfg = run.cfg
     log, t0 = LossLog(run, start), time.monotonic()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and run.accelerator.is_local_main_process),
                desc="train")
     try:  # the bar is closed before an error propagates, so the error stays the last line of the output
-        logs = steps(run, range(start, cfg.train.steps), bar, log, validate)
+        logs = steps(run, range(start, cfg.train.steps), bar, log, validate, t0=t0)
     finally:
         bar.close()
     return {"seconds": time.monotonic() - t0, "last": logs}
 
 
-def steps(run: Run, todo: range, bar, log: LossLog, validate) -> dict:
-    """The loop body: optimizer steps, log rows, checkpoints, validation images."""
+def steps(run: Run, todo: range, bar, log: LossLog, validate, *, t0: float) -> dict:
+    """The loop body: optimizer steps, log rows, snapshots, checkpoints, validation images (`t0`: the loop's start)."""
     cfg = run.cfg
     logs, tic, last_ckpt = {}, time.monotonic(), time.monotonic()
     for step in todo:
@@ -222,6 +223,8 @@ def steps(run: Run, todo: range, bar, log: LossLog, validate) -> dict:
         bar.set_postfix(loss=f"{logs['loss']:.4f}", s_it=f"{sec:.2f}")
         if done % max(1, cfg.train.log_every) == 0 or done == cfg.train.steps:
             log.write(done, logs, sec)
+        if cfg.train.snapshot_every and done % cfg.train.snapshot_every == 0 and done < cfg.train.steps:
+            snapshot(run, done, seconds=time.monotonic() - t0)  # before the checkpoint: a kill between them loses none
         by_steps = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
         by_time = cfg.train.checkpoint_minutes > 0 and time.monotonic() - last_ckpt > 60 * cfg.train.checkpoint_minutes
         if (by_steps or by_time) and done < cfg.train.steps:

@@ -2,23 +2,22 @@
 from __future__ import annotations
 
 import shutil
-import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
-from customgen.config import Config, config_hash, save_config
+from customgen.config import Config
 from customgen.errors import UserError
-from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, training_facts, write_manifest
+from customgen.kinds import KINDS, MANIFEST, SNAPSHOTS, read_artifact, write_manifest
 from customgen.limits import check_limits
 from customgen.lock import output_lock
 from customgen.memory import peak_memory
+from customgen.train.artifact import artifact_manifest, drop_stale_snapshots, save_weights
 from customgen.train.build import Run, build_run
 from customgen.train.loop import encode_prompts, out_path, resume as resume_from, run_loop
 from customgen.train.validation import validate
 
-RUN_FILES = ("checkpoints", "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
+RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
 WEIGHT_FILES = tuple(dict.fromkeys(k.weights for k in KINDS.values()))  # every kind's main file
 
 
@@ -61,45 +60,17 @@ def offload_unused(run: Run) -> None:
         torch.cuda.empty_cache()
 
 
-def tag_frequency(run: Run) -> dict[str, dict[str, int]]:
-    """Caption tags per image folder, counted as kohya's sd-scripts do (comma-separated, per `N_folder`)."""
-    freq: dict[str, Counter] = defaultdict(Counter)
-    for record in run.images.dataset.records:
-        folder = f"{record.repeats}_{record.label or Path(record.path).parent.name}"
-        caption = run.method.caption(record.caption or "", torch.Generator().manual_seed(0))
-        freq[folder].update(t.strip() for t in caption.split(",") if t.strip())
-    return {k: dict(v) for k, v in freq.items()}
-
-
-def run_facts(run: Run) -> dict:
-    """What the run was, for the kinds' exports (kohya's ss_* metadata)."""
-    return training_facts(run.cfg, run.out.name, mixed_precision=run.plan.mixed_precision,
-                          optimizer=run.plan.optimizer, num_images=len(run.images.dataset.records),
-                          tag_frequency=tag_frequency(run), started_at=int(run.started), finished_at=int(time.time()))
-
-
 def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
-    """Save weights, config, manifest and final samples (main process)."""
+    """Save weights, config, final samples and the manifest (last: a folder with style.json is finished)."""
     acc, cfg, out = run.accelerator, run.cfg, run.out
     acc.wait_for_everyone()
     if acc.is_main_process:
-        fields = run.method.save(out, run.comps, run_facts(run))
-        save_config(cfg, out / "config.yaml")
+        fields = save_weights(run, out, name=out.name, step=cfg.train.steps)
         validate(run, cfg.train.steps)
-        write_manifest(out, Manifest(
-            name=out.name, method=cfg.method, kind=run.method.kind.name, base_model=cfg.model.ref,
-            prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
-            token=fields.pop("token", "") or trigger_word(cfg), resolution=cfg.data.resolution,
-            steps=cfg.train.steps, step=cfg.train.steps, trainable_params=run.method.trainable_count(run.comps),
-            train_seconds=round(seconds, 2), peak_memory_bytes=peak_bytes, config_hash=config_hash(cfg), **fields))
+        write_manifest(out, artifact_manifest(run, fields, name=out.name, step=cfg.train.steps, seconds=seconds,
+                                              peak_bytes=peak_bytes))
     acc.end_training()
     return out
-
-
-def trigger_word(cfg: Config) -> str:
-    """The trigger word of an instance prompt ('sks' in 'a photo of sks person'), if any."""
-    rare = [w for w in cfg.prompt.instance.split() if w.lower() in ("sks", "ohwx", "zwx", "xyz")]
-    return rare[0] if rare else ""
 
 
 def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto", overwrite: bool = False,
@@ -116,6 +87,7 @@ def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto"
             run.accelerator.init_trackers("customgen")
             offload_unused(run)
             start = resume_from(run, resume, force=resume_force)
+            drop_stale_snapshots(run, start)
             with peak_memory() as peak:
                 stats = run_loop(run, start=start, progress=progress, validate=validate)
             return finish(run, stats["seconds"], peak.peak_bytes or 0)
