@@ -628,19 +628,21 @@ def test_demo_good_upload_still_works(sb, demo):
 
 @pytest.mark.browser
 def test_browser_upload_of_a_non_image_shows_one_sentence(sb, demo):
-    """Input: in Chromium, upload a text file as the content photo; expected: the page shows the plain sentence and
-    never Gradio's "Could not preprocess input component" message."""
+    """Input: in Chromium, upload a text file as the content photo and click Stylize; expected: the page shows the
+    plain sentence and never Gradio's "Could not preprocess input component" message."""
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
+    text = uploads(sb) / "text.png"  # made before the snapshot: the test also runs alone
     before = snapshot(sb.root)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(demo.url)
-            page.locator("#content input[type=file]").set_input_files(str(uploads(sb) / "text.png"))
+            page.locator("#content input[type=file]").set_input_files(str(text))
+            page.locator("#stylize").click()  # the content is checked once, by the click (tests/test_demo_browser.py)
             sentence = page.get_by_text("text.png is not an image: upload a PNG, JPEG or WebP photo.")
             sentence.first.wait_for(timeout=30_000)
             assert "Could not preprocess" not in page.content()
