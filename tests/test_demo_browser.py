@@ -104,6 +104,23 @@ def test_stylize_handler_with_a_painted_mask_and_pixel_limit(app, tmp_path):
         state.max_pixels = MAX_PIXELS
 
 
+def test_mask_background_follows_the_content_without_raising(tmp_path):
+    """The content → mask-editor sync gets Gradio's raw upload payload: a photo becomes the editor's background;
+    a non-image, an empty file or one over the pixel cap leaves the editor empty and raises nothing (the Stylize
+    click reports it, once)."""
+    from customgen.demo import mask_background
+
+    photo, fake, empty = tmp_path / "p.png", tmp_path / "fake.png", tmp_path / "empty.png"
+    content_image(3, (40, 30)).save(photo)
+    fake.write_text("not an image")
+    empty.write_bytes(b"")
+    payload = lambda path: {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}  # noqa: E731
+    assert mask_background(payload(photo), 10_000) == {"background": str(photo), "layers": [], "composite": str(photo)}
+    assert mask_background(payload(photo), 40 * 30 - 1) is None  # over the cap: the browser never decodes it
+    assert mask_background(payload(fake), 10_000) is None and mask_background(payload(empty), 10_000) is None
+    assert mask_background(None, 10_000) is None
+
+
 def test_styles_table_names_each_kind(app):
     """The styles tab's table: one row per style with its method and kind as the manifests write them."""
     rows = {r[0]: r for r in app.customgen_state.table()}
@@ -121,8 +138,42 @@ def test_generate_handler_batch_with_a_subject(app):
     assert settings[0]["seed"] == 4 and settings[0]["styles"][0]["method"] == "dreambooth_lora_subject"
 
 
+def error_toasts(page) -> list[list[str]]:
+    """The error toasts on the page, each as its message lines (Gradio 6 groups repeats into one toast with a
+    count badge "(N)" and one toast-text per repeat; Gradio 5 shows one toast per message)."""
+    toasts = page.locator('[data-testid="toast-body"].error')
+    lines = []
+    for i in range(toasts.count()):
+        toast = toasts.nth(i)
+        count = toast.locator(".toast-count")  # Gradio 6: "(N)" when N messages share the toast
+        repeats = [count.inner_text()] if count.count() else []
+        lines.append([t.inner_text().strip() for t in toast.locator('[data-testid="toast-text"]').all()] + repeats)
+    return lines
+
+
+def bad_upload_shows_one_error_line(page, tmp_path: Path) -> None:
+    """After a real stylization: a text file named fake.png uploaded as content, then Stylize, is one error toast
+    with one line (the upload itself shows nothing; the click shows the error once)."""
+    for close in page.locator('[data-testid="toast-close"]').all():  # earlier messages out of the way
+        close.click()
+    page.locator('[data-testid="toast-body"]').first.wait_for(state="detached", timeout=10_000)
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is a text file, not a PNG\n")
+    with page.expect_request("**/queue/join*"):  # the upload's change event reaches the server
+        page.locator("#content input[type=file]").set_input_files(str(fake))
+    page.wait_for_timeout(2_000)  # what that event would show, it shows by now
+    assert error_toasts(page) == []
+    page.locator("#stylize").click()
+    message = "fake.png is not an image: upload a PNG, JPEG or WebP photo."
+    page.locator('[data-testid="toast-text"]', has_text=message).first.wait_for(timeout=20_000)
+    page.wait_for_timeout(2_000)  # a second copy of the error would have arrived by now
+    page.screenshot(path=str(ARTIFACTS / "demo_bad_upload.png"), full_page=True)
+    assert error_toasts(page) == [[message]]
+
+
 @pytest.mark.browser
 def test_browser_upload_stylize_download(app, tmp_path):
+    """Upload, stylize with a library style, download the PNG with its settings; then a bad upload (one error)."""
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
@@ -153,6 +204,7 @@ def test_browser_upload_stylize_download(app, tmp_path):
             saved = tmp_path / "downloaded.png"
             download.value.save_as(saved)
             page.screenshot(path=str(ARTIFACTS / "demo_stylize.png"), full_page=True)
+            bad_upload_shows_one_error_line(page, tmp_path)
         finally:
             browser.close()
             app.close()

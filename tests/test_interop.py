@@ -199,8 +199,8 @@ def test_default_export_is_fp16_and_draws_like_the_fp32_one(lib, tmp_path):
 def test_export_refuses_what_it_cannot_write_in_one_line(lib, tmp_path, capsys):
     cases = [["export", str(lib["ti"]), "--out", str(tmp_path / "ti.safetensors")],  # an embedding is no model
              ["export", str(lib["style"]), "--out", str(tmp_path / "x.ckpt")],  # pickles are never written
-             ["export", str(lib["style"]), "--out", str(tmp_path / "no" / "x.safetensors")]]
-    (tmp_path / "taken.safetensors").write_bytes(b"")
+             ["export", str(lib["style"]), "--out", str(tmp_path / "taken.safetensors" / "x.safetensors")]]
+    (tmp_path / "taken.safetensors").write_bytes(b"")  # a file: existing, and in the way of a folder
     cases.append(["export", str(lib["style"]), "--out", str(tmp_path / "taken.safetensors")])
     for argv in cases:
         assert main(argv) == 2, argv

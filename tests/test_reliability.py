@@ -58,6 +58,28 @@ def stylize(sb, *extra, content=None) -> list:
             "--seed", "1", *extra]
 
 
+def generate(sb, *extra) -> list:
+    return ["generate", "--model", "tiny", "--styles", sb.lib, "--prompt", "a photo", "--steps", "2", "--size", "64",
+            "--seed", "1", *extra]
+
+
+def export(sb, *extra) -> list:
+    return ["export", "lora_a", "--styles", sb.lib, "--dtype", "fp32", *extra]
+
+
+def bench(sb, *extra) -> list:
+    return ["bench", "--model", "tiny", "--jobs", "perceptual", "--train-resolution", "64", "--repeats", "1",
+            "--no-flops", *extra]
+
+
+def taken_report(sb) -> Path:
+    """A folder holding b.json, as an earlier `customgen bench --name b` leaves it."""
+    folder = sb.root / "bench_taken"
+    folder.mkdir(exist_ok=True)
+    (folder / "b.json").write_text("{}\n")
+    return folder
+
+
 def read_only_folder(sb) -> Path:
     """A folder that refuses new files even to root: /sys (sysfs) when root, else a chmod 555 folder."""
     if os.geteuid() == 0:
@@ -102,6 +124,27 @@ SAMPLING = [  # (case, argv builder, message pattern)
     ("--out an existing file", lambda sb: stylize(sb, "--out", sb.bad / "whole.png"),
      r"already exists; pass --overwrite"),
     ("--out not a .png", lambda sb: stylize(sb, "--out", sb.root / "x.jpg"), r"outputs are written as \.png"),
+    ("generate --out under a regular file", lambda sb: generate(sb, "--out", sb.root / "a_file" / "new" / "x.png"),
+     r"a_file is a file, not a folder; choose another --out"),
+    ("generate --out in a read-only folder", lambda sb: generate(sb, "--out", read_only_folder(sb) / "new" / "x.png"),
+     r"refuses new files \(.+\); choose another --out"),
+    ("generate --out an existing file", lambda sb: generate(sb, "--out", sb.bad / "whole.png"),
+     r"whole.png already exists; pass --overwrite"),
+    ("export --out under a regular file", lambda sb: export(sb, "--out", sb.root / "a_file" / "new" / "x.safetensors"),
+     r"a_file is a file, not a folder; choose another --out"),
+    ("export --out in a read-only folder", lambda sb: export(sb, "--out", read_only_folder(sb) / "x.safetensors"),
+     r"refuses new files \(.+\); choose another --out"),
+    ("export --out an existing file", lambda sb: export(sb, "--out", sb.lib / "lora_a" / lora.WEIGHTS),
+     r"already exists; pass --overwrite"),
+    ("export --format diffusers --out an existing folder", lambda sb: export(sb, "--format", "diffusers", "--out",
+                                                                             sb.lib / "lora_a"),
+     r"lora_a already exists; pass --overwrite"),
+    ("bench --out under a regular file", lambda sb: bench(sb, "--out", sb.root / "a_file" / "bench"),
+     r"a_file is a file, not a folder; choose another --out"),
+    ("bench --out in a read-only folder", lambda sb: bench(sb, "--out", read_only_folder(sb) / "bench"),
+     r"refuses new files \(.+\); choose another --out"),
+    ("bench --out holding the report already", lambda sb: bench(sb, "--out", taken_report(sb), "--name", "b"),
+     r"b.json already exists; pass --overwrite"),
     ("--model missing file", lambda sb: stylize(sb, "--model", sb.root / "nope.safetensors"), r"does not exist"),
     ("data scan --out in a read-only folder", lambda sb: ["data", "scan", sb.root / "data" / "wikiart", "--out",
                                                           read_only_folder(sb) / "scan"],
@@ -134,11 +177,35 @@ def test_absurd_numbers_are_refused_before_any_model_loads(sb, capfd, monkeypatc
     cli(capfd, sb.root, argv(sb), code=2, match=match)
 
 
-def test_missing_output_folders_are_created(sb, capfd):
-    """Input: --out into three folders that do not exist yet; expected: exit 0, the PNG written there."""
-    out = sb.root / "new" / "deep" / "folder" / "x.png"
-    cli(capfd, sb.root, stylize(sb, "--style", "lora_a", "--out", out), code=0, changes=[sb.root / "new"])
-    assert Image.open(out).size == Image.open(sb.content).size
+MISSING_FOLDERS = [  # (command, argv builder for an --out under folders that do not exist, what it writes there)
+    ("stylize", lambda sb, out: stylize(sb, "--style", "lora_a", "--out", out / "x.png"), ["x.png"]),
+    ("generate", lambda sb, out: generate(sb, "--style", "lora_a", "--out", out / "x.png"), ["x.png"]),
+    ("export", lambda sb, out: export(sb, "--out", out / "db.safetensors"), ["db.safetensors"]),
+    ("export diffusers", lambda sb, out: export(sb, "--format", "diffusers", "--out", out / "db"), ["db"]),
+    ("bench", lambda sb, out: bench(sb, "--out", out, "--name", "b"), ["b.json", "b.md"]),
+]
+
+
+@pytest.mark.parametrize("case,argv,written", MISSING_FOLDERS, ids=[c[0] for c in MISSING_FOLDERS])
+def test_missing_output_folders_are_created(sb, capfd, case, argv, written):
+    """Input: --out under three folders that do not exist yet (relative to the working folder, as users type
+    `--out exports/db.safetensors`); expected: exit 0, the folders created and the output written there."""
+    top = f"new-{case.replace(' ', '-')}"
+    cli(capfd, sb.root, argv(sb, Path(top) / "deep" / "folder"), code=0, changes=[sb.root / "cwd" / top])
+    out = sb.root / "cwd" / top / "deep" / "folder"
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)
+    if case == "stylize":
+        assert Image.open(out / "x.png").size == Image.open(sb.content).size
+    if case.startswith("export"):
+        assert (out / "db.safetensors").stat().st_size > 0 if case == "export" else (out / "db" / "unet").is_dir()
+
+
+def test_bench_overwrite_replaces_an_earlier_report(sb, capfd):
+    """Input: bench --name b into a folder holding b.json, with --overwrite; expected: exit 0, b.json replaced by
+    this run's report (without --overwrite the same command is refused: SAMPLING)."""
+    folder = taken_report(sb)
+    cli(capfd, sb.root, bench(sb, "--out", folder, "--name", "b", "--overwrite"), code=0, changes=[folder])
+    assert json.loads((folder / "b.json").read_text())["perceptual"][0]["status"] == "ok"
 
 
 # --- artifacts: adapters checked on load, files kept inside their folder -----------------------------------------
@@ -666,19 +733,21 @@ def test_demo_good_upload_still_works(sb, demo):
 
 @pytest.mark.browser
 def test_browser_upload_of_a_non_image_shows_one_sentence(sb, demo):
-    """Input: in Chromium, upload a text file as the content photo; expected: the page shows the plain sentence and
-    never Gradio's "Could not preprocess input component" message."""
+    """Input: in Chromium, upload a text file as the content photo and click Stylize; expected: the page shows the
+    plain sentence and never Gradio's "Could not preprocess input component" message."""
     if not CHROMIUM.exists():
         pytest.skip("/usr/bin/chromium is not installed (apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
+    text = uploads(sb) / "text.png"  # made before the snapshot: the test also runs alone
     before = snapshot(sb.root)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(demo.url)
-            page.locator("#content input[type=file]").set_input_files(str(uploads(sb) / "text.png"))
+            page.locator("#content input[type=file]").set_input_files(str(text))
+            page.locator("#stylize").click()  # the content is checked once, by the click (tests/test_demo_browser.py)
             sentence = page.get_by_text("text.png is not an image: upload a PNG, JPEG or WebP photo.")
             sentence.first.wait_for(timeout=30_000)
             assert "Could not preprocess" not in page.content()

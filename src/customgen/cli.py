@@ -99,7 +99,7 @@ def _cmd_bench(args) -> int:
         model=args.model, jobs=args.jobs.split(","), size=args.size, steps=args.steps, strength=args.strength,
         train_resolution=args.train_resolution, repeats=args.repeats, overhead_images=args.overhead_images,
         flops=not args.no_flops, cap_gib=args.cap_gib, device=args.device, dtype=args.dtype, out=str(args.out),
-        name=args.name, command=command, pairs=[p for p in args.pairs.split(",") if p],
+        name=args.name, overwrite=args.overwrite, command=command, pairs=[p for p in args.pairs.split(",") if p],
         **({"recipes": args.recipes.split(",")} if args.recipes else {}))
     _, paths = run_bench(settings)
     print(f"bench results: {paths[0]} and {paths[1]}")
@@ -212,6 +212,7 @@ def _add_bench_command(sub) -> None:
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     b.add_argument("--out", type=Path, default=Path("results/benchmarks"), help="folder for the JSON and markdown")
     b.add_argument("--name", default="", help="file name without extension (default bench_<model>_<device>)")
+    b.add_argument("--overwrite", action="store_true", help="replace the JSON and markdown of an earlier run")
     b.set_defaults(func=_cmd_bench)
 
 

@@ -94,6 +94,20 @@ def checked_upload(image: gr.Image, max_pixels) -> gr.Image:
     return image
 
 
+def mask_background(payload, max_pixels: int) -> dict | None:
+    """The mask editor's value for Gradio's raw upload payload of the content (preprocess=False): the photo as
+    background, or None (an empty editor) for a file that is not a usable image. It raises nothing: the content is
+    checked once, by the Stylize click, so a bad upload is one message, not one per change event."""
+    path = (payload or {}).get("path")
+    if not path:
+        return None
+    try:
+        probe_image(path, max_pixels=max_pixels, decode=False)  # the header only: the browser draws the photo
+    except ImageRejected:
+        return None
+    return {"background": path, "layers": [], "composite": path}
+
+
 def checked_seed(number: gr.Number) -> gr.Number:
     """A seed box whose bad values (NaN, a fraction) are one sentence too, not Gradio's ValueError."""
     convert = number.preprocess
@@ -215,7 +229,9 @@ def _stylize_tab(gr, state: DemoState) -> None:
     download = gr.File(label="Download (PNG with settings)", interactive=False, elem_id="download")
     settings = gr.JSON(label="Settings")
     method.change(lambda m: gr.Dropdown(choices=state.choices(m), value=NONE), method, style)
-    content.change(lambda p: {"background": p, "layers": [], "composite": p} if p else None, content, mask)
+    # preprocess=False: the sync passes the upload's path on without the content check (Gradio fires `change`
+    # twice when a photo replaces another; each would show the check's error before the click shows it again)
+    content.change(lambda payload: mask_background(payload, state.max_pixels), content, mask, preprocess=False)
     button.click(_ui(functools.partial(stylize_handler, state)),
                  [content, style, style_image, mode, mask, strength, steps, seed, structure],
                  [result, download, settings], api_name="stylize")

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from customgen.errors import UserError
+from customgen.inference.images import writable_target
 from customgen.inference.library import StyleLibrary
 from customgen.memory import DTYPES
 from customgen.models import load_components, save_pipeline
@@ -27,15 +28,14 @@ FORMATS = ("single-file", "diffusers")
 
 
 def check_target(out: Path, fmt: str, *, overwrite: bool) -> Path:
-    """The output path, refused in one line when it has the wrong shape or exists without --overwrite."""
+    """The output path, refused in one line when it has the wrong shape, exists without --overwrite, lies under a
+    file or in a folder that refuses new files (writable_target); missing parent folders are created."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--out {out}: a single-file checkpoint is written as .safetensors")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    writable_target(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)  # like save_pretrained: `--out exports/db.safetensors` just works
     return out
 
 

@@ -28,6 +28,7 @@ from customgen.bench.stylize import StylizeBench, stock_overhead
 from customgen.bench.timing import device_peak
 from customgen.bench.train import train_pair
 from customgen.errors import UserError
+from customgen.inference.images import writable_target
 from customgen.kinds import RECIPES, package_versions
 from customgen.memory import probe
 from customgen.request import DEFAULT_STRENGTH, DEFAULTS
@@ -54,8 +55,9 @@ class BenchSettings:
     cap_gib: float = 0.0  # cap CUDA memory at this many GiB (15: a T4 on a bigger GPU); 0: no cap
     device: str | None = None
     dtype: str | None = None
-    out: str = "results/benchmarks"
+    out: str = "results/benchmarks"  # folder of NAME.json and NAME.md (missing folders are created)
     name: str = ""  # file name (default bench_<model>_<device>)
+    overwrite: bool = False  # replace NAME.json and NAME.md of an earlier run
     command: str = ""
 
     def check(self) -> "BenchSettings":
@@ -84,7 +86,7 @@ def header(s: BenchSettings, info) -> dict:
                        "peak_label": peak[0] if peak else None, "peak_tflops": peak[1] if peak else None,
                        "cpu_threads": torch.get_num_threads(), "host": platform.node()},
             "versions": package_versions() | {"python": platform.python_version()},
-            "settings": {k: v for k, v in vars(s).items() if k not in ("command", "out", "name")}}
+            "settings": {k: v for k, v in vars(s).items() if k not in ("command", "out", "name", "overwrite")}}
 
 
 def guarded(label: dict, job, peak) -> dict:
@@ -139,8 +141,10 @@ def run_bench(settings: BenchSettings) -> tuple[dict, tuple[Path, Path]]:
     info = probe(s.device, s.dtype)
     cap_memory(info, s.cap_gib)
     slug = "".join(ch if ch.isalnum() else "-" for ch in f"{s.model}_{info.name}".lower()).strip("-")
-    report = Report(header(s, info), Path(s.out), s.name or f"bench_{slug}",
-                    device_peak(info.name) if info.device.startswith("cuda") else None)
+    out, name = Path(s.out), s.name or f"bench_{slug}"
+    for path in (out / f"{name}.json", out / f"{name}.md"):  # refused before any job runs
+        writable_target(path, overwrite=s.overwrite)
+    report = Report(header(s, info), out, name, device_peak(info.name) if info.device.startswith("cuda") else None)
     with tempfile.TemporaryDirectory(prefix="customgen-bench-") as tmp:
         work = Path(tmp)
         data = fixtures.write_data(work / "data", size=max(s.size, s.train_resolution))

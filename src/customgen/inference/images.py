@@ -151,14 +151,24 @@ def check_writable(path: str | Path, *, overwrite: bool) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: outputs are written as .png (the settings are stored in its text chunks)")
+    return writable_target(path, overwrite=overwrite)
+
+
+def writable_target(path: str | Path, *, overwrite: bool, option: str = "--out") -> Path:
+    """The one check of an output path (a file or a folder a command will write; stylize, generate, export, bench),
+    before any work: refused in one line when it exists without --overwrite or its folder cannot be made or
+    written (writable_folder). Missing parent folders are fine: the writer creates them, as save_pretrained does."""
+    path = Path(path)
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass --overwrite to replace it or choose another --out")
+        raise UserError(f"{path} already exists; pass --overwrite to replace it or choose another {option}")
+    writable_folder(path.parent, option)
     return path
 
 
 def writable_folder(folder: str | Path, option: str = "--out") -> Path:
     """Refuse (one line) a folder that cannot be created or written, before any work: a file in the way, a
-    read-only file system, no permission. Probed with an unnamed temporary file, so nothing is left behind."""
+    read-only file system, no permission. Probed with an unnamed temporary file in the nearest folder that
+    exists, so nothing is left behind (the folders below it are created when the output is written)."""
     folder = Path(folder)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     if not existing.is_dir():

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import first_line
+from customgen.kinds.freeze import freeze, scope_names, unfreeze
 from customgen.kinds.validate import check_finite_state, check_weights
-from customgen.train.freeze import freeze, scope_names, unfreeze
 
 WEIGHTS = "dreambooth_unet.safetensors"
 

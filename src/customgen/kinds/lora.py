@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
+from customgen.kinds.freeze import freeze
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
 from customgen.models.inspect import lora_parameter_count
-from customgen.train.freeze import freeze
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 _PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line
+from customgen.kinds.freeze import freeze
 from customgen.kinds.validate import RETRAIN, check_embeddings
 from customgen.models import build_pipeline
-from customgen.train.freeze import freeze
 
 WEIGHTS = "learned_embeds.safetensors"
 STYLE_TEMPLATES = (  # Textual Inversion prompt templates (Gal et al. 2022; diffusers' textual_inversion example)

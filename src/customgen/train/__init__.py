@@ -8,25 +8,13 @@
     train/checkpoint.py  atomic checkpoints and resume
     train/data.py        training images, their order per step, class images
     train/losses.py      per-sample loss terms; train/perceptual.py the decoder-based terms
-    train/freeze.py      freeze everything, unfreeze by name (the kinds' training halves use it)
     train/validation.py  validation images; train/plots.py the loss curve
 
-Names are imported on first use (PEP 562): `customgen.kinds` uses train.freeze, so importing that module must
-not pull in the whole training stack (which itself uses the kinds).
+Freezing (freeze everything, unfreeze by name) is the kinds' own: customgen/kinds/freeze.py.
 """
 from __future__ import annotations
 
-import importlib
+from customgen.train.build import Run, build_run
+from customgen.train.run import finish, prepare_output, train
 
-_EXPORTS = {"train": "run", "prepare_output": "run", "finish": "run", "build_run": "build", "Run": "build"}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = ["Run", "build_run", "finish", "prepare_output", "train"]

@@ -16,11 +16,11 @@ from customgen.config import Config
 from customgen.data import scan_images
 from customgen.errors import UserError
 from customgen.kinds import Method, make_method
+from customgen.kinds.freeze import parameter_report
 from customgen.memory import MemoryPlan, make_optimizer, plan_memory, probe
 from customgen.models import Components, load_components
 from customgen.models.loading import place
 from customgen.train.data import ImageSet, ensure_class_images, image_set, training_records
-from customgen.train.freeze import parameter_report
 from customgen.train.perceptual import Perceptual
 from customgen.train.snapshots import check_space, kept_snapshots
 

@@ -1,4 +1,5 @@
-"""Freeze everything, then unfreeze by name; report trainable / total counts.
+"""Freeze everything, then unfreeze by name; report trainable / total counts. A kind's `Method.setup` does this
+(the kinds own it, so training, one layer up, imports it and nothing here imports training).
 
 Trainable parameters are always returned as a *list*: a `filter()` iterator is consumed by the
 optimizer and a later `clip_grad_norm_` silently gets nothing (a real bug in diffusers' LoRA example).
