@@ -29,6 +29,7 @@ from tests.subject_fixtures import shared_subject_env
 
 METRICS = ["dino", "clip_i", "clip_t", "div", "pres"]
 PROMPTS = '["a {token} {noun} on the beach", "a {token} {noun} in the snow"]'
+ONE_PROMPT = 'eval.prompts=["a {token} {noun} on the beach"]'  # later --set wins: faster runs where enough
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_style_and_subject_in_one_library(env, tmp_path, capsys):
     library = train_tiny_styles(tmp_path / "library", data["wikiart"], artifacts=ARTIFACTS[:1])
     os.symlink(env["subject"], library / "sks_dog")
     out = tmp_path / "out"
-    extra = [f"eval.content_root={data['coco']}", f"eval.style_root={data['wikiart']}", "eval.strength=0.5"]
+    extra = [f"eval.content_root={data['coco']}", f"eval.style_root={data['wikiart']}", "eval.strength=0.5", ONE_PROMPT]
     assert main(argv(library, out, *extra)) == 0
     m = pd.read_csv(out / "metrics.csv")
     assert sorted(m["model"]) == ["baseline", "lora_impressionism"] and set(m["style"]) == {"Impressionism"}
@@ -201,11 +202,11 @@ def test_a_subject_without_config_needs_instance_root(env, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: subject person") and "eval.instance_root" in err[0]
     assert not (tmp_path / "out" / "subject_images").exists()
-    assert main(argv(library, tmp_path / "out", f"eval.instance_root={env['photos']}")) == 0
+    assert main(argv(library, tmp_path / "out", f"eval.instance_root={env['photos']}", ONE_PROMPT)) == 0
     m = pd.read_csv(tmp_path / "out" / "subject_metrics.csv")
     assert list(m["model"]) == ["baseline", "person"]  # no snapshots: the final artifact only
     per = pd.read_csv(tmp_path / "out" / "subject_per_image.csv")
-    assert set(per["prompt"]) == {"a sks person on the beach", "a sks person in the snow", "a photo of a person"}
+    assert set(per["prompt"]) == {"a sks person on the beach", "a photo of a person"}
 
 
 def table(rows, base_t=0.30):

@@ -15,8 +15,9 @@ from matplotlib.ticker import MaxNLocator
 from customgen.evaluate.generate import BASELINE
 from customgen.evaluate.plots import _finish, _thumb
 
-PANELS = [("identity", ["dino", "clip_i"], "cosine to the instance photos ↑"), ("CLIP-T", ["clip_t"], "prompt fidelity ↑"),
-          ("DIV", ["div"], "diversity: LPIPS within a prompt ↑"), ("PRES", ["pres"], "class drift onto the subject ↓")]
+PANELS = [("identity", ["dino", "clip_i"], "cosine to the instance photos ↑"),
+          ("CLIP-T", ["clip_t"], "prompt fidelity ↑"), ("DIV", ["div"], "diversity: LPIPS within a prompt ↑"),
+          ("PRES", ["pres"], "class drift onto the subject ↓")]
 LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "div": "DIV", "pres": "PRES"}
 STYLES = {"dino": "-", "clip_i": "--"}
 

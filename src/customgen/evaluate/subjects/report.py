@@ -49,7 +49,8 @@ def choose_step(df: pd.DataFrame, margin: float) -> tuple[dict, np.ndarray]:
     if len(within):
         pick = within.loc[within["dino"].idxmax()]  # idxmax keeps the first (earliest) of equal values
         why = (f"the highest DINO ({pick['dino']:.3f}) on the identity–fidelity front among the steps whose CLIP-T "
-               f"stays within {margin:g} of the baseline's {base_t:.3f} (≥ {floor:.3f}); its CLIP-T {pick['clip_t']:.3f}")
+               f"stays within {margin:g} of the baseline's {base_t:.3f} (≥ {floor:.3f}); "
+               f"its CLIP-T {pick['clip_t']:.3f}")
     elif len(on_front):
         pick = on_front.loc[on_front["clip_t"].idxmax()]
         why = (f"no step on the front keeps CLIP-T within {margin:g} of the baseline's {base_t:.3f}: the front's most "

@@ -119,8 +119,9 @@ def aggregate_one(subject, group: list[dict], weights, nets, cfg, memo: dict) ->
     parts.append(_summary([diversity(b, nets, e.lpips_net, memo) for b in batches.values()], "div"))
     parts.append(_summary([M.MetricResult("pres", float(r["_results"]["dino"]), smoke=nets.dino.smoke, flag=r["flag"])
                            for r in class_rows], "pres"))
+    where = "" if weights is None else weights.folder.relative_to(subject.folder).as_posix()  # "." or snapshots/...
     row = {"subject": subject.name, "model": group[0]["model"], "method": subject.manifest.method,
-           "step": group[0]["step"], "weights": "" if weights is None else weights.folder.relative_to(subject.folder).as_posix(),
+           "step": group[0]["step"], "weights": where,
            "base_model": cfg.model.ref, "sample_steps": e.steps, "seed": e.seed,
            "samples_per_prompt": e.samples_per_prompt, "n_prompts": len(batches), "n_images": len(group),
            "n_flagged": sum(1 for r in group if r["flag"]), "n_instances": len(subject.instances)}
