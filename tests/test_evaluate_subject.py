@@ -149,11 +149,12 @@ def test_files_plots_provenance_and_the_printed_best_step(first_run):
 
 
 def test_a_second_run_generates_and_encodes_nothing(first_run, env, monkeypatch):
+    """Run again, this time with eval.styles naming the artifact's own folder (a library of one artifact)."""
     out, _, _ = first_run
     before = {p: p.stat().st_mtime_ns for p in (out / "subject_images").rglob("*.png")}
     old = pd.read_csv(out / "subject_metrics.csv")
     counter = Counter(monkeypatch)
-    assert main(argv(env["library"], out)) == 0
+    assert main(argv(env["subject"], out)) == 0
     assert counter.generate == [] and counter.encoded == {"dino": 0, "clip": 0}
     assert {p: p.stat().st_mtime_ns for p in (out / "subject_images").rglob("*.png")} == before
     pd.testing.assert_frame_equal(old, pd.read_csv(out / "subject_metrics.csv"))

@@ -67,7 +67,7 @@ def test_class_noun(class_prompt, instance, noun):
 def test_prompt_set_by_class_noun():
     for noun in ("dog", "cat", "person", "dogs", "small puppy"):
         assert P.prompt_templates("dreambooth", noun) == P.DREAMBOOTH_LIVE_PROMPTS, noun
-    for noun in ("backpack", "teapot", "stuffed animal toy", "sneaker"):
+    for noun in ("backpack", "teapot", "stuffed animal", "sneaker"):  # the dataset's plushies are objects
         assert P.prompt_templates("dreambooth", noun) == P.DREAMBOOTH_OBJECT_PROMPTS, noun
     assert P.prompt_templates("project", "backpack") == P.PROJECT_PROMPTS
     with pytest.raises(Exception, match="subject_prompts"):

@@ -135,7 +135,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    styles: str = ""  # style library: a folder of artifacts (each with style.json)
+    styles: str = ""  # style library: a folder of artifacts (each with style.json), or one artifact's own folder
     methods: list[str] = dataclasses.field(default_factory=list)  # only these methods ([] = every style found)
     content_root: str = ""  # content images (COCO val2017 or any folder); or...
     content_paths: str = ""  # ... a content_paths.json from `customgen data scan`

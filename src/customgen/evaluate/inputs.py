@@ -19,8 +19,8 @@ from customgen.data import read_selection, scan_images, select_content
 from customgen.data.scan import COCO_SPLITS, check_root, resolve_root, subdirs
 from customgen.data.select import sample_paths
 from customgen.errors import Notice, UserError
-from customgen.inference.library import Style, StyleLibrary
-from customgen.kinds import RECIPES
+from customgen.inference.library import Style, StyleLibrary, load_style
+from customgen.kinds import MANIFEST, RECIPES
 
 DEFAULT_MIN_SIZE = 256  # shorter side below which content/reference images are skipped (as in `data scan`)
 
@@ -47,14 +47,15 @@ class EvalInputs:
 
 
 def load_styles(folder: str, methods: list[str]) -> list:
-    """Library styles in `folder` (eval.styles), only those whose manifest method is in `methods` if given."""
+    """Library styles in `folder` (eval.styles; an artifact's own folder is a library of that one artifact), only
+    those whose manifest method is in `methods` if given."""
     if not folder:
         raise UserError("eval.styles is not set: point it at the folder of trained artifacts (e.g. outputs)")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.styles folder {root} does not exist; train styles first (customgen train CONFIG) "
                         "or set eval.styles to the folder that holds them")
-    styles = StyleLibrary(root).styles()
+    styles = [load_style(root)] if (root / MANIFEST).is_file() else StyleLibrary(root).styles()
     if not styles:
         raise UserError(f"eval.styles folder {root} holds no artifacts (sub-folders with style.json)")
     if methods:

@@ -64,10 +64,10 @@ DREAMBOOTH_LIVE_PROMPTS = _SHARED + (
     "a {token} {noun} wearing a yellow shirt",
     "a {token} {noun} in a purple wizard outfit",
 ) + _PROPERTIES
-LIVE_CLASSES = ("dog", "cat") + (  # the dataset's live classes, then the project's additions
-    "person", "man", "woman", "boy", "girl", "child", "baby", "people", "puppy", "kitten", "animal", "bird",
-    "horse",
-)
+# The dataset's live classes, then the project's additions ("animal" is not one: the dataset's plushies are the
+# object class "stuffed animal").
+LIVE_CLASSES = ("dog", "cat") + ("person", "man", "woman", "boy", "girl", "child", "baby", "people", "puppy",
+                                 "kitten", "bird", "horse")
 PROMPT_SETS = ("project", "dreambooth")  # eval.subject_prompts
 CLASS_PROMPT = "a photo of a {noun}"  # PRES prompt when the manifest records no class prompt
 _LEAD = re.compile(r"^(?:(?:an?|the)\s+)?(?:(?:photo|picture|image|portrait)\s+of\s+)?(?:(?:an?|the)\s+)?",
