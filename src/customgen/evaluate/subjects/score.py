@@ -40,10 +40,10 @@ def image_features(samples, subjects, nets) -> dict:
             "text": dict(zip(texts, nets.clip.encode_text(texts))) if texts else {}}
 
 
-def _row(subject, sample, role: str, f: dict, nets) -> dict:
-    """One image's row: identity to the subject's instances, fidelity to its prompt (prompt images only)."""
+def _row(subject, sample, role: str, f: dict, refs: dict, nets) -> dict:
+    """One image's row: identity to the subject's instances (`refs`: their features (M, D) per network), fidelity
+    to its prompt (prompt images only)."""
     path, flag = str(sample.path), f["flags"][str(sample.path)]
-    refs = {k: np.stack([f[k][str(p)] for p in subject.instances]) for k in ("dino", "clip")}
     res = {"dino": M.similarity_result("dino", f["dino"].get(path), refs["dino"], smoke=nets.dino.smoke, flag=flag),
            "clip_i": M.similarity_result("clip_i", f["clip"].get(path), refs["clip"], smoke=nets.clip.smoke,
                                          flag=flag)}
@@ -65,9 +65,10 @@ def image_rows(subjects, samples, nets) -> list[dict]:
         by_shot[s.shot].append(s)
     rows = []
     for subject in subjects:
+        refs = {k: np.stack([f[k][str(p)] for p in subject.instances]) for k in ("dino", "clip")}  # (M, D) each
         for point in points_of(subject):
             for prompt, role in [(p, "prompt") for p in subject.prompts] + [(subject.class_prompt, "class")]:
-                rows += [_row(subject, s, role, f, nets) for s in by_shot[Shot(point, prompt)]]
+                rows += [_row(subject, s, role, f, refs, nets) for s in by_shot[Shot(point, prompt)]]
     return rows
 
 
