@@ -87,7 +87,7 @@ def _cmd_evaluate(args) -> int:
     command = " ".join(parts)  # recorded in run.json and every figure's footer
     table = evaluate(cfg, overwrite=args.overwrite, command=command)
     if table is not None:  # None on the other processes of an `accelerate launch` run: the main one reports
-        print(f"{len(table)} result rows in {cfg.eval.output}: metrics.csv, per_image.csv, summary.md, run.json, plots/")
+        print(f"{len(table)} result rows in {cfg.eval.output}: {table.attrs.get('files', 'see summary.md')}")
     return 0
 
 
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="retrain into a folder that holds an artifact")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("evaluate", help="stylize the content set with every style and the baseline; write metrics")
+    s = sub.add_parser("evaluate", help="score every style (img2img on the content set) and every subject step "
+                                        "(txt2img) against the base model; write metrics")
     _add_config_args(s)
     s.add_argument("--overwrite", action="store_true", help="regenerate stylized images already in eval.output")
     s.set_defaults(func=_cmd_evaluate)

@@ -137,7 +137,7 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    styles: str = ""  # style library: a folder of artifacts (each with style.json)
+    styles: str = ""  # style library: a folder of artifacts (each with style.json), or one artifact's own folder
     methods: list[str] = dataclasses.field(default_factory=list)  # only these methods ([] = every style found)
     content_root: str = ""  # content images (COCO val2017 or any folder); or...
     content_paths: str = ""  # ... a content_paths.json from `customgen data scan`
@@ -162,6 +162,14 @@ class EvalConfig:
     sweep: bool = False  # also run the strength × style-scale trade-off sweep
     sweep_strengths: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.45, 0.6, 0.75])
     sweep_scales: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75, 1.0])
+    # Subjects (artifacts whose recipe learns a subject): txt2img per training step, DreamBooth's metrics
+    instance_root: str = ""  # instance photos of the subjects ("" → data.root of each artifact's config.yaml)
+    subject_prompts: Literal["project", "dreambooth"] = "project"  # the project's 5 prompts, or DreamBooth's 25
+    prompts: list[str] = dataclasses.field(default_factory=list)  # templates with {token}, {noun}; [] = the set
+    class_noun: str = ""  # the subject's class ("" → from the manifest's class prompt, else its instance prompt)
+    samples_per_prompt: int = 4  # images per prompt and step, one batch (DIV needs at least 2)
+    dino_model: str = "facebook/dino-vits16"  # DINO ViT-S/16: Hub id or a local save_pretrained folder
+    fidelity_margin: float = 0.02  # best step: its CLIP-T may fall at most this far below the baseline's
 
     def request(self, model: str, *, strength: float | None = None, scale: float | None = None,
                 dtype: str | None = None) -> Request:

@@ -1,11 +1,13 @@
-"""The evaluation runner: methods × styles × contents plus the plain SD img2img baseline → results files.
+"""The evaluation runner: methods × styles × contents plus the plain SD img2img baseline → results files; the
+library's subjects (each step of each, plus the base model) → subject results (customgen.evaluate.subjects).
 
     from customgen.config import load_config
     from customgen.evaluate import evaluate
     table = evaluate(load_config("configs/eval.yaml", ["eval.styles=outputs"]))
 
 Outputs (under eval.output): images/ (stylized PNGs, reused on re-runs), metrics.csv/.json (one row per
-model/style), per_image.csv, summary.md, sweep.csv (eval.sweep), run.json, plots/. See docs/evaluation_metrics.md.
+model/style), per_image.csv, summary.md, sweep.csv (eval.sweep), run.json, plots/; for subjects subject_images/,
+subject_metrics.csv/.json, subject_per_image.csv, plots/subject_*. See docs/evaluation_metrics.md.
 Several processes: `accelerate launch --num_processes 2 -m customgen evaluate configs/eval.yaml ...`.
 """
 from __future__ import annotations
@@ -21,16 +23,18 @@ from customgen.errors import UserError
 from customgen.limits import check_limits
 from customgen.lock import output_lock
 from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, merge, style_point
-from customgen.evaluate.inputs import EvalInputs, EvalStyle, resolve_inputs
+from customgen.evaluate.inputs import EvalInputs, EvalStyle, is_subject, load_styles, resolve_inputs
 from customgen.evaluate.plots import save_result_plots
 from customgen.evaluate.report import (COLUMNS, SMOKE_NOTE, Results, best_per_style, load_results, ordered, run_info,
                                        write_results)
 from customgen.evaluate.score import aggregate, image_rows, per_image_table
+from customgen.evaluate.subjects import evaluate_subjects, has_subject_results, load_subject_results, resolve_subjects
 from customgen.evaluate.sweep import describe_front, pareto_front, sweep_points, sweep_table
 from customgen.metrics import MetricNetworks
 
 __all__ = ["evaluate", "pareto_front", "load_results", "describe_front", "best_per_style", "Results", "EvalInputs",
-           "EvalStyle", "resolve_inputs", "Point", "BASELINE", "COLUMNS", "SMOKE_NOTE"]
+           "EvalStyle", "resolve_inputs", "Point", "BASELINE", "COLUMNS", "SMOKE_NOTE", "load_subject_results",
+           "has_subject_results", "is_subject"]
 
 
 def check_settings(e) -> None:
@@ -43,7 +47,7 @@ def check_settings(e) -> None:
             raise UserError(f"eval strength {s} × {e.steps} steps runs no denoising step: raise eval.steps")
     if e.sweep and not (e.sweep_strengths and e.sweep_scales):
         raise UserError("eval.sweep needs eval.sweep_strengths and eval.sweep_scales (non-empty lists)")
-    e.request("").check()  # steps, size, seed, guidance, scheduler: before any model or image loads
+    e.request("").replace(num_images=e.samples_per_prompt).check()  # before any model or image loads
 
 
 def grid_points(styles, e) -> list[Point]:
@@ -58,8 +62,9 @@ def _key(model: str, strength: float, scale: float) -> tuple:
 
 def evaluate(config, *, overwrite: bool = False, progress: bool = True, command: str | None = None,
              plots: bool = True) -> pd.DataFrame | None:
-    """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style. The
-    output folder is locked for the run: a second evaluation into it is refused (customgen.lock).
+    """Run `config.eval` (a Config or a YAML path); returns the metrics table, one row per model and style (a
+    library of subjects only: the subject table, one row per subject and step). The output folder is locked for the
+    run: a second evaluation into it is refused (customgen.lock).
 
     Under `accelerate launch` (several GPUs or machines) every process generates its share of the grid and the
     main process scores everything and writes the results; the other processes return None (they work under
@@ -72,16 +77,33 @@ def evaluate(config, *, overwrite: bool = False, progress: bool = True, command:
 
 def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str | None,
                    plots: bool) -> pd.DataFrame | None:
-    """The body of `evaluate`, under its output lock."""
+    """The body of `evaluate`, under its output lock: every input is resolved (and every problem reported) before
+    anything is generated; then the styles, then the subjects."""
     e = cfg.eval
-    inputs = resolve_inputs(cfg)
+    library = load_styles(e.styles, list(e.methods))
+    styles = [s for s in library if not is_subject(s)]
+    inputs = resolve_inputs(cfg, styles) if styles else None
+    subjects = resolve_subjects(cfg, [s for s in library if is_subject(s)])
     out = Path(e.output).expanduser()
     nets = MetricNetworks(smoke=e.smoke, clip_model=e.clip_model, clip_pretrained=e.clip_pretrained,
-                          feature_cache_dir=out / "features")
+                          feature_cache_dir=out / "features", dino_model=e.dino_model)
+    state = PartialState()  # one process, or one of those `accelerate launch` started
+    kw = dict(overwrite=overwrite, progress=progress, command=command, plots=plots)
+    table = evaluate_styles(cfg, inputs, nets, out=out, state=state, **kw) if inputs is not None else None
+    if subjects:
+        subject_table = evaluate_subjects(cfg, subjects, nets, out=out, state=state, append_summary=bool(styles), **kw)
+        table = subject_table if inputs is None else table
+    return table
+
+
+def evaluate_styles(cfg: Config, inputs: EvalInputs, nets, *, out: Path, state, overwrite: bool, progress: bool,
+                    command: str | None, plots: bool) -> pd.DataFrame | None:
+    """The style grid (and sweep): this process's share of the images, then on the main process the metrics, the
+    files and the plots; returns the metrics table there (None on the other processes)."""
+    e = cfg.eval
     grid = grid_points(inputs.styles, e)
     sweep = sweep_points(inputs.styles, e) if e.sweep else []
     points = list({_key(p.model, p.strength, p.scale): p for p in grid + sweep}.values())
-    state = PartialState()  # one process, or one of those `accelerate launch` started
     mine = generate(points, inputs, cfg, out, overwrite=overwrite, progress=progress and state.is_main_process,
                     rank=state.process_index, world=state.num_processes,
                     device=str(state.device) if state.num_processes > 1 else None)
@@ -100,4 +122,5 @@ def run_evaluation(cfg: Config, *, overwrite: bool, progress: bool, command: str
     write_results(out, metrics=metrics, per_image=per_image_table(grid_rows), sweep=sweep_df, run=run)
     if plots:
         save_result_plots(load_results(out), out / "plots")
+    metrics.attrs["files"] = "metrics.csv, per_image.csv, summary.md, run.json, plots/"
     return metrics

@@ -97,9 +97,10 @@ def found_settings(s: dict) -> dict:
             "styles": [{"name": x.get("name"), "scale": x.get("scale")} for x in s.get("styles", [])]}
 
 
-def reuse(path: Path, want: dict) -> dict | None:
-    """The stored settings of an existing output made with `want`; UserError when made with other settings; None
-    (generate it again, with a Notice) when the file cannot be read whole: a kill or a full disk cut it short."""
+def reuse(path: Path, want: dict, *, found=found_settings) -> dict | None:
+    """The stored settings of an existing output made with `want` (compared with `found(stored)`); UserError when
+    made with other settings; None (generate it again, with a Notice) when the file cannot be read whole: a kill or
+    a full disk cut it short."""
     try:
         with Image.open(path) as img:
             img.load()  # every pixel: a truncated PNG fails here, not later while scoring
@@ -111,7 +112,7 @@ def reuse(path: Path, want: dict) -> dict | None:
     if not stored:
         raise UserError(f"{path} holds no customgen settings (not made by this evaluation); "
                         "delete it or pass --overwrite")
-    have = found_settings(stored)
+    have = found(stored)
     diff = [k for k in want if have.get(k) != want[k]]
     if diff:
         k = diff[0]
@@ -167,21 +168,31 @@ def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = F
     return outputs
 
 
-def merge(mine: list[Output], points: list[Point], inputs, out: Path, state) -> list[Output] | None:
-    """Every process's outputs, in grid order, on the main process (None elsewhere): each process lists its share
-    in OUT/.ranks/<rank>.json, then all wait; a single process returns its own list."""
+def exchange(rows: list[dict], folder: Path, state) -> list[dict] | None:
+    """Every process's rows (JSON-able dicts) on the main process, None elsewhere: each process writes
+    folder/<rank>.json, then all wait; the main process reads them all and removes the folder."""
     if state.num_processes == 1:
-        return mine
-    folder = out / RANKS
+        return rows
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"path": str(o.path), "seconds": o.seconds, "peak": o.peak_memory_bytes, "reused": o.reused} for o in mine]
     (folder / f"{state.process_index}.json").write_text(json.dumps(rows))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    done = {r["path"]: r for rank in range(state.num_processes)
-            for r in json.loads((folder / f"{rank}.json").read_text())}
+    found = [r for rank in range(state.num_processes) for r in json.loads((folder / f"{rank}.json").read_text())]
     shutil.rmtree(folder)
+    return found
+
+
+def merge(mine: list[Output], points: list[Point], inputs, out: Path, state) -> list[Output] | None:
+    """Every process's outputs, in grid order, on the main process (None elsewhere); a single process returns its
+    own list."""
+    if state.num_processes == 1:
+        return mine
+    rows = [{"path": str(o.path), "seconds": o.seconds, "peak": o.peak_memory_bytes, "reused": o.reused} for o in mine]
+    found = exchange(rows, out / RANKS, state)
+    if found is None:
+        return None
+    done = {r["path"]: r for r in found}
     names = output_names(inputs.contents)
     outputs = []
     for point in points:

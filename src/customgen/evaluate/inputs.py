@@ -4,7 +4,8 @@ Reference rule: an artifact's references are the WikiArt folder of the style it 
 from the `data.style` of the `config.yaml` saved beside it; when that is empty (or there is no
 config.yaml), the manifest name and then the library folder name are matched against the reference
 styles (case-insensitive: equal, else the longest style name contained in it). An artifact that names
-a style missing from the references is an error; one that names none (a subject) gets no style metrics.
+a style missing from the references is an error; one that names none gets no style metrics. Subjects (artifacts
+whose recipe targets a subject) are not styles: customgen.evaluate.subjects scores them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from customgen.data import read_selection, scan_images, select_content
 from customgen.data.scan import COCO_SPLITS, check_root, resolve_root, subdirs
 from customgen.data.select import sample_paths
 from customgen.errors import Notice, UserError
-from customgen.inference.library import Style, StyleLibrary
+from customgen.inference.library import Style, StyleLibrary, load_style
+from customgen.kinds import MANIFEST, RECIPES
 
 DEFAULT_MIN_SIZE = 256  # shorter side below which content/reference images are skipped (as in `data scan`)
 
@@ -45,14 +47,15 @@ class EvalInputs:
 
 
 def load_styles(folder: str, methods: list[str]) -> list:
-    """Library styles in `folder` (eval.styles), only those whose manifest method is in `methods` if given."""
+    """Library styles in `folder` (eval.styles; an artifact's own folder is a library of that one artifact), only
+    those whose manifest method is in `methods` if given."""
     if not folder:
         raise UserError("eval.styles is not set: point it at the folder of trained artifacts (e.g. outputs)")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.styles folder {root} does not exist; train styles first (customgen train CONFIG) "
                         "or set eval.styles to the folder that holds them")
-    styles = StyleLibrary(root).styles()
+    styles = [load_style(root)] if (root / MANIFEST).is_file() else StyleLibrary(root).styles()
     if not styles:
         raise UserError(f"eval.styles folder {root} holds no artifacts (sub-folders with style.json)")
     if methods:
@@ -107,16 +110,27 @@ def available_references(e) -> dict[str, Path | list[Path]]:
                     "or eval.style_paths (style_paths.json from `customgen data scan`)")
 
 
-def trained_style(folder: Path) -> str:
-    """`data.style` of the config.yaml saved beside an artifact ("" when absent)."""
-    path = folder / "config.yaml"
+def is_subject(style) -> bool:
+    """Whether an artifact's recipe learns a subject (scored by customgen.evaluate.subjects), not a style."""
+    found = RECIPES.get(style.manifest.method)
+    return found is not None and found.target == "subject"
+
+
+def artifact_config(folder: Path) -> dict:
+    """The config.yaml training saved beside an artifact, as plain data ({} when absent or unreadable)."""
+    path = Path(folder) / "config.yaml"
     if not path.is_file():
-        return ""
+        return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
-        return ""
-    return str((data.get("data") or {}).get("style") or "")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def trained_style(folder: Path) -> str:
+    """`data.style` of the config.yaml saved beside an artifact ("" when absent)."""
+    return str((artifact_config(folder).get("data") or {}).get("style") or "")
 
 
 def match_reference(style, available: list[str]) -> str | None:
@@ -152,10 +166,12 @@ def select_references(e, available: dict, needed: list[str]) -> dict[str, list[P
     return out
 
 
-def resolve_inputs(cfg) -> EvalInputs:
-    """Styles, contents and references for cfg.eval, each problem as a one-line UserError."""
+def resolve_inputs(cfg, library: list | None = None) -> EvalInputs:
+    """Styles (the library's artifacts that are not subjects), contents and references for cfg.eval, each problem
+    as a one-line UserError."""
     e = cfg.eval
-    library = load_styles(e.styles, list(e.methods))
+    library = [s for s in (load_styles(e.styles, list(e.methods)) if library is None else library)
+               if not is_subject(s)]
     contents = load_contents(e)
     available = available_references(e)
     styles = []

@@ -1,4 +1,4 @@
-"""Metric networks (CLIP, LPIPS backbone, Inception): real weights when cached or downloadable, else smoke.
+"""Metric networks (CLIP, LPIPS backbone, Inception, DINO): real weights when cached or downloadable, else smoke.
 
 Every builder looks for weights in the local caches first and never touches the network when offline
 (``offline=True`` or ``HF_HUB_OFFLINE=1``); without weights it builds a seeded random network, marks it
@@ -6,10 +6,8 @@ Every builder looks for weights in the local caches first and never touches the 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +18,9 @@ from PIL import Image
 from torchvision.models import AlexNet_Weights, VGG16_Weights
 
 from customgen.memory import seeded
+from customgen.metrics.dino_network import DINO_MODEL, DinoEncoder, build_dino_encoder
 from customgen.metrics.features import FeatureCache, ImageEncoder
+from customgen.metrics.loading import default_device, hub_checkpoint, quiet
 from customgen.network import hub_reachable, is_offline, reachable  # noqa: F401 - reachable: re-exported
 
 log = logging.getLogger("customgen.metrics")
@@ -35,40 +35,28 @@ SMOKE_CLIP_KWARGS = dict(
 FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def hub_checkpoint(url_or_name: str) -> Path | None:
-    """Path of a torch.hub checkpoint (torchvision/torch-fidelity weights) if it is already cached."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url_or_name)
-    return path if path.is_file() else None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the libraries' own 'random init' / deprecation chatter: we log one line ourselves."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.disable(logging.WARNING)
-        try:
-            yield
-        finally:
-            logging.disable(logging.NOTSET)
-
-
 # ---------------------------------------------------------------- CLIP (open_clip)
 class OpenClipEmbedder:
-    """open_clip image tower as an ImageEncoder (Radford et al. 2021; Cherti et al. 2023)."""
+    """open_clip image tower as an ImageEncoder, and its text tower for CLIP-T (Radford et al. 2021; Cherti et
+    al. 2023). `arch` is the open_clip model name whose tokenizer the text tower reads."""
 
-    def __init__(self, model: torch.nn.Module, preprocess, *, name: str, smoke: bool, source: str, device: str):
-        self.model, self.preprocess = model.eval().to(device), preprocess
+    def __init__(self, model: torch.nn.Module, preprocess, *, name: str, smoke: bool, source: str, device: str,
+                 arch: str = "ViT-B-32"):
+        self.model, self.preprocess, self.arch = model.eval().to(device), preprocess, arch
         self.name, self.smoke, self.source, self.device = name, smoke, source, device
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         x = torch.stack([self.preprocess(im) for im in images]).to(self.device)  # (B, 3, S, S)
         return self.model.encode_image(x).float().cpu().numpy()  # (B, D)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Text features (N, D) in the image features' space."""
+        import open_clip  # lazy: open_clip is heavy and only needed when CLIP metrics run
+
+        tokens = open_clip.get_tokenizer(self.arch)(list(texts)).to(self.device)  # (N, 77)
+        return self.model.encode_text(tokens).float().cpu().numpy()  # (N, D)
 
 
 def cached_clip_checkpoint(model: str, pretrained: str, cache_dir: str | None = None) -> str | None:
@@ -128,12 +116,12 @@ def build_clip_embedder(*, model: str = "ViT-B-32", pretrained: str = "openai", 
             if real is not None:
                 m, pre, source = real
                 return OpenClipEmbedder(m, pre, name=f"open_clip:{model}:{pretrained}", smoke=False,
-                                        source=source, device=device)
+                                        source=source, device=device, arch=model)
             reason = f"no cached weights for {model}/{pretrained} and offline (or huggingface.co unreachable)"
         except Exception as e:  # network, checksum or config failure: fall back, say why
             reason = f"loading {model}/{pretrained} failed ({type(e).__name__}: {str(e)[:120]})"
         log.warning("metrics: CLIP uses a tiny random ViT (smoke, numbers are plumbing checks): %s", reason)
-    with seeded(seed), _quiet():
+    with seeded(seed), quiet():
         m, _, pre = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None, **SMOKE_CLIP_KWARGS)
     return OpenClipEmbedder(m, pre, name=f"open_clip:tiny-random-seed{seed}", smoke=True,
                             source=f"random ({reason})", device=device)
@@ -188,13 +176,13 @@ def build_lpips_scorer(*, net: str = "alex", device: str | None = None, smoke: b
             reason = f"no cached {net} backbone in {Path(torch.hub.get_dir()) / 'checkpoints'} and offline"
         else:
             try:
-                with _quiet():  # torchvision reads the hub cache first, downloads only when missing
+                with quiet():  # torchvision reads the hub cache first, downloads only when missing
                     m = lpips_pkg.LPIPS(net=net, pnet_rand=False, verbose=False)
                 return LpipsScorer(m, net=net, smoke=False, source=str(cached or urls[net]), device=device)
             except Exception as e:
                 reason = f"loading the {net} backbone failed ({type(e).__name__}: {str(e)[:120]})"
         log.warning("metrics: LPIPS uses a random %s backbone (smoke, numbers are plumbing checks): %s", net, reason)
-    with seeded(seed), _quiet():  # linear heads still load from the lpips package; only the trunk is random
+    with seeded(seed), quiet():  # linear heads still load from the lpips package; only the trunk is random
         m = lpips_pkg.LPIPS(net=net, pnet_rand=True, verbose=False)
     return LpipsScorer(m, net=net, smoke=True, source=f"random backbone ({reason})", device=device)
 
@@ -270,11 +258,13 @@ class MetricNetworks:
 
     def __init__(self, *, smoke: bool = False, offline: bool | None = None, device: str | None = None,
                  clip_model: str = "ViT-B-32", clip_pretrained: str = "openai", clip_cache_dir: str | None = None,
-                 feature_cache_dir: str | Path | None = None, seed: int = 0):
+                 feature_cache_dir: str | Path | None = None, seed: int = 0, dino_model: str = DINO_MODEL):
         self.force_smoke, self.offline, self.device, self.seed = smoke, offline, device or default_device(), seed
         self.clip_model, self.clip_pretrained, self.clip_cache_dir = clip_model, clip_pretrained, clip_cache_dir
+        self.dino_model = dino_model
         self.feature_cache = FeatureCache(feature_cache_dir)
         self._clip: OpenClipEmbedder | None = None
+        self._dino: DinoEncoder | None = None
         self._lpips: dict[str, LpipsScorer] = {}
         self._inception: ImageEncoder | None = None
 
@@ -299,9 +289,17 @@ class MetricNetworks:
                                                       offline=self.offline, seed=self.seed)
         return self._inception
 
+    @property
+    def dino(self) -> DinoEncoder:
+        if self._dino is None:
+            self._dino = build_dino_encoder(model=self.dino_model, device=self.device, smoke=self.force_smoke,
+                                            offline=self.offline, seed=self.seed)
+        return self._dino
+
     def describe(self) -> dict:
         """Which networks were built and where their weights came from (for the results manifest)."""
-        built = {"clip": self._clip, "inception": self._inception, **{f"lpips_{k}": v for k, v in self._lpips.items()}}
+        built = {"clip": self._clip, "inception": self._inception, "dino": self._dino,
+                 **{f"lpips_{k}": v for k, v in self._lpips.items()}}
         return {k: {"name": getattr(v, "name", getattr(v, "net", "")), "smoke": v.smoke, "source": v.source}
                 for k, v in built.items() if v is not None}
 
