@@ -23,13 +23,17 @@ from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
-STACKS = {  # output file → (python minor, freeze file, extra pin file or None, source line)
+STACKS = {  # output file → (python minor, freeze file, extra pin file or None, source line, CUDA libraries pinned)
     "kaggle-2026-05.txt": ("3.12", "colab-gpu-2026-05-14.freeze.txt", "kaggle-requirements-2026-08-12.txt",
                            "Kaggle GPU image: googlecolab/backend-info 6f38803 (Colab 2026-05-14, the image's base) "
-                           "+ Kaggle/docker-python 78aaa43 kaggle_requirements.txt pins"),
+                           "+ Kaggle/docker-python 78aaa43 kaggle_requirements.txt pins", True),
+    # PyPI's torch 2.11.0 for Linux is the CUDA 13 build (it requires cuda-toolkit 13.0.2); Colab's is the cu128 build
+    # from PyTorch's own index, which the registries here do not serve: same torch release, other CUDA libraries
+    # (which a CPU run does not load), so the CUDA library pins are left to pip.
     "colab-2026-08.txt": ("3.13", "colab-gpu-2026-08-19.freeze.txt", None,
-                          "Colab GPU runtime: googlecolab/backend-info a724079 (2026-08-19)"),
+                          "Colab GPU runtime: googlecolab/backend-info a724079 (2026-08-19)", False),
 }
+CUDA = re.compile(r"^(cuda-|nvidia-|triton$)")  # torch's CUDA runtime packages
 # What Kaggle's layer pins force to move (nbconvert 6.4.5 needs nbclient < 0.6 and mistune < 2; ipywidgets 8.1.5
 # needs widgetsnbextension 4): left to pip in the Kaggle tier, as in the image's own build.
 KAGGLE_RELEASED = ("nbclient", "mistune", "widgetsnbextension")
@@ -76,12 +80,17 @@ def satisfied(pin: str | None, requirement: str) -> bool:
 
 
 def build(src: Path, out_name: str) -> str:
-    python, freeze, layer, source = STACKS[out_name]
+    python, freeze, layer, source, cuda_pinned = STACKS[out_name]
     pins, dropped = freeze_pins((src / freeze).read_text())
     header = [f"# {source}", f"# Python {python}. Written by scripts/make_stack_constraints.py from ../shared/stacks/{freeze}"
               + (f" and {layer}" if layer else "") + "; do not edit by hand.",
-              "# Changes from the freeze: local version labels stripped (+cu128: PyPI's Linux wheels are those builds);",
+              "# Changes from the freeze: local version labels stripped (+cu128: PyPI's Linux wheels of that torch are "
+              "that build);" if cuda_pinned else "# Changes from the freeze: local version labels stripped; torch's "
+              "CUDA library pins (cuda-*, nvidia-*, triton) left to pip: PyPI's wheel of this torch is its CUDA 13 build,"
+              " the image's is cu128 (a CPU run loads neither);",
               f"# direct-URL packages dropped ({len(dropped)}: built inside the image, not on PyPI)."]
+    if not cuda_pinned:
+        pins = {k: v for k, v in pins.items() if not CUDA.match(k)}
     if layer:
         over = layer_pins((src / layer).read_text())
         for key in KAGGLE_RELEASED:
