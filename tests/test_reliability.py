@@ -200,6 +200,14 @@ def test_missing_output_folders_are_created(sb, capfd, case, argv, written):
         assert (out / "db.safetensors").stat().st_size > 0 if case == "export" else (out / "db" / "unet").is_dir()
 
 
+def test_a_refused_export_leaves_no_new_folder(sb, capfd):
+    """Input: export of a Textual Inversion style as a single file (refused after the style is read) to --out under
+    folders that do not exist; expected: exit 2, one line, and no folder made for an output never written."""
+    argv = ["export", "ti", "--styles", sb.lib, "--out", Path("never") / "made" / "ti.safetensors"]
+    cli(capfd, sb.root, argv, code=2, match="cannot be|embedding")
+    assert not (sb.root / "cwd" / "never").exists()
+
+
 def test_bench_overwrite_replaces_an_earlier_report(sb, capfd):
     """Input: bench --name b into a folder holding b.json, with --overwrite; expected: exit 0, b.json replaced by
     this run's report (without --overwrite the same command is refused: SAMPLING)."""

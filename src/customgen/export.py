@@ -34,9 +34,7 @@ def check_target(out: Path, fmt: str, *, overwrite: bool) -> Path:
         raise UserError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "single-file" and out.suffix != ".safetensors":
         raise UserError(f"--out {out}: a single-file checkpoint is written as .safetensors")
-    writable_target(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)  # like save_pretrained: `--out exports/db.safetensors` just works
-    return out
+    return writable_target(out, overwrite=overwrite)  # missing parent folders are made when the export is written
 
 
 def export(style, out: str | Path, *, fmt: str = "single-file", model: str | None = None, scale: float = 1.0,
@@ -52,6 +50,7 @@ def export(style, out: str | Path, *, fmt: str = "single-file", model: str | Non
     style.kind.check(style, comps)
     style.kind.merge(comps, style, float(scale), single_file=fmt == "single-file")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside, renamed when complete
+    out.parent.mkdir(parents=True, exist_ok=True)  # like save_pretrained: `--out exports/db.safetensors` just works
     try:
         if fmt == "diffusers":
             for m in (comps.unet, comps.vae, comps.text_encoder):
