@@ -1,17 +1,11 @@
-"""Subject fixtures: a real tiny `dreambooth_lora_subject` artifact trained with customgen.train, with snapshots.
-
-Until training writes snapshots itself (train.snapshot_every), each snapshot is a run of the same config stopped
-at an earlier step, trained into <artifact>/snapshots/step-NNNNNN. The subject recipe uses a constant learning
-rate and data order, noise and timesteps are functions of (seed, step), so a run of k steps ends with exactly
-the weights the longer run has after step k: these are the intermediate weights, not look-alikes.
-"""
+"""Subject fixtures: a real tiny `dreambooth_lora_subject` artifact trained once with customgen.train, with the
+snapshots training writes itself (train.snapshot_every=1: steps 1 and 2 of a 3-step run)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from customgen import kinds
 from customgen.config import load_config
-from customgen.kinds import snapshot_folder
 from customgen.train import train
 from tests.image_fixtures import make_instance_folder
 
@@ -23,18 +17,12 @@ SUBJECT = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "train.ba
            "validation.prompts=[a photo of sks dog]"]
 
 
-def train_subject(folder: Path, photos: Path, *, steps: int = 3, snapshots=(1, 2), class_dir: Path) -> Path:
-    """The subject trained for `steps` into `folder`, plus a snapshot at each step in `snapshots`."""
-    base = SUBJECT + [f"data.root={photos}", f"prompt.class_dir={class_dir}"]
-    cfg = load_config(ROOT / "configs" / "dreambooth_lora_subject.yaml", base + [f"train.steps={steps}"])
-    train(cfg, output=folder, progress=False)
-    for step in snapshots:
-        snap = snapshot_folder(folder, step)
-        cfg = load_config(ROOT / "configs" / "dreambooth_lora_subject.yaml", base + [f"train.steps={step}"])
-        train(cfg, output=snap, progress=False)
-        manifest = kinds.read_manifest(snap)
-        manifest.steps = steps  # as a snapshot of the long run records it: its run's steps, its own step
-        kinds.write_manifest(snap, manifest)
+def train_subject(folder: Path, photos: Path, *, steps: int = 3, class_dir: Path) -> Path:
+    """The subject trained for `steps` into `folder`, a snapshot after every step before the last."""
+    sets = SUBJECT + [f"data.root={photos}", f"prompt.class_dir={class_dir}", f"train.steps={steps}",
+                      "train.snapshot_every=1"]
+    train(load_config(ROOT / "configs" / "dreambooth_lora_subject.yaml", sets), output=folder, progress=False)
+    assert [kinds.read_manifest(s).step for s in kinds.list_snapshots(folder)] == list(range(1, steps))
     return folder
 
 

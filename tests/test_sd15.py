@@ -2,7 +2,7 @@
 names, random weights) at 256 px with gradient checkpointing (the subject recipe two, with a snapshot after the
 first), each artifact is loaded back through the stock diffusers loaders and stylizes an image, the subject LoRA's
 names equal SD v1.5's (written out below from the architecture, not read from the installed libraries), its
-snapshot loads through stock `load_lora_weights`, and a DreamBooth style exported as a single file reads back
+snapshot loads through stock `load_lora_weights` and `customgen evaluate` scores it and the final step, and a DreamBooth style exported as a single file reads back
 through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
 
 Training runs in bf16 autocast (frozen weights bf16, trainables fp32) where the CPU computes bf16 natively
@@ -168,3 +168,24 @@ def test_dreambooth_single_file_export_reads_back_with_the_same_pixels(trained, 
     theirs = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, height=256, width=256,
                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.array_equal(np.asarray(theirs), ours)
+
+
+def test_subject_and_its_snapshot_are_evaluated(trained, tmp_path, capsys):
+    """`customgen evaluate` on the SD v1.5 subject: a row for the base model, the snapshot (step 1) and the final
+    artifact (step 2), every subject metric finite (smoke networks: plumbing), and the best step printed."""
+    import pandas as pd
+
+    folder = trained("dreambooth_lora_subject")
+    clear_sessions()
+    gc.collect()
+    out = tmp_path / "eval"
+    sets = [f"eval.styles={folder}", f"eval.output={out}", "eval.size=64", "eval.steps=2", "eval.smoke=true",
+            "eval.samples_per_prompt=2", "eval.min_size=32", 'eval.prompts=["a {token} {noun} on the beach"]']
+    assert main(["evaluate", "configs/eval_subject.yaml", "--model", "sd15-random",
+                 *[a for kv in sets for a in ("--set", kv)]]) == 0
+    rows = pd.read_csv(out / "subject_metrics.csv")
+    assert sorted(rows["step"]) == [0, 1, 2]  # the base model is step 0
+    assert np.isfinite(rows[["dino", "clip_i", "clip_t", "div", "pres"]].to_numpy()).all()
+    assert "best step" in capsys.readouterr().out
+    clear_sessions()
+    gc.collect()
