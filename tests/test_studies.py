@@ -263,3 +263,21 @@ def test_style_json_without_training_settings_still_loads(tmp_path):
     (tmp_path / kinds.MANIFEST).write_text(json.dumps(data))
     with pytest.raises(UserError, match="training"):
         kinds.read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("override,key", [("train.epochs=-1", "train.epochs"), ("train.epochs=2.5", "train.epochs"),
+                                          ("train.validate_every_epochs=-1", "train.validate_every_epochs"),
+                                          ("train.attention_slicing=3", "train.attention_slicing"),
+                                          ("data.random_flip=maybe", "data.random_flip")])
+def test_new_keys_refuse_bad_values_naming_the_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("caption", ["sks style painting", "{} and {}", "{token} painting", "{} painting }"])
+def test_a_textual_inversion_caption_holds_the_token_once(caption):
+    from customgen.kinds import make_method
+
+    cfg = load_config(find_config("style_textual_inversion_plan"), [f"textual_inversion.caption={caption}"])
+    with pytest.raises(UserError, match="textual_inversion.caption"):
+        make_method(cfg)

@@ -33,8 +33,8 @@ class Schedule:
 
     @property
     def epoch_steps(self) -> int:
-        """Optimizer steps per epoch as kohya's train_network.py counts them: ceil(batches / processes / accumulation),
-        batches = ceil(examples / batch_size) (one bucket: customgen crops square)."""
+        """Optimizer steps per epoch as kohya-ss/sd-scripts' train_network.py (@48d368f) counts them: ceil(batches /
+        processes / accumulation), batches = ceil(examples / batch_size) (one bucket: customgen crops square)."""
         batches = -(-self.examples // self.batch_size)
         return -(-batches // (self.processes * self.grad_accum))
 
