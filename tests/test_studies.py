@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from customgen import kinds
 from customgen.cli import main
 from customgen.config import find_config, load_config
 from customgen.errors import UserError
+from customgen.models import load_pipeline
 from customgen.train import build_run, finish, prepare_output, train
 from customgen.train import loop
 from customgen.train.checkpoint import checkpoints
@@ -80,6 +82,11 @@ def test_study_preset_trains_two_steps_with_the_study_settings_in_style_json(nam
     assert len(captions) == 2 * settings["grad_accum"] * settings["batch_size"] * (2 if settings["prior"] else 1)
     if name == "style_textual_inversion_plan":  # the plan's captions, the token a new two-word token
         assert set(captions) == {"sks style painting"} and manifest.token == "sks style"
+        pipe = load_pipeline("tiny", kind="txt2img", device="cpu")  # stock diffusers reads it under that token
+        pipe.load_textual_inversion(str(out / manifest.weights), token=manifest.token)
+        (token_id,) = pipe.tokenizer("sks style", add_special_tokens=False).input_ids
+        learned = load_file(str(out / manifest.weights))["sks style"][0]
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), learned)
     if name == "anime_lora_writeup":  # a validation image each epoch with the write-up's prompt
         assert settings["epochs"] == 2 and settings["epoch_steps"] == 1
         assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000001.png", "step-000002.png"]
