@@ -13,7 +13,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from customgen.config import SMOKE_OVERRIDES, load_config
+from customgen.config import SMOKE_OVERRIDES, find_config, load_config
 from customgen.errors import Notice, UserError, os_error_message
 from customgen.request import DEFAULT_MODEL, DEFAULT_STRENGTH, DEFAULTS, SCHEDULERS, STRUCTURES, STYLE_IMAGE_MODES
 
@@ -60,19 +60,21 @@ def _cmd_data_samples(args) -> int:
 
 
 def load_cli_config(args):
-    """CONFIG + --set overrides + --model, as the train/evaluate commands take them."""
+    """CONFIG (a YAML file, or the name of a recipe or study preset in configs/) + --set overrides + --model, as the
+    train/evaluate commands take them."""
     overrides = (list(SMOKE_OVERRIDES) if getattr(args, "smoke", False) else []) + list(args.set or [])
     if args.model:
         overrides.append(f"model.ref={args.model}")
-    return load_config(args.config, overrides)
+    named = Path(args.config).suffix not in (".yaml", ".yml") and not Path(args.config).exists()
+    return load_config(find_config(args.config) if named else args.config, overrides)
 
 
 def _cmd_train(args) -> int:
     from customgen.train import train  # lazy
 
     cfg = load_cli_config(args)
-    if args.max_steps is not None:
-        cfg.train.steps = args.max_steps
+    if args.max_steps is not None:  # a step count replaces an epoch count too
+        cfg.train.steps, cfg.train.epochs = args.max_steps, 0
     out = train(cfg, output=args.output, resume=args.resume, overwrite=args.overwrite, resume_force=args.resume_force)
     print(f"artifact: {out}")
     return 0
@@ -136,7 +138,7 @@ def _cmd_demo(args) -> int:
 
 
 def _add_config_args(s) -> None:
-    s.add_argument("config", help="a YAML file of overrides (configs/*.yaml)")
+    s.add_argument("config", help="a YAML file of overrides, or a name in configs/ or configs/studies/ (subject_report)")
     s.add_argument("--model", default=None, help="model reference (overrides model.ref)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.root=/data")
     s.add_argument("--smoke", action="store_true", help="tiny settings (64 px, 2 steps): a plumbing check, not a result")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", default="auto", help="auto (latest intact checkpoint, if any) | never | PATH")
     s.add_argument("--resume-force", action="store_true",
                    help="resume a checkpoint made with another config (docs/reliability.md)")
-    s.add_argument("--max-steps", type=int, default=None, help="override train.steps")
+    s.add_argument("--max-steps", type=int, default=None, help="override train.steps (and train.epochs)")
     s.add_argument("--overwrite", action="store_true", help="retrain into a folder that holds an artifact")
     s.set_defaults(func=_cmd_train)
 

@@ -39,7 +39,7 @@ class DataConfig:
     max_images: int = 100  # at most this many training images (seeded choice)
     resolution: int = 512  # training resolution (square crops)
     center_crop: bool = True  # center crop (False: random crop)
-    random_flip: bool = True  # horizontal flip augmentation
+    random_flip: bool | None = None  # horizontal flip; None: on for styles, off for subjects (a mirrored face differs)
     min_size: int = 64  # images with a shorter side below this are listed as small and skipped
     max_pixels: int = 89_478_485  # decompression-bomb cap (PIL's default limit)
     seed: int = 0  # seed of the image selection
@@ -47,9 +47,10 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 1500  # optimizer steps (--max-steps N overrides)
-    batch_size: int = 2  # images per step per GPU (prior preservation adds as many class images)
-    grad_accum: int = 1  # gradient accumulation steps
+    steps: int = 1500  # optimizer steps, each of grad_accum micro-batches (--max-steps N overrides)
+    epochs: int = 0  # > 0: train N epochs, steps counted as kohya does (customgen.train.schedule), printed
+    batch_size: int = 2  # images per micro-batch per GPU (prior preservation adds as many class images)
+    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size × grad_accum × processes
     lr: float = 1e-4  # learning rate of the trainable parameters
     lr_scheduler: str = "cosine"  # constant | linear | cosine | cosine_with_restarts | polynomial | constant_with_warmup
     warmup_steps: int = 0  # LR warm-up steps
@@ -59,6 +60,9 @@ class TrainConfig:
     seed: int = 0  # seeds data order, noise and timesteps (stateless per step, so resume is exact)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 if supported, fp16 on T4/P100, none on CPU
     gradient_checkpointing: bool | None = None  # None: on when the GPU probe says memory is tight (< 24 GiB)
+    attention_slicing: bool = False  # UNet attention in slices (diffusers' SlicedAttnProcessor) instead of SDPA
+    vae_slicing: bool = False  # the VAE encodes/decodes one image at a time (class images, latent cache, validation)
+    vae_tiling: bool = False  # the VAE works in tiles: changes nothing up to its tile size (SD v1.5: 512 px)
     cache_latents: bool = True  # VAE-encode each image once (re-encoding dominates small datasets)
     latent_cache_dir: str = ""  # "" keeps the latent cache in memory
     checkpoint_every: int = 500  # steps between checkpoints (0: none)
@@ -67,6 +71,7 @@ class TrainConfig:
     snapshot_every: int = 0  # steps between snapshots, whole artifacts in OUTPUT/snapshots/step-NNNNNN (0: none)
     keep_snapshots: int = 0  # at most this many snapshots are kept, the newest (0: all)
     validate_every: int = 500  # steps between validation images (0: only at the end)
+    validate_every_epochs: int = 0  # also validation images every N epochs (see epochs; 0: none)
     log_every: int = 10  # steps between log rows
     output: str = "outputs/styles"  # artifacts go to OUTPUT/NAME unless --output names the folder
 
@@ -118,6 +123,7 @@ class TextualInversionConfig:
     init_word: str = "painting"  # its vectors start from this word's embedding
     num_vectors: int = 1  # vectors per token (token, token_1, ...)
     templates: Literal["style", "object"] = "style"  # prompt templates ("a painting in the style of {}")
+    caption: str = ""  # one caption for every image instead, {} where the token goes, e.g. "{} painting"
 
 
 @dataclasses.dataclass
@@ -184,6 +190,7 @@ class Config:
     """Root config: one section per concern."""
 
     name: str = ""  # artifact name ("" → derived from method and style)
+    preset: str = ""  # the study this config reproduces (configs/studies/<preset>.yaml); recorded in style.json
     method: str = ""  # lora_style | dreambooth_style | textual_inversion | dreambooth_lora_subject | lora_anime_kohya
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -198,25 +205,28 @@ class Config:
 
 
 SMOKE_OVERRIDES = (  # notebooks' SMOKE mode: a few tiny steps so every cell runs in seconds on a CPU
-    "data.resolution=64", "data.min_size=32", "data.max_images=8", "train.steps=2", "train.batch_size=1",
-    "train.checkpoint_every=0", "train.validate_every=0", "validation.steps=2", "prompt.num_class_images=2",
-    "prompt.class_steps=2", "loss.perceptual_every=1", "loss.decode_crop=0",
-    "eval.smoke=true", "eval.size=64", "eval.steps=4", "eval.min_size=32", "eval.max_contents=4",
+    "data.resolution=64", "data.min_size=32", "data.max_images=8", "train.steps=2", "train.epochs=0",
+    "train.batch_size=1", "train.checkpoint_every=0", "train.validate_every=0", "train.validate_every_epochs=0",
+    "validation.steps=2", "prompt.num_class_images=2", "prompt.class_steps=2", "loss.perceptual_every=1",
+    "loss.decode_crop=0", "eval.smoke=true", "eval.size=64", "eval.steps=4", "eval.min_size=32", "eval.max_contents=4",
     "eval.max_references=4",
 )
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # configs/ of an editable install (Kaggle: the clone)
+STUDIES = "studies"  # configs/studies/: presets that reproduce the source studies' settings
 
 
 def find_config(name: str | Path) -> Path:
-    """A config by path, or by recipe name from the repository's configs/ (`lora_style` → configs/lora_style.yaml)."""
+    """A config by path, or by name from the repository's configs/: a recipe (`lora_style` → configs/lora_style.yaml)
+    or a study preset (`subject_report` → configs/studies/subject_report.yaml)."""
     path = Path(name)
     if path.is_file():
         return path
-    candidate = REPO_CONFIGS / f"{path.stem}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))) or "none found"
-    raise UserError(f"no config {name!r}; recipes in {REPO_CONFIGS}: {known}")
+    folders = (REPO_CONFIGS, REPO_CONFIGS / STUDIES)
+    found = [f / f"{path.stem}.yaml" for f in folders if (f / f"{path.stem}.yaml").is_file()]
+    if found:
+        return found[0]
+    known = [f"{f}: {', '.join(sorted(p.stem for p in f.glob('*.yaml'))) or 'none found'}" for f in folders]
+    raise UserError(f"no config {name!r}; recipes in {known[0]}; study presets in {known[1]}")
 
 
 # --- checking -----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ MILLION = 1_000_000
 LIMITS: dict[str, tuple] = {
     "data.max_images": (1, MILLION), "data.resolution": (SIZE_MULTIPLE, MAX_SIDE), "data.min_size": (0, MILLION),
     "data.max_pixels": (1, 2**40), "data.seed": (0, 2**32 - 1),
-    "train.steps": (1, MILLION), "train.batch_size": (1, 1024), "train.grad_accum": (1, 1024),
+    "train.steps": (1, MILLION), "train.epochs": (0, 100_000), "train.batch_size": (1, 1024),
+    "train.grad_accum": (1, 1024), "train.validate_every_epochs": (0, MILLION),
     "train.lr": (0, 1), "train.warmup_steps": (0, MILLION), "train.weight_decay": (0, 1),
     "train.max_grad_norm": (0, 1e6), "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (0, MILLION),
     "train.checkpoint_minutes": (0, 1e6), "train.keep_checkpoints": (0, 10_000), "train.validate_every": (0, MILLION),

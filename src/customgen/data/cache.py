@@ -37,12 +37,21 @@ class CachedLatents:
         return len(self.paths)
 
     def sample(self, indices: Sequence[int] | torch.Tensor | None = None, *,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents mean + std * eps for `indices` (all when None), eps drawn from `generator`."""
+               generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Latents mean + std * eps for `indices` (all when None), eps drawn from `generator`, or row i's from
+        generator[i] (one generator per example: its latent does not depend on the batch it is in)."""
         mean = self.mean if indices is None else self.mean[torch.as_tensor(indices, dtype=torch.long)]
         std = self.std if indices is None else self.std[torch.as_tensor(indices, dtype=torch.long)]
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        if isinstance(generator, Sequence):
+            eps = randn_rows(generator, mean.shape[1:]).to(mean.device, mean.dtype)
+        else:
+            eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + std * eps
+
+
+def randn_rows(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal rows (len(generators), *shape), float32 on the CPU, row i drawn from generators[i]."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:

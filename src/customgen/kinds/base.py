@@ -70,6 +70,10 @@ class Method:
         """The text encoder's dtype in a mixed-precision run (frozen weights go to `weight_dtype`)."""
         return weight_dtype
 
+    def settings(self) -> dict:
+        """The method's own training settings for style.json's `training` mapping (LoRA: rank, alpha, targets)."""
+        return {}
+
     def saved_bytes(self, comps) -> int:
         """Bytes of the tensors `save` writes, over every file it writes, counted from the base model's shapes
         before `setup` (what the snapshot disk check plans with, customgen.train.snapshots)."""

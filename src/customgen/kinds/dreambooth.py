@@ -73,6 +73,9 @@ class DreamBoothMethod(Method):
         self.names = scope_names(comps.unet, self.cfg.dreambooth.scope)
         return [{"params": unfreeze(comps.unet, self.names), "lr": self.cfg.train.lr}]
 
+    def settings(self) -> dict:
+        return {"scope": self.cfg.dreambooth.scope}
+
     def saved_bytes(self, comps) -> int:
         """fp32 copies of the scope's UNet parameters, in one file."""
         names = set(scope_names(comps.unet, self.cfg.dreambooth.scope))

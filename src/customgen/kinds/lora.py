@@ -38,6 +38,10 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 _PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 # LoraConfig fields every supported peft knows: newer peft adds fields (lora_bias, target_parameters, ...) that
 # an older peft's LoraConfig(**metadata) refuses, so a file written under the newest peft would not load on Kaggle.
+# kohya's ss_* names of the run's schedule facts (customgen.kinds.training_facts), written when the facts hold them
+KOHYA_SCHEDULE = {"ss_gradient_accumulation_steps": "grad_accum", "ss_total_batch_size": "effective_batch",
+                  "ss_num_epochs": "epochs", "ss_lr_warmup_steps": "warmup_steps", "ss_max_grad_norm": "max_grad_norm",
+                  "ss_flip_aug": "random_flip", "ss_prior_loss_weight": "prior_weight"}
 PORTABLE_CONFIG = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights",
                    "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
@@ -89,7 +93,7 @@ def kohya_metadata(facts: dict, *, rank: int, alpha: float, text_encoder: bool) 
         "modelspec.implementation": "diffusers", "modelspec.title": facts["name"],
         "modelspec.resolution": f"{facts['resolution']}x{facts['resolution']}",
     }
-    return meta
+    return meta | {key: str(facts[fact]) for key, fact in KOHYA_SCHEDULE.items() if fact in facts}
 
 
 def save_lora(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapter_name: str = "default") -> str:
@@ -158,6 +162,12 @@ class LoraMethod(Method):
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups
+
+    def settings(self) -> dict:
+        c = self.cfg.lora
+        te = {"text_encoder_lr": c.text_encoder_lr, "text_encoder_targets": list(c.text_encoder_targets)}
+        return {"rank": c.rank, "alpha": float(c.alpha if c.alpha is not None else c.rank), "targets": list(c.targets),
+                "text_encoder": c.text_encoder} | (te if c.text_encoder else {})
 
     def saved_bytes(self, comps) -> int:
         """fp32 A and B of every targeted Linear, in two files: the diffusers file and the kohya export."""

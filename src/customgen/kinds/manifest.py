@@ -1,6 +1,6 @@
 """style.json: what an artifact is and how it was made, written beside its weights in every artifact folder.
 
-    <artifact>/style.json     the manifest (method, kind, base model, token, rank, config hash, versions, ...)
+    <artifact>/style.json     the manifest (method, kind, base model, token, rank, training settings, versions, ...)
     <artifact>/config.yaml    the resolved training config
     <artifact>/<weights>      the kind's files (customgen.kinds: LoRA, DreamBooth, Textual Inversion)
     <artifact>/snapshots/step-NNNNNN/   complete artifacts of the same run at earlier steps (train.snapshot_every)
@@ -52,6 +52,9 @@ class Manifest:
     train_seconds: float = 0.0
     peak_memory_bytes: int = 0
     config_hash: str = ""
+    # the settings that define the run's recipe: lr, batch × accumulation (effective batch), steps (epochs), optimizer
+    # asked and used, schedule, precision, the kind's own (rank, alpha, targets), flip, prior, preset; {} before 2026-12
+    training: dict = dataclasses.field(default_factory=dict)
     exports: list = dataclasses.field(default_factory=list)  # extra files for other tools (kohya/WebUI, ...)
     versions: dict = dataclasses.field(default_factory=dict)
     created: str = ""
@@ -84,7 +87,11 @@ def training_facts(cfg, name: str, **measured) -> dict:
             "steps": cfg.train.steps, "lr": cfg.train.lr, "text_encoder_lr": cfg.lora.text_encoder_lr,
             "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
             "optimizer": cfg.train.optimizer, "lr_scheduler": cfg.train.lr_scheduler, "num_images": 0,
-            "tag_frequency": {}, "started_at": 0, "finished_at": 0, "step": cfg.train.steps} | measured
+            "tag_frequency": {}, "started_at": 0, "finished_at": 0, "step": cfg.train.steps,
+            "grad_accum": cfg.train.grad_accum, "effective_batch": cfg.train.batch_size * cfg.train.grad_accum,
+            "epoch_steps": 0, "epochs": cfg.train.epochs, "warmup_steps": cfg.train.warmup_steps,
+            "max_grad_norm": cfg.train.max_grad_norm, "random_flip": bool(cfg.data.random_flip),
+            "prior_weight": cfg.prompt.prior_weight if cfg.prompt.prior else 0.0} | measured
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:

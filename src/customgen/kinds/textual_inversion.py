@@ -62,6 +62,11 @@ class TextualInversionMethod(Method):
         c = cfg.textual_inversion
         self.tokens = [c.token] + [f"{c.token}_{i}" for i in range(1, c.num_vectors)]
         self.templates = STYLE_TEMPLATES if c.templates == "style" else OBJECT_TEMPLATES
+        if c.caption:  # one fixed caption (the style plan: "sks style painting") instead of the templates
+            if c.caption.count("{") != 1 or c.caption.count("}") != 1 or "{}" not in c.caption:
+                raise UserError(f"textual_inversion.caption {c.caption!r} must hold {{}} once, where the token goes "
+                                "(e.g. '{} painting')")
+            self.templates = (c.caption,)
 
     def setup(self, comps) -> list[dict]:
         c = self.cfg.textual_inversion
@@ -86,6 +91,7 @@ class TextualInversionMethod(Method):
         return len(self.token_ids) * comps.text_encoder.get_input_embeddings().weight.shape[1]
 
     def caption(self, record_caption: str, generator: torch.Generator) -> str:
+        """A template drawn from the example's generator, with the token (all its vectors) in place."""
         i = int(torch.randint(len(self.templates), (1,), generator=generator))
         return self.templates[i].format(" ".join(self.tokens))
 
@@ -102,6 +108,11 @@ class TextualInversionMethod(Method):
         # fp32 activations fail on CPU ("mixed dtype") and lose precision on GPU. diffusers' TI example keeps the
         # whole text encoder in fp32 for the same reason.
         return torch.float32
+
+    def settings(self) -> dict:
+        c = self.cfg.textual_inversion
+        return {"token": c.token, "num_vectors": c.num_vectors, "init_word": c.init_word,
+                "captions": list(self.templates)}
 
     def saved_bytes(self, comps) -> int:
         """fp32 vectors of the new tokens, in two files: the diffusers file and the WebUI embedding."""

@@ -38,9 +38,32 @@ def tag_frequency(run: Run) -> dict[str, dict[str, int]]:
 
 def run_facts(run: Run, *, name: str, step: int) -> dict:
     """What the run was, for the kinds' exports (kohya's ss_* metadata), at optimizer step `step`."""
+    s = run.schedule
     return training_facts(run.cfg, name, step=step, mixed_precision=run.plan.mixed_precision,
                           optimizer=run.plan.optimizer, num_images=len(run.images.dataset.records),
-                          tag_frequency=tag_frequency(run), started_at=int(run.started), finished_at=int(time.time()))
+                          tag_frequency=tag_frequency(run), started_at=int(run.started), finished_at=int(time.time()),
+                          grad_accum=s.grad_accum, effective_batch=s.effective_batch, epoch_steps=s.epoch_steps,
+                          epochs=s.epochs or -(-s.steps // s.epoch_steps))  # kohya's ss_num_epochs: epochs begun
+
+
+def training_settings(run: Run) -> dict:
+    """style.json's `training`: the settings that define the run's recipe, as the run used them (the optimizer and
+    precision the memory plan chose, AdamW's betas and eps as the optimizer holds them, the flip resolved)."""
+    cfg, t, s, group = run.cfg, run.cfg.train, run.schedule, run.optimizer.param_groups[0]
+    out = {"preset": cfg.preset, "lr": t.lr, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
+           "processes": s.processes, "effective_batch": s.effective_batch, "steps": s.steps}
+    out |= {"epochs": s.epochs} if s.epochs else {}
+    out |= {"epoch_steps": s.epoch_steps, "examples": s.examples, "optimizer": t.optimizer,
+            "optimizer_used": run.plan.optimizer, "betas": [float(b) for b in group["betas"]], "eps": group["eps"],
+            "weight_decay": group["weight_decay"], "max_grad_norm": t.max_grad_norm, "lr_scheduler": t.lr_scheduler,
+            "warmup_steps": t.warmup_steps, "mixed_precision": run.plan.mixed_precision,
+            "gradient_checkpointing": run.plan.gradient_checkpointing, "attention_slicing": t.attention_slicing,
+            "vae_slicing": t.vae_slicing, "vae_tiling": t.vae_tiling, "resolution": cfg.data.resolution,
+            "center_crop": cfg.data.center_crop, "random_flip": cfg.data.random_flip, "prior": cfg.prompt.prior}
+    if cfg.prompt.prior:
+        out |= {"prior_weight": cfg.prompt.prior_weight, "class_images": len(run.classes)}
+    return out | {"loss": {"l2": cfg.loss.l2, "lpips": cfg.loss.lpips, "gram": cfg.loss.gram,
+                           "snr_gamma": cfg.loss.snr_gamma}, "seed": t.seed} | run.method.settings()
 
 
 def trigger_word(cfg: Config) -> str:
@@ -65,7 +88,8 @@ def artifact_manifest(run: Run, fields: dict, *, name: str, step: int, seconds: 
         prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
         token=fields.pop("token", "") or trigger_word(cfg), resolution=cfg.data.resolution,
         steps=cfg.train.steps, step=step, trainable_params=run.method.trainable_count(run.comps),
-        train_seconds=round(seconds, 2), peak_memory_bytes=peak_bytes, config_hash=config_hash(cfg), **fields)
+        train_seconds=round(seconds, 2), peak_memory_bytes=peak_bytes, config_hash=config_hash(cfg),
+        training=training_settings(run), **fields)
 
 
 def snapshot(run: Run, step: int, *, seconds: float) -> Path:

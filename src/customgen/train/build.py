@@ -17,11 +17,13 @@ from customgen.data import scan_images
 from customgen.errors import UserError
 from customgen.kinds import Method, make_method
 from customgen.kinds.freeze import parameter_report
+from customgen.limits import check_limits
 from customgen.memory import MemoryPlan, make_optimizer, plan_memory, probe
 from customgen.models import Components, load_components
 from customgen.models.loading import place
 from customgen.train.data import ImageSet, ensure_class_images, image_set, training_records
 from customgen.train.perceptual import Perceptual
+from customgen.train.schedule import Schedule, make_schedule, resolved
 from customgen.train.snapshots import check_space, kept_snapshots
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precision → dtype of frozen weights
@@ -31,7 +33,7 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precisi
 class Run:
     """The state of one training run (the loop reads and steps it)."""
 
-    cfg: Config
+    cfg: Config  # resolved: train.steps (from train.epochs when given) and data.random_flip as the run does them
     out: Path
     accelerator: Accelerator
     comps: Components
@@ -45,6 +47,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     perceptual: Perceptual | None
+    schedule: Schedule
     weight_dtype: torch.dtype = torch.float32
     prompt_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)  # wall-clock start (kohya's ss_training_started_at)
@@ -55,14 +58,19 @@ class Run:
 
 
 def build_run(cfg: Config, out: Path) -> Run:
-    """Components, method, data, optimizer and accelerator for `cfg`."""
+    """Components, method, data, optimizer and accelerator for `cfg`; the run's config is `cfg` resolved against the
+    data (customgen.train.schedule), its schedule printed."""
     torch.manual_seed(cfg.train.seed)  # adapter initialisation is seeded too
     method, info = make_method(cfg), probe(dtype=cfg.model.dtype)
     plan = plan_memory(cfg.train, info)
     acc = make_accelerator(cfg, out, method, plan)
     acc.print(plan.describe(info))
     records = training_records(cfg)
+    schedule = make_schedule(cfg, examples=sum(r.repeats for r in records), processes=acc.num_processes)
+    cfg = check_limits(resolved(cfg, schedule))
+    acc.print(schedule.describe())
     comps = load_components(cfg.model.ref, device="cpu", dtype=torch.float32)
+    memory_helpers(cfg, comps)
     if kept_snapshots(cfg):  # before class images, adapters and any step: snapshots the disk cannot hold are refused
         acc.print(check_space(cfg, out, method.saved_bytes(comps)))
     weight_dtype = WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32)
@@ -88,7 +96,17 @@ def build_run(cfg: Config, out: Path) -> Run:
     unet, text_encoder, optimizer, lr_scheduler = prepare(acc, comps, optimizer, lr_scheduler)
     return Run(cfg=cfg, out=out, accelerator=acc, comps=comps, method=method, plan=plan, images=images,
                classes=classes, contents=contents, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
-               lr_scheduler=lr_scheduler, perceptual=perceptual, weight_dtype=weight_dtype)
+               lr_scheduler=lr_scheduler, perceptual=perceptual, schedule=schedule, weight_dtype=weight_dtype)
+
+
+def memory_helpers(cfg: Config, comps: Components) -> None:
+    """diffusers' memory switches the config asks for: sliced UNet attention, sliced or tiled VAE."""
+    if cfg.train.attention_slicing:
+        comps.unet.set_attention_slice("auto")  # half the heads at a time (SlicedAttnProcessor)
+    if cfg.train.vae_slicing:
+        comps.vae.enable_slicing()
+    if cfg.train.vae_tiling:
+        comps.vae.enable_tiling()
 
 
 def make_accelerator(cfg: Config, out: Path, method: Method, plan: MemoryPlan) -> Accelerator:

@@ -33,9 +33,10 @@ PATTERN = re.compile(r"^step-(\d{6,})$")
 TRAINABLE, STATES, STATE = "trainable.safetensors", "optimizer.safetensors", "state.json"
 PICKLES = ("optimizer.pt", "scheduler.pt")  # what checkpoints of customgen ≤ 0.1 held; never loaded
 # Config keys that do not change the trained weights: resuming with other values is not "another config".
-RESUME_IGNORED = ("name", "train.output", "train.checkpoint_every", "train.checkpoint_minutes",
+RESUME_IGNORED = ("name", "preset", "train.output", "train.checkpoint_every", "train.checkpoint_minutes",
                   "train.keep_checkpoints", "train.snapshot_every", "train.keep_snapshots", "train.validate_every",
-                  "train.log_every", "train.latent_cache_dir", "validation.", "eval.")
+                  "train.validate_every_epochs", "train.log_every", "train.latent_cache_dir", "train.attention_slicing",
+                  "train.vae_slicing", "train.vae_tiling", "validation.", "eval.")  # memory helpers: same math
 
 
 class CheckpointDamaged(UserError):

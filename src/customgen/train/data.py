@@ -1,13 +1,16 @@
-"""Training data: which images, in which order (stateless per step, so resume is exact), class images."""
+"""Training data: which images, in which order, with which randomness (stateless per step, so resume is exact;
+per example, so the split into batch, accumulation and processes does not change what is trained), class images."""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from customgen.data import ImageDataset, ImageRecord, LatentCache, find_kaggle_roots, scan_images
+from customgen.data.cache import randn_rows
 from customgen.errors import UserError
 from customgen.models import build_pipeline
 
@@ -35,15 +38,34 @@ def training_records(cfg) -> list[ImageRecord]:
     return records
 
 
+def sample_ids(*, step: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """The run-wide indices of micro-step `step`'s examples on process `rank`: example i is the i-th drawn by the
+    run, so batch 4, batch 1 × accumulation 4 and batch 2 on two processes see the same examples in the same order."""
+    return [(step * world + rank) * batch_size + j for j in range(batch_size)]
+
+
 def batch_positions(n: int, *, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
     """Dataset positions for micro-step `step`: a fresh seeded permutation per epoch, a disjoint slice per rank."""
     out = []
-    for j in range(batch_size):
-        p = (step * world + rank) * batch_size + j
+    for p in sample_ids(step=step, batch_size=batch_size, rank=rank, world=world):
         epoch, k = divmod(p, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         out.append(int(perm[k]))
     return out
+
+
+def sample_generators(seed: int, ids: list[int], *, stream: int) -> list[torch.Generator]:
+    """One CPU generator per example (`ids` from sample_ids), seeded from (seed, stream, id) through numpy's
+    SeedSequence hash; `stream` keeps instance, class and content examples of the same id apart."""
+    states = [np.random.SeedSequence([seed, stream, i]).generate_state(1, np.uint64)[0] for i in ids]
+    return [torch.Generator().manual_seed(int(s)) for s in states]
+
+
+def flip_mask(generators: list[torch.Generator], *, on: bool) -> torch.Tensor:
+    """(B,) bool: flip example i with probability 1/2 from its own generator; all False when `on` is False."""
+    if not on:
+        return torch.zeros(len(generators), dtype=torch.bool)
+    return torch.stack([torch.rand((), generator=g) < 0.5 for g in generators])
 
 
 @dataclass
@@ -56,20 +78,24 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def batch(self, positions: list[int], *, vae, flip: torch.Tensor, need_pixels: bool) -> dict:
-        """Latents (B,4,h,w), captions and (if asked) pixels (B,3,H,W) for dataset positions; `flip` (B,) bool."""
+    def batch(self, positions: list[int], *, vae, flip: torch.Tensor, need_pixels: bool,
+              generators: list[torch.Generator]) -> dict:
+        """Latents (B,4,h,w), captions and (if asked) pixels (B,3,H,W) for dataset positions; `flip` (B,) bool;
+        example i's latent sample drawn from generators[i]."""
         index = [self.dataset.order[p] for p in positions]
         captions = [self.dataset.caption_of(i) for i in index]
         pixels = torch.stack([self.dataset[p]["pixel_values"] for p in positions]) if need_pixels or self.latents is None else None
         if self.latents is not None:
-            latents = self.latents.sample(index)
+            latents = self.latents.sample(index, generator=generators)
         else:
             with torch.no_grad():
-                p = pixels.to(vae.device, vae.dtype)
-                latents = vae.encode(p).latent_dist.sample().float() * vae.config.scaling_factor
-        latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)  # the VAE is ~flip-equivariant
+                dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+                eps = randn_rows(generators, dist.mean.shape[1:]).to(dist.mean.device, dist.mean.dtype)
+                latents = (dist.mean + dist.std * eps).float() * vae.config.scaling_factor
+        mask = flip.view(-1, 1, 1, 1)
+        latents = torch.where(mask.to(latents.device), latents.flip(-1), latents)  # the VAE is ~flip-equivariant
         if pixels is not None:
-            pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+            pixels = torch.where(mask, pixels.flip(-1), pixels)
         return {"latents": latents, "captions": captions, "pixels": pixels}
 
 

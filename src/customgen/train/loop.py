@@ -14,14 +14,17 @@ from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from customgen.config import config_hash, to_dict
+from customgen.data.cache import randn_rows
 from customgen.errors import UserError
 from customgen.train.artifact import snapshot
 from customgen.train.build import Run
 from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
-from customgen.train.data import batch_positions
+from customgen.train.data import batch_positions, flip_mask, sample_generators, sample_ids
 from customgen.train.losses import combine, noise_l2
+from customgen.train.schedule import validation_steps
 
 LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
+INSTANCE, CLASS, CONTENT = 0, 1, 2  # random streams of the examples (customgen.train.data.sample_generators)
 
 
 class TrainingDiverged(UserError):
@@ -50,13 +53,16 @@ def _target(run: Run, latents, noise, t):
     return noise
 
 
-def _denoise(run: Run, latents: torch.Tensor, captions: list[str], t: torch.Tensor | None = None):
-    """Noise the latents, predict with the UNet: (noisy, prediction, target, t)."""
+def _denoise(run: Run, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
+             t: torch.Tensor | None = None):
+    """Noise the latents, predict with the UNet: (noisy, prediction, target, t); example i's timestep and noise come
+    from generators[i]."""
     sched = run.comps.noise_scheduler
     latents = latents.to(run.accelerator.device)
-    noise = torch.randn_like(latents)
     if t is None:
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        T = sched.config.num_train_timesteps
+        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators]).to(latents.device)
+    noise = randn_rows(generators, latents.shape[1:]).to(latents.device, latents.dtype)
     noisy = sched.add_noise(latents, noise, t)
     cond = encode_prompts(run, captions)
     with run.accelerator.autocast():
@@ -76,23 +82,25 @@ def _weighted_l2(run: Run, pred, target, t) -> torch.Tensor:
 
 
 def step_losses(run: Run, step: int) -> dict[str, torch.Tensor]:
-    """Losses of one micro-step; all randomness comes from the (seed, step, rank) seed."""
+    """Losses of micro-step `step`. Each example's flip, latent sample, caption template, timestep and noise come
+    from its own generator (seed, run-wide example index), the rest from the (seed, step, rank) seed."""
     cfg, acc = run.cfg, run.accelerator
     torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index)
-    pos = batch_positions(len(run.images), step=step, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                          rank=acc.process_index, world=acc.num_processes)
-    flip = torch.rand(len(pos)) < 0.5 if cfg.data.random_flip else torch.zeros(len(pos), dtype=torch.bool)
+    where = dict(step=step, batch_size=cfg.train.batch_size, rank=acc.process_index, world=acc.num_processes)
+    pos = batch_positions(len(run.images), seed=cfg.train.seed, **where)
+    gens = sample_generators(cfg.train.seed, sample_ids(**where), stream=INSTANCE)
     perceptual = run.perceptual is not None and run.perceptual.active(step) and run.contents is None
-    batch = run.images.batch(pos, vae=run.comps.vae, flip=flip, need_pixels=perceptual and run.needs_pixels)
-    gen = torch.Generator().manual_seed(step)
-    captions = [run.method.caption(c, gen) for c in batch["captions"]]
+    batch = run.images.batch(pos, vae=run.comps.vae, flip=flip_mask(gens, on=cfg.data.random_flip), generators=gens,
+                             need_pixels=perceptual and run.needs_pixels)
+    captions = [run.method.caption(c, g) for c, g in zip(batch["captions"], gens)]
     latents, n_inst = batch["latents"], len(pos)
-    if run.classes is not None:  # prior preservation: class images join the batch
-        cpos = batch_positions(len(run.classes), step=step, batch_size=n_inst, seed=cfg.train.seed + 1,
-                               rank=acc.process_index, world=acc.num_processes)
-        cb = run.classes.batch(cpos, vae=run.comps.vae, flip=torch.zeros(n_inst, dtype=torch.bool), need_pixels=False)
-        latents, captions = torch.cat([latents, cb["latents"]]), captions + cb["captions"]
-    noisy, pred, target, t = _denoise(run, latents, captions)
+    if run.classes is not None:  # prior preservation: class images join the batch, one per instance image
+        cpos = batch_positions(len(run.classes), seed=cfg.train.seed + 1, **where)
+        cgens = sample_generators(cfg.train.seed, sample_ids(**where), stream=CLASS)
+        cb = run.classes.batch(cpos, vae=run.comps.vae, flip=flip_mask(cgens, on=False), need_pixels=False,
+                               generators=cgens)
+        latents, captions, gens = torch.cat([latents, cb["latents"]]), captions + cb["captions"], gens + cgens
+    noisy, pred, target, t = _denoise(run, latents, captions, gens)
     l2 = _weighted_l2(run, pred, target, t)
     terms = {}
     if perceptual:
@@ -108,12 +116,13 @@ def step_losses(run: Run, step: int) -> dict[str, torch.Tensor]:
 def content_pair_terms(run: Run, step: int, captions: list[str]) -> dict:
     """Perceptual terms on content images noised to the img2img strength: LPIPS to content, Gram to style."""
     cfg, acc = run.cfg, run.accelerator
-    pos = batch_positions(len(run.contents), step=step, batch_size=len(captions), seed=cfg.train.seed + 2,
-                          rank=acc.process_index, world=acc.num_processes)
-    cb = run.contents.batch(pos, vae=run.comps.vae, flip=torch.zeros(len(pos), dtype=torch.bool), need_pixels=True)
+    where = dict(step=step, batch_size=len(captions), rank=acc.process_index, world=acc.num_processes)
+    pos = batch_positions(len(run.contents), seed=cfg.train.seed + 2, **where)
+    gens = sample_generators(cfg.train.seed, sample_ids(**where), stream=CONTENT)
+    cb = run.contents.batch(pos, vae=run.comps.vae, flip=flip_mask(gens, on=False), need_pixels=True, generators=gens)
     T = run.comps.noise_scheduler.config.num_train_timesteps
     t = torch.full((len(pos),), min(T - 1, int(cfg.loss.content_strength * T)), device=acc.device)
-    noisy, pred, _, t = _denoise(run, cb["latents"], captions, t)
+    noisy, pred, _, t = _denoise(run, cb["latents"], captions, gens, t)
     return run.perceptual.terms(run.comps.vae, noisy, pred, t, run.comps.noise_scheduler.alphas_cumprod, cb["pixels"],
                                 threshold=False)  # the strength sets t here
 
@@ -212,8 +221,9 @@ def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> d
 
 
 def steps(run: Run, todo: range, bar, log: LossLog, validate, *, t0: float) -> dict:
-    """The loop body: optimizer steps, log rows, snapshots, checkpoints, validation images (`t0`: the loop's start)."""
-    cfg = run.cfg
+    """The loop body: optimizer steps, log rows, snapshots, checkpoints, validation images (`t0`: the loop's start);
+    every count is of optimizer steps."""
+    cfg, per_epoch = run.cfg, validation_steps(run.cfg, run.schedule)
     logs, tic, last_ckpt = {}, time.monotonic(), time.monotonic()
     for step in todo:
         logs = optimizer_step(run, step)
@@ -230,7 +240,8 @@ def steps(run: Run, todo: range, bar, log: LossLog, validate, *, t0: float) -> d
         if (by_steps or by_time) and done < cfg.train.steps:
             checkpoint(run, done)
             last_ckpt = time.monotonic()
-        if validate and cfg.train.validate_every and done % cfg.train.validate_every == 0 and done < cfg.train.steps:
+        by_steps = cfg.train.validate_every and done % cfg.train.validate_every == 0
+        if validate and (by_steps or (per_epoch and done % per_epoch == 0)) and done < cfg.train.steps:
             validate(run, done)
     return logs
 
