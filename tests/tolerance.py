@@ -1,0 +1,39 @@
+"""Rounding-error bounds that the tolerances in tests/ are derived from, instead of numbers tuned on one CPU.
+
+Notation and results from N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., SIAM 2002:
+u is the unit roundoff (§2.1), γ_n = n·u/(1 − n·u) bounds n roundings in a row (§3.1, Lemma 3.1), and an
+inner product of length n computed in any order errs by at most γ_n·Σ|x_i·y_i| (§3.1, eq. 3.5), so a matrix
+product errs by at most γ_n·|A|·|B| componentwise (§3.5, eq. 3.13). These hold on every IEEE CPU whatever
+the summation order, blocking or FMA use of its kernels, which is what differs between AVX2, AVX-512 and AMX.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PIXEL_LEVELS = 255  # diffusers and PIL store images as round(255·x), x in [0, 1]
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-t = eps/2: one rounding to nearest errs by at most u relative (Higham 2002, §2.1, Thm 2.2)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """γ_n = n·u/(1 − n·u), the bound on n roundings in a row (Higham 2002, §3.1, Lemma 3.1)."""
+    nu = n * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"gamma({n}) undefined in {dtype}: n·u = {nu} >= 1")
+    return nu / (1 - nu)
+
+
+def matmul_bound(abs_a: torch.Tensor, abs_b: torch.Tensor, dtype: torch.dtype, *, extra: int = 0) -> torch.Tensor:
+    """γ_{n+extra}·|A|·|B| for fl(A·B), n the inner dimension, `extra` further roundings (Higham 2002, eq. 3.13)."""
+    n = abs_a.shape[-1]
+    return gamma(n + extra, dtype) * (abs_a.double() @ abs_b.double())
+
+
+def pixel_levels(delta: float) -> int:
+    """Most uint8 levels round(255·x) and round(255·y) can differ by when |x − y| ≤ delta (a rounding step is 1)."""
+    return math.floor(PIXEL_LEVELS * delta) + 1
