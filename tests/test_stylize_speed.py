@@ -63,7 +63,7 @@ def stock_lora(lib, name: str, scale: float, *, fuse: bool):
 def layer_inputs(model, names, call) -> dict[str, torch.Tensor]:
     """What each named layer of `model` receives while `call()` runs, as (rows, in_features)."""
     modules, seen = dict(model.named_modules()), {n: [] for n in names}
-    keep = lambda n: lambda _, args: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())  # noqa: E731
+    keep = lambda n: lambda _, args: seen[n].append(args[0].detach().flatten(0, -2).clone())  # noqa: E731
     hooks = [modules[n].register_forward_pre_hook(keep(n)) for n in names]
     try:
         call()
@@ -115,7 +115,8 @@ def test_one_lora_is_fused_like_stock_fuse_lora_and_close_to_unfused(lib, scale)
     manifest, files = kinds.read_manifest(lib / "lora_b"), load_file(str(lib / "lora_b" / lora.WEIGHTS))
     s = scale * manifest.alpha / manifest.rank
     names = sorted({k[len("unet."):k.index(".lora_A.")] for k in files if k.startswith("unet.") and ".lora_A." in k})
-    assert set(names) == {n for n, m in session.comps.unet.named_modules() if isinstance(m, BaseTunerLayer) and m.merged}
+    merged = {n for n, m in session.comps.unet.named_modules() if isinstance(m, BaseTunerLayer) and m.merged}
+    assert set(names) == merged
     xs = layer_inputs(session.comps.unet, names, lambda: run(content_image(0), lib, "lora_b", scales=scale, prompt=""))
     fused, unfused = (dict(m.named_modules()) for m in (session.comps.unet, stock_pipe(lib, "lora_b", scale,
                                                                                        fuse=False).unet))
