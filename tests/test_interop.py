@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,8 +23,8 @@ from customgen.inference.session import make_scheduler
 from customgen.kinds import lora, textual_inversion
 from customgen.models import build_pipeline, load_components
 from customgen.models.loading import config_dir
-from tests.artifact_fixtures import make_dreambooth, make_lora, make_textual_inversion
-from tests.tolerance import gamma
+from tests.artifact_fixtures import (assert_same_lora, lora_deltas, make_dreambooth, make_lora,
+                                    make_textual_inversion)
 
 # What the tiny model's structure gives, written out (tiny: 2 text-encoder layers; one transformer block in
 # down_blocks.0, mid_block and each of up_blocks.1's two attentions).
@@ -95,28 +94,9 @@ def test_kohya_export_has_kohya_metadata_and_loads_like_the_diffusers_file(lib):
     pipe_a.load_lora_weights(str(folder), weight_name=manifest.exports[0])  # diffusers' kohya reader (lora_te_ / lora_unet_)
     pipe_b = build_pipeline(load_components("tiny", device="cpu"), kind="txt2img")
     pipe_b.load_lora_weights(str(folder), weight_name=lora.WEIGHTS)
-    # The same LoRA in every layer: ΔW = s·B·A from either file agrees to the rounding a loader may add when it
-    # folds alpha/rank into the factors (≤ 2 roundings per factor and 1 for s: γ_5 per side, Higham §3.1).
-    # Pixels are not compared: 4 steps of tiny's random UNet amplify such an ulp into a CPU-dependent amount.
-    kohya, diffusers = lora_deltas(pipe_a), lora_deltas(pipe_b)
-    assert kohya.keys() == diffusers.keys() and len(kohya) == len(TINY_TE_MODULES) + len(TINY_UNET_MODULES)
-    for name, (s, up, down) in diffusers.items():
-        k_s, k_up, k_down = kohya[name]
-        size = abs(s) * (up.abs() @ down.abs())
-        bound = (2 * gamma(5, torch.float32) + 2 * gamma(down.shape[0], torch.float64)) * size
-        assert ((k_s * k_up @ k_down - s * up @ down).abs() <= bound).all(), name
-
-
-def lora_deltas(pipe) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
-    """(scaling, B, A) in float64 of every peft LoRA layer of the pipeline's UNet and text encoder, by name."""
-    out = {}
-    for component in ("unet", "text_encoder"):
-        for name, m in getattr(pipe, component).named_modules():
-            if isinstance(m, BaseTunerLayer) and getattr(m, "lora_A", None):
-                (adapter,) = m.lora_A.keys()
-                out[f"{component}.{name}"] = (m.scaling[adapter], m.lora_B[adapter].weight.detach().double(),
-                                              m.lora_A[adapter].weight.detach().double())
-    return out
+    # Pixels are not compared: 4 steps of tiny's random UNet amplify a loader's rounding by a CPU-dependent amount.
+    assert_same_lora(pipe_a, pipe_b)
+    assert len(lora_deltas(pipe_a)) == len(TINY_TE_MODULES) + len(TINY_UNET_MODULES)
 
 
 def test_two_styles_exported_into_one_flat_folder_do_not_collide(lib, tmp_path):
