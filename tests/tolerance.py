@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 PIXEL_LEVELS = 255  # diffusers and PIL store images as round(255·x), x in [0, 1]
@@ -37,3 +38,20 @@ def matmul_bound(abs_a: torch.Tensor, abs_b: torch.Tensor, dtype: torch.dtype, *
 def pixel_levels(delta: float) -> int:
     """Most uint8 levels round(255·x) and round(255·y) can differ by when |x − y| ≤ delta (a rounding step is 1)."""
     return math.floor(PIXEL_LEVELS * delta) + 1
+
+
+def ssim_rounding(x, y, *, radius: int = 5, sigma: float = 1.5, c1: float = 1e-4, c2: float = 9e-4) -> float:
+    """How far two float64 SSIM implementations can differ on images x, y (H, W, 3) in [0, 1] (Wang et al. 2004).
+
+    Each window moment (μ, E[x²], E[xy]: a separable (2r+1)-tap blur of values in [0, 1], weights summing to 1)
+    is within g = γ_{2(2r+1)+5} of exact; each factor of S = N/D (≤ 3 in size, ≤ 5 terms of ≤ 2 moments) within
+    8g; so N and D within 7·8g and |δS| ≤ 112g/D per pixel, |δ mean S| ≤ 112g·mean(1/D), twice for two
+    implementations (Higham 2002, §3.1). D comes from scipy's Gaussian filter (scikit-image's window)."""
+    from scipy.ndimage import gaussian_filter  # lazy: only the SSIM tests need scipy
+
+    blur = lambda a: np.stack([gaussian_filter(a[..., c], sigma=sigma, truncate=radius / sigma)  # noqa: E731
+                               for c in range(a.shape[-1])], -1)[radius:-radius, radius:-radius]
+    mx, my = blur(x), blur(y)
+    var = np.maximum(blur(x * x) - mx ** 2, 0) + np.maximum(blur(y * y) - my ** 2, 0)
+    d = (mx ** 2 + my ** 2 + c1) * (var + c2)
+    return 2 * 112 * gamma(2 * (2 * radius + 1) + 5, torch.float64) * float(np.mean(1 / d))
