@@ -40,13 +40,19 @@ def pixel_levels(delta: float) -> int:
     return math.floor(PIXEL_LEVELS * delta) + 1
 
 
+def ssim_moment_rounding(radius: int = 5) -> float:
+    """Bound on a float64 SSIM window moment (μ, E[x²], E[xy] of values in [0, 1], Gaussian weights summing to
+    1): a (2r+1)²-term sum, or two (2r+1)-term passes, plus the product and the weights: γ_{(2r+1)²+5}."""
+    return gamma((2 * radius + 1) ** 2 + 5, torch.float64)
+
+
 def ssim_rounding(x, y, *, radius: int = 5, sigma: float = 1.5, c1: float = 1e-4, c2: float = 9e-4) -> float:
     """How far two float64 SSIM implementations can differ on images x, y (H, W, 3) in [0, 1] (Wang et al. 2004).
 
-    Each window moment (μ, E[x²], E[xy]: a separable (2r+1)-tap blur of values in [0, 1], weights summing to 1)
-    is within g = γ_{2(2r+1)+5} of exact; each factor of S = N/D (≤ 3 in size, ≤ 5 terms of ≤ 2 moments) within
-    8g; so N and D within 7·8g and |δS| ≤ 112g/D per pixel, |δ mean S| ≤ 112g·mean(1/D), twice for two
-    implementations (Higham 2002, §3.1). D comes from scipy's Gaussian filter (scikit-image's window)."""
+    Each window moment is within g = ssim_moment_rounding() of exact; each factor of S = N/D (≤ 3 in size,
+    ≤ 5 terms of ≤ 2 moments) within 8g; so N and D within 7·8g and |δS| ≤ 112g/D per pixel, |δ mean S| ≤
+    112g·mean(1/D), twice for two implementations (Higham 2002, §3.1). D from scipy's Gaussian filter (scikit-image's
+    window), over the pixels whose window fits (those SSIM averages)."""
     from scipy.ndimage import gaussian_filter  # lazy: only the SSIM tests need scipy
 
     blur = lambda a: np.stack([gaussian_filter(a[..., c], sigma=sigma, truncate=radius / sigma)  # noqa: E731
@@ -54,4 +60,12 @@ def ssim_rounding(x, y, *, radius: int = 5, sigma: float = 1.5, c1: float = 1e-4
     mx, my = blur(x), blur(y)
     var = np.maximum(blur(x * x) - mx ** 2, 0) + np.maximum(blur(y * y) - my ** 2, 0)
     d = (mx ** 2 + my ** 2 + c1) * (var + c2)
-    return 2 * 112 * gamma(2 * (2 * radius + 1) + 5, torch.float64) * float(np.mean(1 / d))
+    return 2 * 112 * ssim_moment_rounding(radius) * float(np.mean(1 / d))
+
+
+def longest_reduction(model: torch.nn.Module) -> int:
+    """The longest inner product any Linear or Conv layer of `model` computes (in_features; in_channels/groups·∏k)."""
+    linear = [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    conv = [m.in_channels // m.groups * math.prod(m.kernel_size) for m in model.modules()
+            if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    return max(linear + conv)
