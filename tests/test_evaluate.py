@@ -157,7 +157,7 @@ def test_second_run_reuses_outputs(first_run, env, count_stylize):
     assert count_stylize == []  # nothing regenerated
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "images").rglob("*.png"))} == before
     new = pd.read_csv(out / "metrics.csv")
-    pd.testing.assert_frame_equal(old, new)  # same images, same seeded networks → same numbers
+    pd.testing.assert_frame_equal(old, new, check_exact=True)  # same images, same seeded networks → same numbers
     assert json.loads((out / "run.json").read_text())["images"]["reused"] == 30
 
 
