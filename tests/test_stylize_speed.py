@@ -118,12 +118,12 @@ def test_one_lora_is_fused_like_stock_fuse_lora_and_close_to_unfused(lib, scale)
     merged = {n for n, m in session.comps.unet.named_modules() if isinstance(m, BaseTunerLayer) and m.merged}
     assert set(names) == merged
     xs = layer_inputs(session.comps.unet, names, lambda: run(content_image(0), lib, "lora_b", scales=scale, prompt=""))
-    fused, unfused = (dict(m.named_modules()) for m in (session.comps.unet, stock_pipe(lib, "lora_b", scale,
-                                                                                       fuse=False).unet))
+    unfused = dict(stock_pipe(lib, "lora_b", scale, fuse=False).unet.named_modules())
+    fused = dict(session.comps.unet.named_modules())
     base = dict(models.load_components("tiny", device="cpu").unet.named_parameters())
     for n in names:
-        w, b, down, up = base[f"{n}.weight"], base.get(f"{n}.bias"), files[f"unet.{n}.lora_A.weight"], files[
-            f"unet.{n}.lora_B.weight"]
+        w, b = base[f"{n}.weight"], base.get(f"{n}.bias")
+        down, up = files[f"unet.{n}.lora_A.weight"], files[f"unet.{n}.lora_B.weight"]
         exact, bound = lora_layer_exact(xs[n], w, b, down, up, s)
         with torch.no_grad():
             for side, layer in (("fused", fused[n]), ("unfused", unfused[n])):
