@@ -22,6 +22,8 @@ from tests.tolerance import gamma
 DOCUMENTED = ["clip_content", "clip_style", "style_strength", "ssim", "lpips", "fid", "kid", "art_fid",
               "seconds_per_image"]
 PER_IMAGE = ["clip_content", "clip_style", "style_strength", "ssim", "lpips"]
+# pandas < 3 parses floats approximately by default (up to ~7600 ulp seen on 2.2.2, Kaggle's); "round_trip" is exact
+EXACT_CSV = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_evaluate_writes_documented_results(first_run, env):
         assert (out / name).stat().st_size > 0, name
     for name in ("metric_bars", "baseline_comparison", "tradeoff", "samples_Cubism", "samples_Impressionism"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 1000, name
-    m = pd.read_csv(out / "metrics.csv")
+    m = pd.read_csv(out / "metrics.csv", **EXACT_CSV)
     assert list(m.columns) == COLUMNS
     for col in DOCUMENTED + [f"{c}_std" for c in DOCUMENTED] + ["n_images", "n_flagged", "trainable_params",
                                                                  "artifact_bytes", "train_seconds", "peak_memory_bytes",
@@ -94,14 +96,14 @@ def test_evaluate_writes_documented_results(first_run, env):
     assert lora["artifact_bytes"] == manifest["file_bytes"]
     assert (m["n_images"] == 3).all() and (m["n_flagged"] == 0).all()
     assert (m["fid_n"] == 3).all() and (m["fid_n_ref"] == 4).all() and (m["kid_subset_size"] == 3).all()
-    # (1 + LPIPS)(1 + FID): 3 roundings, and ≤ 1 ulp for each of the 3 numbers read back from CSV
+    # (1 + LPIPS)(1 + FID): 3 roundings; the 3 numbers are read back exactly (repr written, EXACT_CSV read)
     assert np.allclose(m["art_fid"], (1 + m["lpips"]) * (1 + m["fid"]), rtol=gamma(6, torch.float64), atol=0)
 
 
 def _mean_std_rounding(x: np.ndarray) -> tuple[float, float]:
-    """How far two float64 means / sample stds of x (numpy vs pandas, each value read back from CSV within 1 ulp)
-    can differ: a sum of n terms errs by γ_{n+2}·Σ|x|, each deviation x_i − mean by γ_{n+3}·2·max|x|, so the std
-    by γ_{n+4}·(2·max|x|·√(n/(n−1)) + std); twice, for two implementations (Higham 2002, §3.1 and §4.2)."""
+    """How far two float64 means / sample stds of x (numpy vs pandas, the CSVs read exactly) can differ: a sum of
+    n terms errs by γ_{n+2}·Σ|x|, each deviation x_i − mean by γ_{n+3}·2·max|x|, so the std by
+    γ_{n+4}·(2·max|x|·√(n/(n−1)) + std); twice, for two implementations (Higham 2002, §3.1 and §4.2)."""
     n, big = len(x), float(np.abs(x).max())
     g = gamma(n + 4, torch.float64)
     return 2 * g * float(np.abs(x).mean()), 2 * g * (2 * big * math.sqrt(n / max(n - 1, 1)) + float(x.std(ddof=1)))
@@ -109,8 +111,8 @@ def _mean_std_rounding(x: np.ndarray) -> tuple[float, float]:
 
 def test_results_are_computed_from_per_image_rows(first_run):
     out, _ = first_run
-    m = pd.read_csv(out / "metrics.csv").set_index(["model", "style"])
-    per = pd.read_csv(out / "per_image.csv")
+    m = pd.read_csv(out / "metrics.csv", **EXACT_CSV).set_index(["model", "style"])
+    per = pd.read_csv(out / "per_image.csv", **EXACT_CSV)
     assert len(per) == 3 * 5 and per["smoke"].all() and per["flag"].isna().all()
     for (model, style), g in per.groupby(["model", "style"]):
         for col in PER_IMAGE:
@@ -183,10 +185,10 @@ def test_black_output_is_flagged_and_left_out(env, tmp_path, monkeypatch):
     monkeypatch.setattr(img2img, "stylize", blacken)
     out = tmp_path / "res"
     assert main(argv(env, out, "eval.methods=[lora_style]")) == 0
-    per = pd.read_csv(out / "per_image.csv")
+    per = pd.read_csv(out / "per_image.csv", **EXACT_CSV)
     flagged = per[per["flag"].notna()]
     assert list(flagged["flag"]) == ["black"] and flagged["model"].iloc[0] == "lora_impressionism"
-    m = pd.read_csv(out / "metrics.csv").set_index("model")
+    m = pd.read_csv(out / "metrics.csv", **EXACT_CSV).set_index("model")
     row = m.loc["lora_impressionism"]
     assert row["n_images"] == 3 and row["n_flagged"] == 1 and row["fid_n"] == 2
     kept = per[(per["model"] == "lora_impressionism") & per["flag"].isna()]
