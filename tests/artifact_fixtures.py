@@ -19,6 +19,8 @@ from customgen.kinds import dreambooth, lora, textual_inversion
 from customgen.kinds import Manifest
 from customgen.config import TEXT_ENCODER_TARGETS
 from customgen.models import load_components
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tests.tolerance import gamma
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -169,3 +171,27 @@ def make_contents(folder: str | Path, n: int = 2, size: tuple[int, int] = (80, 6
     for i in range(n):
         content_image(100 + i, size).save(folder / f"content_{i}.png")
     return folder
+
+
+def lora_deltas(pipe) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """(scaling, B, A), the factors in float64, of every peft LoRA layer of a pipeline's UNet and text encoder."""
+    out = {}
+    for component in ("unet", "text_encoder"):
+        for name, m in getattr(pipe, component).named_modules():
+            if isinstance(m, BaseTunerLayer) and getattr(m, "lora_A", None):
+                (adapter,) = m.lora_A.keys()
+                out[f"{component}.{name}"] = (m.scaling[adapter], m.lora_B[adapter].weight.detach().double(),
+                                              m.lora_A[adapter].weight.detach().double())
+    return out
+
+
+def assert_same_lora(pipe, reference) -> None:
+    """The same LoRA layers, each ΔW = s·B·A equal to the reference's within the rounding a loader may add by
+    folding alpha/rank into the factors: ≤ 2 roundings per factor and 1 for s, γ_5 a side (Higham 2002, §3.1)."""
+    got, want = lora_deltas(pipe), lora_deltas(reference)
+    assert got.keys() == want.keys() and want
+    for name, (s, up, down) in want.items():
+        g_s, g_up, g_down = got[name]
+        size = abs(s) * (up.abs() @ down.abs())
+        bound = (2 * gamma(5, torch.float32) + 2 * gamma(down.shape[0], torch.float64)) * size
+        assert ((g_s * g_up @ g_down - s * up @ down).abs() <= bound).all(), name

@@ -20,6 +20,7 @@ from customgen.evaluate import grid_points, resolve_inputs
 from customgen.evaluate.generate import generate
 from customgen.evaluate.score import aggregate, image_rows
 from tests.eval_fixtures import shared_eval_env
+from tests.tolerance import gamma, longest_reduction, ssim_rounding
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["seconds_per_image", "seconds_per_image_std", "infer_peak_memory_bytes"]  # differ between runs
@@ -60,18 +61,23 @@ def test_batched_rows_equal_the_per_image_path(scored):
     cfg, inputs, outputs, nets, rows = scored
     fresh = M.MetricNetworks(smoke=True)  # same seeded networks, its own empty cache
     refs = {s: [M.load_image(p) for p in paths] for s, paths in inputs.references.items()}
+    lpips_tol = gamma(longest_reduction(fresh.lpips("alex").model), torch.float32)
+    clip_tol = gamma(longest_reduction(fresh.clip.model), torch.float32)
     for row in rows:
         out, content, res = M.load_image(row["output"]), M.load_image(row["content"]), row["_results"]
         lp = M.lpips(out, content, net=fresh.lpips("alex")).value
         clip = M.clip_content(out, content, embedder=fresh.clip, cache=fresh.feature_cache).value
-        # Networks in batches round differently from one image at a time (~1e-7 relative on a CPU)
-        assert res["lpips"].value == pytest.approx(lp, rel=1e-5)
-        assert res["clip_content"].value == pytest.approx(clip, rel=1e-5, abs=1e-7)
+        # fp32 networks in batches round differently from one image at a time: allowed γ_n of the network's longest
+        # inner product (one layer's worst case, Higham 2002 §3.1; measured differences are ~1e-3 of it); relative
+        # for LPIPS, absolute for 1 − cos (cos ≈ 1)
+        assert res["lpips"].value == pytest.approx(lp, rel=lpips_tol, abs=0)
+        assert res["clip_content"].value == pytest.approx(clip, rel=0, abs=clip_tol)
         if row["style"]:
             style = M.clip_style(out, refs[row["style"]], embedder=fresh.clip, cache=fresh.feature_cache).value
-            assert res["clip_style"].value == pytest.approx(style, rel=1e-5, abs=1e-7)
+            assert res["clip_style"].value == pytest.approx(style, rel=0, abs=clip_tol)
         # SSIM is float64: the separable window differs from the old 2-D convolution only by rounding
-        assert res["ssim"].value == pytest.approx(old_ssim(out, content), abs=1e-12)
+        assert res["ssim"].value == pytest.approx(old_ssim(out, content), abs=ssim_rounding(M.to_array(out),
+                                                                                            M.to_array(content)))
         assert res["ssim"].value == M.ssim(out, content).value  # and batching does not change it at all
 
 

@@ -23,7 +23,8 @@ from customgen.inference.session import make_scheduler
 from customgen.kinds import lora, textual_inversion
 from customgen.models import build_pipeline, load_components
 from customgen.models.loading import config_dir
-from tests.artifact_fixtures import make_dreambooth, make_lora, make_textual_inversion, stock_reads_kohya_text_encoder
+from tests.artifact_fixtures import (assert_same_lora, lora_deltas, make_dreambooth, make_lora,
+                                    make_textual_inversion, stock_reads_kohya_text_encoder)
 
 # What the tiny model's structure gives, written out (tiny: 2 text-encoder layers; one transformer block in
 # down_blocks.0, mid_block and each of up_blocks.1's two attentions).
@@ -99,7 +100,9 @@ def test_kohya_export_has_kohya_metadata_and_loads_like_the_diffusers_file(lib):
             pipe_a.load_lora_weights(str(folder), weight_name=manifest.exports[0])
         return
     pipe_a.load_lora_weights(str(folder), weight_name=manifest.exports[0])  # diffusers' kohya reader (lora_te_ / lora_unet_)
-    assert np.abs(pixels(pipe_a, "a photo of sks person") - pixels(pipe_b, "a photo of sks person")).max() < 1e-4
+    # Pixels are not compared: 4 steps of tiny's random UNet amplify a loader's rounding by a CPU-dependent amount.
+    assert_same_lora(pipe_a, pipe_b)
+    assert len(lora_deltas(pipe_a)) == len(TINY_TE_MODULES) + len(TINY_UNET_MODULES)
 
 
 def test_two_styles_exported_into_one_flat_folder_do_not_collide(lib, tmp_path):
@@ -144,11 +147,11 @@ def single_file_pipe(path):
     return pipe
 
 
-@pytest.mark.parametrize("name,scale,tolerance", [("dreambooth", 1.0, 0), ("dreambooth", 0.5, 0),
-                                                  ("style", 0.7, 1), ("subject", 1.0, 1)])
-def test_single_file_export_loads_through_diffusers_with_the_styles_pixels(lib, tmp_path, name, scale, tolerance):
+@pytest.mark.parametrize("name,scale", [("dreambooth", 1.0), ("dreambooth", 0.5), ("style", 0.7), ("subject", 1.0)])
+def test_single_file_export_loads_through_diffusers_with_the_styles_pixels(lib, tmp_path, name, scale):
     """The exported original-layout checkpoint, read by diffusers' from_single_file, draws what customgen draws
-    with the style applied (fused LoRA vs an unfused adapter: within one grey level)."""
+    with the style applied, pixel for pixel: both fuse with stock `fuse_lora` at the scale (or swap the same
+    DreamBooth weights), and the layout conversion moves tensors without arithmetic."""
     out = tmp_path / f"{name}.safetensors"
     assert main(["export", str(lib[name]), "--out", str(out), "--scale", str(scale), "--dtype", "fp32"]) == 0
     with safe_open(str(out), "pt") as f:
@@ -158,13 +161,13 @@ def test_single_file_export_loads_through_diffusers_with_the_styles_pixels(lib, 
     exported = single_file_pipe(out)(prompt, num_inference_steps=4, guidance_scale=7.5, height=64, width=64,
                                      generator=torch.Generator("cpu").manual_seed(5)).images[0]
     ours = generate(prompt, [str(lib[name])], scales=scale, model="tiny", steps=4, seed=5, size=64)
-    diff = np.abs(np.asarray(exported, dtype=np.int16) - np.asarray(ours, dtype=np.int16))
-    assert diff.max() <= tolerance, diff.max()
+    assert np.array_equal(np.asarray(exported), np.asarray(ours))
 
 
-@pytest.mark.parametrize("name,scale,tolerance", [("dreambooth", 1.0, 0), ("style", 0.7, 1), ("subject", 1.0, 1)])
-def test_diffusers_export_loads_with_from_pretrained(lib, tmp_path, name, scale, tolerance):
-    """A DreamBooth or a LoRA (fused at `scale`, text encoder too for the subject) as a diffusers folder."""
+@pytest.mark.parametrize("name,scale", [("dreambooth", 1.0), ("style", 0.7), ("subject", 1.0)])
+def test_diffusers_export_loads_with_from_pretrained(lib, tmp_path, name, scale):
+    """A DreamBooth or a LoRA (fused at `scale`, text encoder too for the subject) as a diffusers folder: the
+    same fused weights customgen draws with, so the same pixels."""
     out = tmp_path / f"{name}_folder"
     assert main(["export", str(lib[name]), "--format", "diffusers", "--out", str(out), "--scale", str(scale),
                  "--dtype", "fp32"]) == 0
@@ -174,13 +177,13 @@ def test_diffusers_export_loads_with_from_pretrained(lib, tmp_path, name, scale,
     exported = pipe(prompt, num_inference_steps=4, height=64, width=64,
                     generator=torch.Generator("cpu").manual_seed(5)).images[0]
     ours = generate(prompt, [str(lib[name])], scales=scale, model="tiny", steps=4, seed=5, size=64)
-    diff = np.abs(np.asarray(exported, dtype=np.int16) - np.asarray(ours, dtype=np.int16))
-    assert diff.max() <= tolerance, diff.max()
+    assert np.array_equal(np.asarray(exported), np.asarray(ours))
 
 
 def test_default_export_is_fp16_and_draws_like_the_fp32_one(lib, tmp_path):
     """Without --dtype the checkpoint is fp16 (half the size, what A1111/ComfyUI users download) and, read back
-    in fp32, draws what the fp32 export draws up to fp16 rounding of the weights."""
+    in fp32, is the fp32 export with every weight rounded to fp16: exactly that, weight by weight (the pixels
+    of two pipelines whose weights differ by fp16 rounding are not comparable on tiny's random UNet)."""
     half, full = tmp_path / "half.safetensors", tmp_path / "full.safetensors"
     assert main(["export", str(lib["dreambooth"]), "--out", str(half)]) == 0
     assert main(["export", str(lib["dreambooth"]), "--out", str(full), "--dtype", "fp32"]) == 0
@@ -188,12 +191,13 @@ def test_default_export_is_fp16_and_draws_like_the_fp32_one(lib, tmp_path):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes == {"F16"}, dtypes
     assert half.stat().st_size < 0.6 * full.stat().st_size
-    prompt = kinds.read_manifest(lib["dreambooth"]).prompt
-    draw = lambda path: np.asarray(single_file_pipe(path)(  # noqa: E731
-        prompt, num_inference_steps=4, height=64, width=64, generator=torch.Generator("cpu").manual_seed(5)).images[0],
-        dtype=np.int16)
-    a, b = draw(half), draw(full)
-    assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 8
+    a, b = single_file_pipe(half), single_file_pipe(full)
+    for component in ("unet", "vae", "text_encoder"):
+        got, want = getattr(a, component).state_dict(), getattr(b, component).state_dict()
+        assert got.keys() == want.keys()
+        for k, w in want.items():
+            rounded = w.half().float() if w.is_floating_point() else w
+            assert got[k].dtype == w.dtype and torch.equal(got[k], rounded), f"{component}.{k}"
 
 
 def test_export_refuses_what_it_cannot_write_in_one_line(lib, tmp_path, capsys):

@@ -11,6 +11,7 @@ from skimage.metrics import structural_similarity
 
 from customgen import metrics as M
 from customgen.metrics import networks as N
+from tests.tolerance import gamma, ssim_moment_rounding, ssim_rounding
 
 
 # ---------------------------------------------------------------- fixtures
@@ -60,16 +61,17 @@ def test_ssim_matches_skimage_gaussian(shape):
         ref = structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                     data_range=1, channel_axis=-1)
         r = M.ssim(x, y)
-        assert r.value == pytest.approx(ref, abs=1e-6)
+        assert r.value == pytest.approx(ref, abs=ssim_rounding(x, y))
         assert r.name == "ssim" and r.smoke is False and r.flag is None
 
 
 def test_ssim_identity_and_resize_to_reference():
     c = _structured(64, 64)
-    assert M.ssim(c, c).value == pytest.approx(1.0, abs=1e-9)
+    # identical inputs: S = 1 except where E[x²] − μ² rounds below 0 (clamped to 0): ≤ 2·2 moments' rounding / C2
+    assert M.ssim(c, c).value == pytest.approx(1.0, abs=4 * ssim_moment_rounding() / 0.03 ** 2)
     big = M.to_array(Image.fromarray((c * 255).astype(np.uint8)).resize((128, 128), Image.BICUBIC))
     # the output is resized to the reference (content) size, so a larger output still compares
-    assert M.ssim(big, c).value == pytest.approx(M.ssim(M.images.resize_to(big, (64, 64)), c).value)
+    assert M.ssim(big, c).value == M.ssim(M.images.resize_to(big, (64, 64)), c).value  # the same resize, then SSIM
     assert M.ssim(big, c).value > 0.9
     with pytest.raises(ValueError, match="at least 11"):
         M.ssim(np.zeros((8, 8, 3)), np.zeros((8, 8, 3)))
@@ -84,23 +86,42 @@ def _scipy_frechet(a, b):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+def _frechet_rounding(a, b) -> float:
+    """Bound on float64 rounding in FID = ‖μa − μb‖² + tr Σa + tr Σb − 2·tr √(Σa·Σb) (Heusel et al. 2017).
+
+    Σa·Σb is diagonalisable by Σa^½·Q (Σa^½·Σb·Σa^½ = Q·Λ·Qᵀ), so a backward-stable eigensolver's error
+    p(n)·u·‖Σa‖‖Σb‖ (p(n) = n², LAPACK Users' Guide §4.7) moves each eigenvalue by at most κ = √cond(Σa) times
+    that (Bauer–Fike; κ = 1 for a = b, Σa² being symmetric), the root of an eigenvalue λ > that shift by the
+    shift over 2√(λ − shift), any other root by ≤ √(2·shift); for a = b those are exact zeros, whose computed
+    roots only lower FID, which is clipped at 0. Means and traces: γ_{N+n}·their size (Higham 2002, §3.1)."""
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    n, u = s1.shape[0], 2.0 ** -53
+    kappa = 1.0 if a is b else math.sqrt(np.linalg.cond(s1))
+    lam = np.abs(np.linalg.eigvals(s1 @ s2))
+    shift = kappa * n * n * u * np.linalg.norm(s1, 2) * np.linalg.norm(s2, 2)
+    big = lam[lam > shift]
+    roots = (shift / (2 * np.sqrt(big - shift))).sum() + (0 if a is b else np.sqrt(2 * shift) * (lam <= shift).sum())
+    size = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
+    return float(2 * roots + gamma(len(a) + len(b) + n, torch.float64) * size)
+
+
 def test_fid_matches_scipy_reference():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((400, 16))
     b = rng.standard_normal((300, 16)) @ rng.standard_normal((16, 16)) * 0.5 + 0.3
     r = M.fid(a, b)
-    assert r.value == pytest.approx(_scipy_frechet(a, b), rel=1e-7)
+    assert r.value == pytest.approx(_scipy_frechet(a, b), abs=2 * _frechet_rounding(a, b))  # two implementations
     assert (r.n, r.n_ref, r.note, r.smoke) == (400, 300, None, False)
-    assert M.fid(torch.from_numpy(a), torch.from_numpy(b)).value == pytest.approx(r.value, rel=1e-12)
+    assert M.fid(torch.from_numpy(a), torch.from_numpy(b)).value == r.value  # the same float64 computation
 
 
 def test_fid_of_a_set_with_itself_is_zero_even_when_singular():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 8))
-    assert M.fid(x, x).value == pytest.approx(0.0, abs=1e-9)
+    assert M.fid(x, x).value == pytest.approx(0.0, abs=_frechet_rounding(x, x))
     small = rng.standard_normal((10, 64))  # N < D: covariance rank 9
     r = M.fid(small, small)
-    assert r.value == pytest.approx(0.0, abs=1e-6)
+    assert r.value == pytest.approx(0.0, abs=_frechet_rounding(small, small))
     assert "singular" in r.note
     assert math.isnan(M.fid(small[:1], small).value) and M.fid(small[:1], small).flag == "too_few_samples"
 
@@ -118,11 +139,14 @@ def test_kid_matches_reference_and_separates_distributions():
     a, b = rng.standard_normal((150, 8)), rng.standard_normal((150, 8))
     far = rng.standard_normal((150, 8)) * 2.0 + 1.0
     full = M.kid(a, far, subset_size=150, n_subsets=1)  # one subset = everything: no sampling
-    assert full.value == pytest.approx(_numpy_unbiased_mmd2(a, far), rel=1e-9)
+    # float64: each kernel value takes d + 4 roundings, each sum ≤ m² more, relative to the sums of |k|
+    k = lambda p, q: np.abs(p @ q.T / a.shape[1] + 1) ** 3  # noqa: E731
+    size = (k(a, a).sum() + k(far, far).sum()) / (150 * 149) + 2 * k(a, far).mean()
+    assert full.value == pytest.approx(_numpy_unbiased_mmd2(a, far), abs=2 * gamma(150 ** 2 + 12, torch.float64) * size)
     same = M.kid(a, b, subset_size=50, n_subsets=20, seed=0)
     diff = M.kid(a, far, subset_size=50, n_subsets=20, seed=0)
     assert abs(same.value) < 0.05 and diff.value > 1.0
-    assert len(diff.per_item) == 20 and diff.std == pytest.approx(np.std(diff.per_item))
+    assert len(diff.per_item) == 20 and diff.std == np.std(diff.per_item)  # the same numpy call
     assert M.kid(a, b, subset_size=50, n_subsets=5, seed=3).value == M.kid(a, b, subset_size=50, n_subsets=5,
                                                                           seed=3).value
     reduced = M.kid(a[:30], b, subset_size=1000, n_subsets=3)
@@ -130,11 +154,11 @@ def test_kid_matches_reference_and_separates_distributions():
 
 
 def test_art_fid_formula_and_smoke_propagation():
-    assert M.art_fid(0.25, 3.0).value == pytest.approx(1.25 * 4.0)
+    assert M.art_fid(0.25, 3.0).value == 1.25 * 4.0  # exact in binary
     lp = M.MetricResult("lpips", 0.5, smoke=True)
     fd = M.MetricResult("fid", 10.0, n=40, n_ref=25)
     r = M.art_fid(lp, fd)
-    assert (r.value, r.smoke, r.n, r.n_ref) == (pytest.approx(16.5), True, 40, 25)
+    assert (r.value, r.smoke, r.n, r.n_ref) == (16.5, True, 40, 25)
 
 
 def test_image_level_fid_kid_leave_out_degenerate_outputs(images):
@@ -143,7 +167,8 @@ def test_image_level_fid_kid_leave_out_degenerate_outputs(images):
     outs = [*images, np.zeros((64, 64, 3))]  # one safety-checker black image
     r = M.fid_images(outs, images, extractor=enc, cache=cache)
     assert r.smoke is True and (r.n, r.n_ref) == (3, 3) and "left out 1 degenerate" in r.note
-    assert r.value == pytest.approx(0.0, abs=1e-6)  # the same 3 images on both sides
+    feats = np.asarray(enc.encode([M.load_image(p) for p in images]), dtype=np.float64)  # (3, D): rank 2
+    assert r.value == pytest.approx(0.0, abs=_frechet_rounding(feats, feats))  # the same 3 images on both sides
     k = M.kid_images(images, images, extractor=enc, cache=cache, subset_size=3, n_subsets=2)
     assert k.smoke is True and k.n == 3 and math.isfinite(k.value)
 
@@ -152,22 +177,24 @@ def test_image_level_fid_kid_leave_out_degenerate_outputs(images):
 def test_clip_content_and_style_values(embedder, images):
     cache = M.FeatureCache()
     same = M.clip_content(images[0], images[0], embedder=embedder, cache=cache)
-    assert same.value == pytest.approx(0.0, abs=1e-6) and same.smoke is True
+    # 1 − a·b/(‖a‖‖b‖) in float64: two length-D sums, two roots, a product and a quotient (Higham 2002, §3.1)
+    rounding = gamma(2 * embedder.encode([M.load_image(images[0])]).shape[1] + 6, torch.float64)
+    assert same.value == pytest.approx(0.0, abs=rounding) and same.smoke is True
     d01 = M.clip_content(images[0], images[1], embedder=embedder, cache=cache).value
     d02 = M.clip_content(images[0], images[2], embedder=embedder, cache=cache).value
     assert d01 > 1e-4 and d02 > 1e-4
     style = M.clip_style(images[0], [images[1], images[2]], embedder=embedder, cache=cache)
-    assert style.per_item == pytest.approx((d01, d02), abs=1e-9)
-    assert style.value == pytest.approx((d01 + d02) / 2) and style.n_ref == 2
+    assert style.per_item == pytest.approx((d01, d02), abs=2 * rounding)  # a 2-row product vs two 1-row ones
+    assert style.value == pytest.approx((d01 + d02) / 2, abs=2 * rounding) and style.n_ref == 2
 
 
 def test_style_strength_ratio_baseline_and_zero_baseline():
-    assert M.style_strength(0.3, 0.3).value == pytest.approx(1.0)
-    assert M.style_strength(0.3, 0.15).value == pytest.approx(2.0)
+    assert M.style_strength(0.3, 0.3).value == 1.0
+    assert M.style_strength(0.3, 0.15).value == 2.0  # 0.15 is 0.3 halved in binary: exact quotients
     zero = M.style_strength(0.3, 0.0)
     assert math.isnan(zero.value) and zero.flag == "zero_baseline" and "undefined" in zero.note
     r = M.style_strength(M.MetricResult("clip_content", 0.2, smoke=True), M.MetricResult("clip_content", 0.4))
-    assert r.value == pytest.approx(0.5) and r.smoke is True
+    assert r.value == 0.5 and r.smoke is True
 
 
 def test_feature_cache_skips_network_in_memory_and_on_disk(embedder, images, tmp_path):
@@ -193,7 +220,7 @@ def test_feature_cache_skips_network_in_memory_and_on_disk(embedder, images, tmp
 def test_lpips_zero_for_identical_positive_for_different(lpips_alex):
     c, d = _structured(), _structured(phase=2.0)
     same = M.lpips(c, c, net=lpips_alex)
-    assert same.value == pytest.approx(0.0, abs=1e-7) and same.smoke is True
+    assert same.value == 0.0 and same.smoke is True  # the same network call on the same image on both sides
     assert M.lpips(c, d, net=lpips_alex).value > 1e-4
     assert M.lpips(c, np.random.default_rng(0).random((64, 64, 3)), net=lpips_alex).value > 1e-4
     with pytest.raises(ValueError, match="unknown LPIPS net"):
@@ -216,12 +243,12 @@ def test_is_degenerate_and_flags_on_metrics(embedder):
 
 def test_summarize_leaves_out_flagged_and_nonfinite_rows():
     s = M.summarize([1.0, 2.0, 100.0, 3.0, math.nan], ["", None, "black", None, None])
-    assert (s.mean, s.n, s.n_flagged, s.n_nonfinite) == (pytest.approx(2.0), 3, 1, 1)
-    assert s.std == pytest.approx(1.0)
+    assert (s.mean, s.n, s.n_flagged, s.n_nonfinite) == (2.0, 3, 1, 1)  # exact in binary, as below
+    assert s.std == 1.0
     rows = [M.MetricResult("ssim", 0.4), M.MetricResult("ssim", 0.0, flag="black"),
             M.MetricResult("ssim", 0.6, smoke=True)]
     s2 = M.summarize(rows)  # flags taken from the results themselves
-    assert (s2.mean, s2.n, s2.n_flagged, s2.smoke) == (pytest.approx(0.5), 2, 1, True)
+    assert (s2.mean, s2.n, s2.n_flagged, s2.smoke) == (0.5, 2, 1, True)  # fl(0.4 + 0.6) = 1
     assert M.summarize([]).n == 0 and math.isnan(M.summarize([]).mean)
 
 

@@ -22,7 +22,7 @@ def test_tiny_is_sd15_shaped():
     assert type(c.unet.down_blocks[0]).__name__ == "CrossAttnDownBlock2D"
     assert type(c.unet.up_blocks[-1]).__name__ == "CrossAttnUpBlock2D"
     assert c.unet.config.cross_attention_dim == c.text_encoder.config.hidden_size
-    assert c.vae.config.scaling_factor == pytest.approx(0.18215)
+    assert c.vae.config.scaling_factor == 0.18215  # the config value itself
     assert 2 ** (len(c.vae.config.block_out_channels) - 1) == 8  # SD's VAE downsampling factor
     assert type(c.noise_scheduler).__name__ == "DDPMScheduler"
     assert c.noise_scheduler.config.num_train_timesteps == 1000
