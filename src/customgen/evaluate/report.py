@@ -132,14 +132,8 @@ def write_results(out: Path, *, metrics: pd.DataFrame, per_image: pd.DataFrame, 
     return paths
 
 
-@dataclass
-class Results:
-    """Results of one or more evaluation folders, read back from their files."""
-
-    metrics: pd.DataFrame
-    per_image: pd.DataFrame
-    sweep: pd.DataFrame | None
-    runs: list[dict] = field(default_factory=list)
+class ReadBack:
+    """What results read back from evaluation folders say of themselves (needs `metrics` and `runs`)."""
 
     @property
     def smoke(self) -> bool:
@@ -148,6 +142,16 @@ class Results:
     @property
     def provenance(self) -> str:
         return " || ".join(dict.fromkeys(provenance(r) for r in self.runs))
+
+
+@dataclass
+class Results(ReadBack):
+    """Results of one or more evaluation folders, read back from their files."""
+
+    metrics: pd.DataFrame
+    per_image: pd.DataFrame
+    sweep: pd.DataFrame | None
+    runs: list[dict] = field(default_factory=list)
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:

@@ -99,8 +99,9 @@ def per_image_table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(flat)
 
 
-def _cost(group: list[dict], style) -> dict:
-    """Generation time (median over images: the first call also loads weights) and artifact cost columns."""
+def cost_columns(group: list[dict], style) -> dict:
+    """Generation time (median over images: the first call also loads weights) and artifact cost columns (styles
+    and subjects alike: `style` is the artifact, None for the base model)."""
     secs = np.array([r["seconds"] for r in group], dtype=float)
     secs = secs[np.isfinite(secs)]
     peaks = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
@@ -164,7 +165,7 @@ def aggregate(rows: list[dict], inputs, nets, cfg, *, set_metrics: bool = True) 
             set_smoke = sm.pop("_smoke")
             smoke = smoke or set_smoke
             row |= sm
-        row |= _cost(group, styles.get(model))
+        row |= cost_columns(group, styles.get(model))
         row["n_references"] = len(inputs.references.get(style, []))
         row["smoke"] = smoke
         table.append(row)

@@ -20,14 +20,14 @@ import pandas as pd
 
 from customgen.errors import UserError
 from customgen.evaluate.generate import BASELINE
-from customgen.evaluate.report import SMOKE_NOTE, _fmt, provenance, records
+from customgen.evaluate.report import SMOKE_NOTE, ReadBack, _fmt, provenance, records
 from customgen.evaluate.sweep import pareto_front
 
 METRICS = ["dino", "clip_i", "clip_t", "div", "pres", "seconds_per_image"]
 ID_COLUMNS = ["subject", "model", "method", "step", "weights", "base_model", "sample_steps", "seed",
               "samples_per_prompt"]
 COUNT_COLUMNS = ["n_prompts", "n_images", "n_flagged", "n_instances"]
-COST_COLUMNS = ["trainable_params", "artifact_bytes", "train_seconds", "infer_peak_memory_bytes"]
+COST_COLUMNS = ["trainable_params", "artifact_bytes", "train_seconds", "peak_memory_bytes", "infer_peak_memory_bytes"]
 COLUMNS = ID_COLUMNS + [c for m in METRICS for c in (m, f"{m}_std")] + COUNT_COLUMNS + COST_COLUMNS + [
     "pareto", "best", "smoke"]
 FILES = {"metrics": "subject_metrics.csv", "json": "subject_metrics.json", "per_image": "subject_per_image.csv",
@@ -131,21 +131,13 @@ def _clean(value):
 
 
 @dataclass
-class SubjectResults:
+class SubjectResults(ReadBack):
     """Subject results of one or more evaluation folders, read back from their files."""
 
     metrics: pd.DataFrame
     per_image: pd.DataFrame
     best: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
-
-    @property
-    def smoke(self) -> bool:
-        return bool(self.metrics["smoke"].any()) or any(r.get("smoke") for r in self.runs)
-
-    @property
-    def provenance(self) -> str:
-        return " || ".join(dict.fromkeys(provenance(r) for r in self.runs))
 
     @property
     def margin(self) -> float:

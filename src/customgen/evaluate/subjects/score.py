@@ -16,6 +16,7 @@ import pandas as pd
 
 from customgen import metrics as M
 from customgen.evaluate.generate import BASELINE
+from customgen.evaluate.score import cost_columns
 from customgen.evaluate.subjects.generate import Shot, points_of
 
 IMAGE_METRICS = ("dino", "clip_i", "clip_t")  # per image; PRES is DINO on the class-prompt images
@@ -93,20 +94,6 @@ def _summary(values, name: str) -> dict:
     return {name: s.mean, f"{name}_std": s.std, "_smoke": s.smoke}
 
 
-def _cost(group: list[dict], weights) -> dict:
-    """Generation time (median per image) and peak memory; the weights' trainable parameters and bytes."""
-    secs = np.array([r["seconds"] for r in group], dtype=float)
-    secs = secs[np.isfinite(secs)]
-    peaks = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
-    m = weights.manifest if weights is not None else None
-    return {"seconds_per_image": float(np.median(secs)) if secs.size else math.nan,
-            "seconds_per_image_std": float(secs.std(ddof=1)) if secs.size > 1 else math.nan,
-            "infer_peak_memory_bytes": max(peaks) if peaks else None,
-            "trainable_params": m.trainable_params if m else 0,
-            "artifact_bytes": M.artifact_bytes(weights.folder / m.weights) if m else 0,
-            "train_seconds": m.train_seconds if m else 0.0}
-
-
 def aggregate_one(subject, group: list[dict], weights, nets, cfg, memo: dict) -> dict:
     """One subject × step row: means and stds of DINO, CLIP-I, CLIP-T (prompt images), DIV (over prompts), PRES
     (DINO of the class-prompt images), cost."""
@@ -128,7 +115,7 @@ def aggregate_one(subject, group: list[dict], weights, nets, cfg, memo: dict) ->
            "n_flagged": sum(1 for r in group if r["flag"]), "n_instances": len(subject.instances)}
     for p in parts:
         row |= {k: v for k, v in p.items() if k != "_smoke"}
-    return row | _cost(group, weights) | {"smoke": any(p["_smoke"] for p in parts)}
+    return row | cost_columns(group, weights) | {"smoke": any(p["_smoke"] for p in parts)}
 
 
 def aggregate(subjects, rows: list[dict], nets, cfg) -> pd.DataFrame:
