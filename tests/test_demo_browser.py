@@ -138,6 +138,9 @@ def test_generate_handler_batch_with_a_subject(app):
     assert settings[0]["seed"] == 4 and settings[0]["styles"][0]["method"] == "dreambooth_lora_subject"
 
 
+TOAST_TEXT = '[data-testid="toast-text"], .toast-text'  # Gradio 6 marks a toast's message with a test id, 5.x a class
+
+
 def error_toasts(page) -> list[list[str]]:
     """The error toasts on the page, each as its message lines (Gradio 6 groups repeats into one toast with a
     count badge "(N)" and one toast-text per repeat; Gradio 5 shows one toast per message)."""
@@ -147,7 +150,7 @@ def error_toasts(page) -> list[list[str]]:
         toast = toasts.nth(i)
         count = toast.locator(".toast-count")  # Gradio 6: "(N)" when N messages share the toast
         repeats = [count.inner_text()] if count.count() else []
-        lines.append([t.inner_text().strip() for t in toast.locator('[data-testid="toast-text"]').all()] + repeats)
+        lines.append([t.inner_text().strip() for t in toast.locator(TOAST_TEXT).all()] + repeats)
     return lines
 
 
@@ -165,7 +168,7 @@ def bad_upload_shows_one_error_line(page, tmp_path: Path) -> None:
     assert error_toasts(page) == []
     page.locator("#stylize").click()
     message = "fake.png is not an image: upload a PNG, JPEG or WebP photo."
-    page.locator('[data-testid="toast-text"]', has_text=message).first.wait_for(timeout=20_000)
+    page.locator(TOAST_TEXT, has_text=message).first.wait_for(timeout=20_000)
     page.wait_for_timeout(2_000)  # a second copy of the error would have arrived by now
     page.screenshot(path=str(ARTIFACTS / "demo_bad_upload.png"), full_page=True)
     assert error_toasts(page) == [[message]]
