@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+from packaging.version import Version
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
@@ -187,6 +189,8 @@ def test_prompts_are_encoded_once_while_the_styles_stay(lib):
         hook.remove()
 
 
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5"), reason="transformers 4.x cannot build CLIP's "
+                    "causal mask in float64 (overflow in modeling_attn_mask_utils); the other tiers run this test")
 def test_batches_group_by_working_size_and_stay_close_to_one_by_one(lib, monkeypatch):
     """Batched kernels round differently from one image at a time (documented as "not pixel-identical"). How
     much that moves the pixels depends on the CPU's kernels and on how much tiny's random UNet amplifies it, so

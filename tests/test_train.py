@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from customgen import kinds
 from customgen.kinds import dreambooth, lora, textual_inversion
@@ -393,6 +395,9 @@ def test_two_runs_in_one_process_may_change_precision(data, tmp_path):
         assert kinds.read_manifest(train(cfg, output=tmp_path / f"run{i}", progress=False)).steps == 1
 
 
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"), reason="the gate arrived in transformers "
+                    "5.24; older releases read the constant differently (diffusers 0.35 even loads text-encoder LoRAs "
+                    "through it), so raising it there tests something no release does")
 def test_text_encoder_lora_never_goes_through_transformers_peft_gate(data, tmp_path, monkeypatch):
     """transformers 5.24 refuses its own add_adapter/set_adapter/... unless peft >= 0.22, which PyPI did not have
     (newest: 0.21.2): a fresh install broke every subject LoRA. peft's own injection (what diffusers calls) has
