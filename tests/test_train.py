@@ -396,8 +396,8 @@ def test_two_runs_in_one_process_may_change_precision(data, tmp_path):
 
 
 @pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"), reason="the gate arrived in transformers "
-                    "5.24; older releases read the constant differently (diffusers 0.35 even loads text-encoder LoRAs "
-                    "through it), so raising it there tests something no release does")
+                    "5.24; older releases gate other calls (4.x also load_adapter, which diffusers' stock loading uses) "
+                    "at versions every supported peft meets, so raising it there tests something no release does")
 def test_text_encoder_lora_never_goes_through_transformers_peft_gate(data, tmp_path, monkeypatch):
     """transformers 5.24 refuses its own add_adapter/set_adapter/... unless peft >= 0.22, which PyPI did not have
     (newest: 0.21.2): a fresh install broke every subject LoRA. peft's own injection (what diffusers calls) has
