@@ -18,7 +18,7 @@ PACKAGE = SRC / "customgen"
 LAYERS = {
     "customgen": 0, "customgen.errors": 0, "customgen.network": 0, "customgen.lock": 0,
     "customgen.request": 1, "customgen.limits": 1, "customgen.config": 1,
-    "customgen.memory": 2,
+    "customgen.memory": 2, "customgen.peak": 2, "customgen.budget": 2,
     "customgen.models": 3,
     "customgen.data": 4, "customgen.metrics": 4, "customgen.train.freeze": 4, "customgen.train.losses": 4,
     "customgen.kinds": 5,

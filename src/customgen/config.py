@@ -48,17 +48,18 @@ class DataConfig:
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 1500  # optimizer steps (--max-steps N overrides)
-    batch_size: int = 2  # images per step per GPU (prior preservation adds as many class images)
-    grad_accum: int = 1  # gradient accumulation steps
+    batch_size: int = 2  # images per optimizer step per GPU (prior preservation adds as many class images)
+    grad_accum: int | None = None  # micro-steps per optimizer step; None: 1, or what memory auto splits batch_size into
+    memory: Literal["auto", "manual"] = "auto"  # auto: on a GPU, the cheapest settings predicted to fit (customgen plan)
     lr: float = 1e-4  # learning rate of the trainable parameters
     lr_scheduler: str = "cosine"  # constant | linear | cosine | cosine_with_restarts | polynomial | constant_with_warmup
     warmup_steps: int = 0  # LR warm-up steps
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit Adam when bitsandbytes works on the GPU
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: memory decides (8-bit Adam only where it works)
     weight_decay: float = 1e-2  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     seed: int = 0  # seeds data order, noise and timesteps (stateless per step, so resume is exact)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 if supported, fp16 on T4/P100, none on CPU
-    gradient_checkpointing: bool | None = None  # None: on when the GPU probe says memory is tight (< 24 GiB)
+    gradient_checkpointing: bool | None = None  # None: memory auto decides (manual: off)
     cache_latents: bool = True  # VAE-encode each image once (re-encoding dominates small datasets)
     latent_cache_dir: str = ""  # "" keeps the latent cache in memory
     checkpoint_every: int = 500  # steps between checkpoints (0: none)
@@ -152,6 +153,7 @@ class EvalConfig:
     scheduler: str = DEFAULTS.scheduler  # dpm++ | ddim | euler | pndm | ddpm
     size: int = 512  # working resolution (short side); fixed so every method and the baseline match
     seed: int = 0  # the same seed for every method and the baseline
+    cap_gib: float | None = None  # plan VAE slicing/tiling for this much GPU memory (None: the GPU in use)
     clip_model: str = "ViT-B-32"  # open_clip model for CLIP-content / CLIP-style
     clip_pretrained: str = "openai"  # open_clip weights tag (or a local checkpoint path)
     lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS backbone
@@ -166,7 +168,7 @@ class EvalConfig:
         """The sampling request of one evaluation point (strength and scale default to this config's)."""
         return Request(model=model, strength=self.strength if strength is None else strength,
                        scales=scale, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
-                       seed=self.seed, size=self.size, dtype=dtype)
+                       seed=self.seed, size=self.size, dtype=dtype, cap_gib=self.cap_gib)
 
 
 @dataclasses.dataclass

@@ -73,6 +73,10 @@ class DreamBoothMethod(Method):
         self.names = scope_names(comps.unet, self.cfg.dreambooth.scope)
         return [{"params": unfreeze(comps.unet, self.names), "lr": self.cfg.train.lr}]
 
+    def memory_savers(self) -> list[str]:
+        narrower = {"full": "attention", "attention": "cross_attention"}.get(self.cfg.dreambooth.scope)
+        return [f"dreambooth.scope={narrower}"] if narrower else []
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         save_dreambooth(folder, comps.unet, self.names, scope=self.cfg.dreambooth.scope)
         return {"weights": WEIGHTS, "scope": self.cfg.dreambooth.scope}

@@ -163,6 +163,9 @@ class LoraMethod(Method):
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups
 
+    def memory_savers(self) -> list[str]:
+        return ["lora.text_encoder=false"] if self.trains_text_encoder else []
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         export = save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None, facts=facts)
         c = self.cfg.lora

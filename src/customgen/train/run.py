@@ -13,9 +13,10 @@ from customgen.errors import UserError
 from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, training_facts, write_manifest
 from customgen.limits import check_limits
 from customgen.lock import output_lock
-from customgen.memory import peak_memory
+from customgen.memory import out_of_memory, peak_memory, probe
 from customgen.train.build import Run, build_run
-from customgen.train.loop import encode_prompts, out_path, resume as resume_from, run_loop
+from customgen.train.fit import fit_memory
+from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
 from customgen.train.validation import validate
 
 RUN_FILES = ("checkpoints", "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
@@ -46,21 +47,6 @@ def prepare_output(out: Path, *, resume: str, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def offload_unused(run: Run) -> None:
-    """Cache every fixed prompt, then move the VAE and text encoder off the GPU when nothing needs them."""
-    if not run.method.trains_text_encoder:
-        captions = {run.method.caption(run.images.dataset.caption_of(i), torch.Generator())
-                    for i in range(len(run.images.dataset.records))}
-        captions |= {run.cfg.prompt.class_prompt} if run.classes is not None else set()
-        encode_prompts(run, sorted(captions))
-        if run.accelerator.device.type == "cuda":
-            run.comps.text_encoder.to("cpu")
-    cached = run.images.latents is not None and (run.classes is None or run.classes.latents is not None)
-    if cached and run.perceptual is None and run.contents is None and run.accelerator.device.type == "cuda":
-        run.comps.vae.to("cpu")
-        torch.cuda.empty_cache()
-
-
 def tag_frequency(run: Run) -> dict[str, dict[str, int]]:
     """Caption tags per image folder, counted as kohya's sd-scripts do (comma-separated, per `N_folder`)."""
     freq: dict[str, Counter] = defaultdict(Counter)
@@ -85,7 +71,10 @@ def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
     if acc.is_main_process:
         fields = run.method.save(out, run.comps, run_facts(run))
         save_config(cfg, out / "config.yaml")
-        validate(run, cfg.train.steps)
+        try:
+            validate(run, cfg.train.steps)
+        except torch.cuda.OutOfMemoryError as err:
+            raise out_of_memory(cfg.train.steps, "final validation images", run.plan) from err
         write_manifest(out, Manifest(
             name=out.name, method=cfg.method, kind=run.method.kind.name, base_model=cfg.model.ref,
             prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
@@ -108,11 +97,12 @@ def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto"
     is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md)."""
     check_limits(cfg)
     out = out_path(cfg, output)
+    plan = fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before any weight loads
     with output_lock(out, command="train"):
         prepare_output(out, resume=resume, overwrite=overwrite)
         torch_state = torch.random.get_rng_state()
         try:
-            run = build_run(cfg, out)
+            run = build_run(cfg, out, plan=plan)
             run.accelerator.init_trackers("customgen")
             offload_unused(run)
             start = resume_from(run, resume, force=resume_force)
