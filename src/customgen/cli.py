@@ -217,12 +217,13 @@ def _add_bench_command(sub) -> None:
     """`customgen bench` (handler: customgen.bench)."""
     b = sub.add_parser("bench", help="time customgen against stock diffusers on the same weights (JSON + markdown)")
     b.add_argument("--model", default="sd15-random", help="model reference (sd15-random: SD v1.5 shapes, random weights)")
-    b.add_argument("--jobs", default="stylize,overhead,train,perceptual", help="comma-separated jobs to run")
+    b.add_argument("--jobs", default="stylize,overhead,train,perceptual",
+                   help="comma-separated jobs: stylize, overhead, train, perceptual, memory (not by default)")
     b.add_argument("--size", type=int, default=512, help="stylize working size in px")
     b.add_argument("--steps", type=int, default=DEFAULTS.steps, help="stylize scheduler steps")
     b.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
-    b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
+    b.add_argument("--recipes", default=None, help="comma-separated recipes for the train and memory jobs (default: all)")
     b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
     b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
     b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")

@@ -181,6 +181,23 @@ def _apply(self, fn, recurse=True):
     return self
 
 
+def materialize(module: torch.nn.Module, device, dtype: torch.dtype, mode: FakeTensorMode) -> None:
+    """A meta module's parameters and buffers as fake tensors on `device` (floating ones in `dtype`), made directly
+    from their meta tensors: what `.to(device, dtype)` makes, without an op per tensor (a model has thousands).
+    Count them with `LiveBytes.add_all` afterwards."""
+    device = torch.device(device)
+    with _disable_current_modes():
+        for m in module.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in list(table.items()):
+                    if t is None or not t.is_meta:
+                        continue
+                    meta = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+                    fake = mode.fake_tensor_converter.from_meta_and_device(mode, meta, device)
+                    table[name] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if table is m._parameters \
+                        else fake
+
+
 def efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """F.scaled_dot_product_attention as CUDA's memory-efficient kernel runs it (output + fp32 logsumexp)."""
     if attn_mask is not None:

@@ -26,7 +26,7 @@ from transformers import CLIPTextModel
 from customgen.models.builders import Components
 from customgen.models.loading import quiet_loading
 from customgen.models.pipelines import build_pipeline
-from customgen.peak import LiveBytes, fake_cuda
+from customgen.peak import LiveBytes, fake_cuda, materialize
 
 CFG_GUIDANCE = 7.5  # any guidance > 1 doubles the UNet batch (classifier-free guidance); its value costs nothing
 
@@ -106,9 +106,10 @@ class _Arch:
 def _cached_peak(key: str, arch: _Arch, kind: str, size: tuple[int, int], batch: int, dtype: torch.dtype,
                  slicing: bool, tiling: bool) -> int:
     comps = architecture(arch.comps)
-    with quiet(), fake_cuda(), LiveBytes("cuda") as live:
+    with quiet(), fake_cuda() as mode, LiveBytes("cuda") as live:
         for m in (comps.unet, comps.vae, comps.text_encoder):
-            m.to("cuda", dtype)
+            materialize(m, "cuda", dtype, mode)
+            live.add_all(m)
         if slicing:
             comps.vae.enable_slicing()
         if tiling:

@@ -76,11 +76,12 @@ def build_run(cfg: Config, out: Path, *, plan: MemoryPlan | None = None) -> Run:
                     contents=content_set(cfg, comps.vae))
 
 
-def place_weights(comps: Components, device, weight_dtype: torch.dtype, method: Method) -> None:
-    """The base weights on the device in the mixed-precision dtype (the text encoder in the method's dtype)."""
+def place_weights(comps: Components, device, weight_dtype: torch.dtype, method: Method, *, move=place) -> None:
+    """The base weights on the device in the mixed-precision dtype (the text encoder in the method's dtype);
+    `move(module, device, dtype)` places one module (customgen.train.estimate's makes fake tensors)."""
     for m in (comps.unet, comps.vae):
-        place(m, device, weight_dtype)
-    place(comps.text_encoder, device, method.text_encoder_dtype(weight_dtype))
+        move(m, device, weight_dtype)
+    move(comps.text_encoder, device, method.text_encoder_dtype(weight_dtype))
 
 
 def assemble(cfg: Config, out: Path, acc, comps: Components, method: Method, plan: MemoryPlan, *, images: ImageSet,
@@ -169,7 +170,10 @@ def content_set(cfg: Config, vae) -> ImageSet | None:
     return image_set(sorted(scan.records, key=lambda r: r.path)[: cfg.data.max_images], cfg, vae)
 
 
-def style_pixels(images: ImageSet, limit: int = 64) -> torch.Tensor:
+STYLE_LIMIT = 64  # the Gram targets are the mean Gram matrices of up to this many style images
+
+
+def style_pixels(images: ImageSet, limit: int = STYLE_LIMIT) -> torch.Tensor:
     """Pixels (N, 3, R, R) of up to `limit` style images, for the Gram targets."""
     n = min(limit, len(images.dataset.records))
     return torch.stack([images.dataset[images.dataset.order.index(i)]["pixel_values"] for i in range(n)])

@@ -67,7 +67,8 @@ class ImageSet:
             with torch.no_grad():
                 p = pixels.to(vae.device, vae.dtype)
                 latents = vae.encode(p).latent_dist.sample().float() * vae.config.scaling_factor
-        latents = torch.where(flip.view(-1, 1, 1, 1), latents.flip(-1), latents)  # the VAE is ~flip-equivariant
+        # the VAE is ~flip-equivariant; the mask follows the latents (on the GPU when they were encoded there)
+        latents = torch.where(flip.view(-1, 1, 1, 1).to(latents.device), latents.flip(-1), latents)
         if pixels is not None:
             pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
         return {"latents": latents, "captions": captions, "pixels": pixels}

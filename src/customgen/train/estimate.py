@@ -14,6 +14,7 @@ measures a real run of the same step: what the tests hold the prediction against
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ from customgen.kinds import make_method
 from customgen.memory import MemoryPlan, make_optimizer, moved
 from customgen.models import Components, build_reserved, load_components
 from customgen.models.footprint import quiet, sample_once
-from customgen.models.loading import resolve_ref
-from customgen.peak import LiveBytes, blocks, fake_cuda
+from customgen.models.loading import place, resolve_ref
+from customgen.peak import LiveBytes, blocks, fake_cuda, materialize
 from customgen.request import DEFAULT_MODEL
-from customgen.train.build import WEIGHT_DTYPES, Run, assemble, place_weights
+from customgen.train.build import STYLE_LIMIT, WEIGHT_DTYPES, Run, assemble, place_weights
 from customgen.train.data import ImageSet
 from customgen.train.loop import offload_unused, optimizer_step
 from customgen.train.validation import eval_mode, validation_content
@@ -205,10 +206,11 @@ def estimate_training(cfg: Config, plan: MemoryPlan, *, fake: bool = True, comps
     if comps is None:
         comps = architecture(cfg.model.ref) if fake else load_components(cfg.model.ref, device="cpu",
                                                                            dtype=torch.float32)
-    with quiet(), (fake_cuda() if fake else contextlib.nullcontext()), LiveBytes(device) as live:
+    with quiet(), (fake_cuda() if fake else contextlib.nullcontext(None)) as mode, LiveBytes(device) as live:
         live.add_all(comps.unet, comps.vae, comps.text_encoder)
         torch.manual_seed(cfg.train.seed)
-        run, setup_peak = _assembled(cfg, plan, comps, device, live)
+        move = place if mode is None else functools.partial(_materialized, mode=mode, live=live)
+        run, setup_peak = _assembled(cfg, plan, comps, device, live, move)
         offload_unused(run)
         est = _count_steps(run, live)
         est.validation_peak = _count_validation(run, live)
@@ -217,11 +219,19 @@ def estimate_training(cfg: Config, plan: MemoryPlan, *, fake: bool = True, comps
     return est
 
 
-def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, live: LiveBytes) -> tuple[Run, int]:
+def _materialized(module, device, dtype, *, mode, live: LiveBytes) -> None:
+    """Place a meta module as fake tensors in one pass (customgen.peak.materialize), then as `place` would."""
+    materialize(module, device, dtype, mode)
+    live.add_all(module)
+    place(module, device, dtype)
+
+
+def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, live: LiveBytes,
+               move) -> tuple[Run, int]:
     """The run as build_run makes it, with stand-in data; its setup peak (latent caching, class images) noted."""
     method = make_method(cfg)
     acc = StepAccelerator(device, plan.mixed_precision, cfg.train.grad_accum)
-    place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method)
+    place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method, move=move)
     live.reset_peak()
     with torch.no_grad(), acc.autocast():
         if cfg.prompt.prior:  # class images come from the base model, batch 1, at the training resolution
@@ -230,11 +240,12 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
             pixels = torch.zeros(4, 3, cfg.data.resolution, cfg.data.resolution)
             comps.vae.encode(pixels.to(acc.device, comps.vae.dtype)).latent_dist.sample()
     setup_peak = live.peak
-    n = max(cfg.train.batch_size, 1)
-    run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, n),
+    n = cfg.train.batch_size
+    styles = min(STYLE_LIMIT, cfg.data.max_images) if cfg.loss.gram > 0 else n  # the Gram targets' image set
+    run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, max(n, styles)),
                    classes=shape_set(cfg, n, cfg.prompt.class_prompt) if cfg.prompt.prior else None,
                    contents=shape_set(cfg, n) if cfg.loss.content_root else None, optimizer=counted_optimizer)
-    return run, setup_peak
+    return run, max(setup_peak, live.peak)  # assembling computes the style set's Gram targets on the device
 
 
 def _count_steps(run: Run, live: LiveBytes) -> Estimate:

@@ -13,7 +13,7 @@ from customgen.errors import UserError
 from customgen.kinds import KINDS, MANIFEST, Manifest, read_artifact, training_facts, write_manifest
 from customgen.limits import check_limits
 from customgen.lock import output_lock
-from customgen.memory import out_of_memory, peak_memory, probe
+from customgen.memory import MemoryPlan, out_of_memory, peak_memory, probe
 from customgen.train.build import Run, build_run
 from customgen.train.fit import fit_memory
 from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
@@ -92,12 +92,13 @@ def trigger_word(cfg: Config) -> str:
 
 
 def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto", overwrite: bool = False,
-          progress: bool = True, resume_force: bool = False) -> Path:
+          progress: bool = True, resume_force: bool = False, plan: MemoryPlan | None = None) -> Path:
     """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds). The output folder
-    is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md)."""
+    is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md).
+    `plan`: memory settings chosen elsewhere (customgen bench), else train.memory decides (customgen.train.fit)."""
     check_limits(cfg)
     out = out_path(cfg, output)
-    plan = fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before any weight loads
+    plan = plan or fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before weights load
     with output_lock(out, command="train"):
         prepare_output(out, resume=resume, overwrite=overwrite)
         torch_state = torch.random.get_rng_state()
