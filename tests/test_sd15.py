@@ -14,6 +14,7 @@ with a warning saying so. The bf16 and fp16 (GradScaler) paths run for every rec
 from __future__ import annotations
 
 import gc
+import json
 import re
 import warnings
 from pathlib import Path
@@ -141,3 +142,33 @@ def test_dreambooth_single_file_export_reads_back_with_the_same_pixels(trained, 
     theirs = pipe(prompt, num_inference_steps=2, guidance_scale=7.5, height=256, width=256,
                   generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.array_equal(np.asarray(theirs), ours)
+
+
+# --- peak memory: the fake-CUDA prediction at SD v1.5 scale (customgen.train.estimate) ---------------------------------
+@pytest.mark.parametrize("recipe", ["lora_style", "dreambooth_lora_subject"])
+def test_memory_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
+    """The LoRA and subject recipes at 256 px, fp32, text encoder and VAE kept on the device (as on a CPU), perceptual
+    terms on every sample: the byte counter on fake CUDA tensors and on a real CPU run of the same step agree within
+    5% for the step, the validation call and the setup (the real run holds ~9 GB: run under the heavy lock)."""
+    from customgen.memory import MemoryPlan
+    from customgen.train.estimate import estimate_training
+
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", ["model.ref=sd15-random", "data.resolution=256",
+                                                             "loss.perceptual_max_timestep=1000", "validation.num_images=1"])
+    plan = MemoryPlan("no", False, "adamw", offload=False)
+    fake = estimate_training(cfg, plan)
+    gc.collect()
+    real = estimate_training(cfg, plan, fake=False)
+    gc.collect()
+    for part in ("step_peak", "validation_peak", "setup_peak"):
+        assert getattr(fake, part) == pytest.approx(getattr(real, part), rel=0.05), part
+    assert fake.weights == real.weights and fake.gradients == real.gradients
+
+
+def test_plan_answers_for_every_recipe_on_a_t4_within_a_minute(capsys):
+    """`customgen plan` on sd15-random for a T4, every recipe: a verdict, each estimated in under a minute."""
+    for recipe in DATA:
+        code = main(["plan", str(ROOT / "configs" / f"{recipe}.yaml"), "--model", "sd15-random", "--gpu", "t4", "--json"])
+        rep = json.loads(capsys.readouterr().out)
+        assert code == (0 if rep["fits"] else 2) and rep["gpu"]["name"] == "Tesla T4"
+        assert rep["settings"]["resolution"] == 512 and rep["seconds"] < 60, (recipe, rep["seconds"])
