@@ -283,3 +283,29 @@ def test_inference_picks_batch_and_vae_mode_from_the_cached_prediction(tmp_path,
     assert (session.comps.vae.use_slicing, session.comps.vae.use_tiling) == expected[1:]
     with pytest.raises(UserError, match=r"needs .* GiB on the GPU .* use a smaller --size"):
         stylize(contents[:1], None, model="tiny", steps=2, size=64, seed=0, cap_gib=(small - 2**20) / GIB)
+
+
+def test_generate_demo_and_evaluate_plan_for_their_cap(tmp_path):
+    """generate keeps its batch (one generator) and turns on VAE slicing when the cap asks; the demo's handler and
+    the evaluation's requests carry the cap."""
+    from types import SimpleNamespace
+
+    from customgen import demo
+    from customgen.config import EvalConfig
+    from customgen.inference.fit import fit_sampling
+    from customgen.inference.session import get_session
+    from customgen.models.footprint import sampling_peak
+
+    session = get_session("tiny")
+    need = {sl: total_bytes(sampling_peak(session.comps, kind="txt2img", size=(64, 64), batch=2,
+                                          dtype=session.comps.unet.dtype, slicing=sl)) for sl in (False, True)}
+    assert need[True] < need[False]
+    cap = need[True] / GIB
+    got = fit_sampling(session, kind="txt2img", size=(64, 64), batch=2, cap_gib=cap, split=False)
+    assert (got.batch, got.slicing, got.tiling) == (2, True, False)
+    session.comps.vae.disable_slicing()
+    state = SimpleNamespace(session=session, styles={}, library=SimpleNamespace(root=None), cap_gib=cap,
+                            save=lambda img, prefix: str(tmp_path / f"{prefix}.png"))
+    paths, _ = demo.generate_handler(state, "a photo", "", demo.NONE, 1.0, 2, 7.5, 0, 2)
+    assert len(paths) == 2 and session.comps.vae.use_slicing
+    assert EvalConfig(cap_gib=3.5).request("tiny").cap_gib == 3.5

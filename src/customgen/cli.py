@@ -186,13 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="retrain into a folder that holds an artifact")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("plan", help="predict a training run's peak GPU memory on a card (no GPU needed): fits or not")
-    _add_config_args(s)
-    s.add_argument("--gpu", default=None, metavar="NAME|GiB",
-                   help="t4, p100, l4, a10, a100-40, a100-80, h100 or a size in GiB (default: this GPU, else t4)")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(func=_cmd_plan)
-
+    _add_plan_command(sub)
     s = sub.add_parser("evaluate", help="stylize the content set with every style and the baseline; write metrics")
     _add_config_args(s)
     s.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
@@ -211,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_bench_command(sub)
     return p
+
+
+def _add_plan_command(sub) -> None:
+    """`customgen plan` (handler: customgen.train.plan)."""
+    s = sub.add_parser("plan", help="predict a training run's peak GPU memory on a card (no GPU needed): fits or not")
+    _add_config_args(s)
+    s.add_argument("--gpu", default=None, metavar="NAME|GiB",
+                   help="t4, p100, l4, a10, a100-40, a100-80, h100 or a size in GiB (default: this GPU, else t4)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_plan)
 
 
 def _add_bench_command(sub) -> None:

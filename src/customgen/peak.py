@@ -19,10 +19,14 @@ on a machine without a GPU, each written here because torch has no switch for it
 - backward runs in `backward()` below: torch's engine needs a real CUDA context for fake CUDA tensors
   (pytorch/pytorch#92627). It calls the graph's nodes in the engine's order (highest sequence number first),
   reduces and casts gradients as the engine's validate_outputs does, accumulates them in place where the engine
-  would, and releases each node's saved tensors right after it runs (through saved-tensor hooks);
+  would, and releases each node's saved tensors right after it runs (through saved-tensor hooks); the nodes run
+  without grad mode, as the engine runs them;
 - small CPU tensors made without fake inputs stay real (data order, random draws, step counters keep values);
   data-dependent reads of fake tensors (`.item()`, `bool(t)`, boolean masks) take their worst case: a count is 1,
   a check passes, a mask keeps every element.
+The patches are process-wide while the block runs: nothing else in the process should run models meanwhile
+(training plans before it loads weights; inference plans under the session lock). Backward with checkpointing
+also needs `torch._C._current_graph_task_id` answered per Python backward (checkpoint recomputes once per task).
 """
 from __future__ import annotations
 
