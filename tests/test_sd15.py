@@ -160,7 +160,8 @@ def test_memory_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
     gc.collect()
     real = estimate_training(cfg, plan, fake=False)
     gc.collect()
-    for part in ("step_peak", "validation_peak", "setup_peak"):
+    parts = ["step_peak", "validation_peak", "setup_peak"] + ([] if cfg.loss.lpips or cfg.loss.gram else ["assembly_peak"])
+    for part in parts:  # loss networks are built on a CPU device itself, on a GPU before they move (test_plan.py)
         assert getattr(fake, part) == pytest.approx(getattr(real, part), rel=0.05), part
     assert fake.weights == real.weights and fake.gradients == real.gradients
 

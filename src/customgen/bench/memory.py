@@ -44,7 +44,7 @@ def memory_config(recipe: str, model: str, data: dict, *, resolution: int) -> Co
 
 def _predicted(est: Estimate) -> dict:
     return {"tensor_peak": est.peak, "total": total_bytes(est.peak), "step_peak": est.step_peak,
-            "validation_peak": est.validation_peak, "setup_peak": est.setup_peak}
+            "validation_peak": est.validation_peak, "setup_peak": est.setup_peak, "assembly_peak": est.assembly_peak}
 
 
 def memory_job(recipe: str, model: str, data: dict, work: Path, *, resolution: int, cap_gib: float, info) -> dict:

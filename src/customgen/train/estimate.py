@@ -48,6 +48,7 @@ class Estimate:
     step_peak: int  # peak during the optimizer step
     validation_peak: int  # peak during one validation call, the training state resident
     setup_peak: int  # peak while caching latents and making class images, before training
+    assembly_peak: int = 0  # peak while the method sets up and the loss networks compute the style set's Gram targets
     settings: dict = field(default_factory=dict)
     device: str = "cuda"
     seconds: float = 0.0
@@ -59,7 +60,7 @@ class Estimate:
 
     @property
     def peak(self) -> int:
-        return max(self.step_peak, self.validation_peak, self.setup_peak)
+        return max(self.step_peak, self.validation_peak, self.setup_peak, self.assembly_peak)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"activations": self.activations, "peak": self.peak}
@@ -210,11 +211,12 @@ def estimate_training(cfg: Config, plan: MemoryPlan, *, fake: bool = True, comps
         live.add_all(comps.unet, comps.vae, comps.text_encoder)
         torch.manual_seed(cfg.train.seed)
         move = place if mode is None else functools.partial(_materialized, mode=mode, live=live)
-        run, setup_peak = _assembled(cfg, plan, comps, device, live, move)
+        run, setup_peak, assembly_peak = _assembled(cfg, plan, comps, device, live, move)
         offload_unused(run)
         est = _count_steps(run, live)
         est.validation_peak = _count_validation(run, live)
-    est.setup_peak, est.device, est.seconds = setup_peak, device, time.monotonic() - start
+    est.setup_peak, est.assembly_peak = setup_peak, assembly_peak
+    est.device, est.seconds = device, time.monotonic() - start
     est.settings = settings(cfg, plan)
     return est
 
@@ -227,8 +229,9 @@ def _materialized(module, device, dtype, *, mode, live: LiveBytes) -> None:
 
 
 def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, live: LiveBytes,
-               move) -> tuple[Run, int]:
-    """The run as build_run makes it, with stand-in data; its setup peak (latent caching, class images) noted."""
+               move) -> tuple[Run, int, int]:
+    """The run as build_run makes it, with stand-in data; the peaks of the setup (latent caching, class images)
+    and of the assembly (adapters, loss networks, Gram targets)."""
     method = make_method(cfg)
     acc = StepAccelerator(device, plan.mixed_precision, cfg.train.grad_accum)
     place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method, move=move)
@@ -239,13 +242,13 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
         if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch
             pixels = torch.zeros(4, 3, cfg.data.resolution, cfg.data.resolution)
             comps.vae.encode(pixels.to(acc.device, comps.vae.dtype)).latent_dist.sample()
-    setup_peak = live.peak
+    setup_peak, _ = live.peak, live.reset_peak()
     n = cfg.train.batch_size
     styles = min(STYLE_LIMIT, cfg.data.max_images) if cfg.loss.gram > 0 else n  # the Gram targets' image set
     run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, max(n, styles)),
                    classes=shape_set(cfg, n, cfg.prompt.class_prompt) if cfg.prompt.prior else None,
                    contents=shape_set(cfg, n) if cfg.loss.content_root else None, optimizer=counted_optimizer)
-    return run, max(setup_peak, live.peak)  # assembling computes the style set's Gram targets on the device
+    return run, setup_peak, live.peak
 
 
 def _count_steps(run: Run, live: LiveBytes) -> Estimate:

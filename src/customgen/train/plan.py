@@ -39,7 +39,7 @@ def report(cfg: Config, fitted: Fitted, *, command: str = "") -> dict:
         "settings": e.settings,
         "bytes": {"weights": e.weights, "gradients": e.gradients, "optimizer_state": e.optimizer_state,
                   "activations": e.activations, "step_peak": e.step_peak, "validation_peak": e.validation_peak,
-                  "setup_peak": e.setup_peak, "tensor_peak": e.peak},
+                  "setup_peak": e.setup_peak, "assembly_peak": e.assembly_peak, "tensor_peak": e.peak},
         "fixed": fixed_costs(e.peak), "total_bytes": fitted.total, "fits": fitted.fits,
         "tried": fitted.tried, "notes": fitted.notes, "seconds": round(e.seconds, 2), "device": e.device,
         "caveat": CAVEAT,
@@ -56,7 +56,8 @@ def format_report(rep: dict) -> str:
             ("activations peak", b["activations"], "the step's peak above the three lines above"),
             ("validation peak", b["validation_peak"], f"one {s['validation']} call, training state resident"),
             ("setup peak", b["setup_peak"], "latent caching" + (", class images" if s["prior"] else "")),
-            ("tensor peak", b["tensor_peak"], "the largest of the step, validation and setup")]
+            ("assembly peak", b["assembly_peak"], "adapters, loss networks and their Gram targets"),
+            ("tensor peak", b["tensor_peak"], "the largest of the step, validation, setup and assembly")]
     rows += [(f["name"], f["bytes"], f["source"]) for f in rep["fixed"]]
     lines = [f"{rep['method']} on {rep['model']} · {gpu['name']} ({gpu['total_bytes'] / GIB:.2f} GiB) · "
              f"memory {rep['mode']}",
