@@ -69,8 +69,8 @@ FIXED = (
     FixedCost("cuDNN convolution workspace", 0, 0.0,
               "none reserved: PyTorch falls back to a convolution algorithm whose workspace fits "
               "(pytorch/pytorch#558, #49207); a tight card runs slower convolutions, it does not fail"),
-    FixedCost("allocator slack (reserved - allocated)", 0, 0.10,
-              "assumed 10% of the tensor peak until `customgen bench --jobs memory` measures "
+    FixedCost("allocator slack", 0, 0.10,
+              "reserved minus allocated, assumed 10% of the tensor peak until `customgen bench --jobs memory` measures "
               "max_memory_reserved / max_memory_allocated; the caching allocator rounds segments to 2 MiB and "
               "packs 1-10 MiB requests into 20 MiB blocks (c10/cuda/CUDACachingAllocator.cpp)"),
 )

@@ -236,7 +236,7 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
     acc = StepAccelerator(device, plan.mixed_precision, cfg.train.grad_accum)
     place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method, move=move)
     live.reset_peak()
-    with torch.no_grad(), acc.autocast():
+    with torch.no_grad():  # build_run makes class images and caches latents in the weights' dtype, no autocast
         if cfg.prompt.prior:  # class images come from the base model, batch 1, at the training resolution
             sample_once(comps, kind="txt2img", size=cfg.data.resolution, batch=1)
         if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch
