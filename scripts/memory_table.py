@@ -63,9 +63,11 @@ def plan(recipe: str, gpu: str, sets: list[str]) -> tuple[int, dict]:
     argv = ["plan", str(ROOT / "configs" / f"{recipe}.yaml"), "--model", "sd15-random", "--gpu", gpu, "--json"]
     for s in sets:
         argv += ["--set", s]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
+    if not out.getvalue().strip():
+        raise SystemExit(f"{' '.join(argv)} failed: {err.getvalue().strip().splitlines()[-1]}")
     return code, json.loads(out.getvalue())
 
 

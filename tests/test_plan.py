@@ -312,3 +312,19 @@ def test_generate_demo_and_evaluate_plan_for_their_cap(tmp_path):
     paths, _ = demo.generate_handler(state, "a photo", "", demo.NONE, 1.0, 2, 7.5, 0, 2)
     assert len(paths) == 2 and session.comps.vae.use_slicing
     assert EvalConfig(cap_gib=3.5).request("tiny").cap_gib == 3.5
+
+
+def test_textual_inversion_with_prior_preservation_trains_in_half_precision(tmp_path):
+    """The fp32 text encoder of Textual Inversion beside a bf16 UNet: the base model's class images are made under
+    autocast (without it the pipeline fed fp32 prompt embeddings to the half-precision UNet; the fake-CUDA count of
+    this plan found it)."""
+    from customgen.train import train
+
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(72, 72))
+    cfg = tiny_cfg("textual_inversion", f"data.root={wikiart}", "data.style=Cubism", "train.steps=1",
+                   "train.batch_size=1", "train.mixed_precision=bf16", "prompt.prior=true",
+                   "prompt.class_prompt=a painting", "prompt.num_class_images=1", "prompt.class_steps=1",
+                   "validation.steps=1", "validation.num_images=1", "train.checkpoint_every=0")
+    out = train(cfg, output=tmp_path / "ti", progress=False)
+    assert len(list((out / "class_images").glob("*.png"))) == 1 and (out / "style.json").is_file()
+    assert cached_estimate(cfg, MemoryPlan("fp16", False, "adamw")).setup_peak > 0

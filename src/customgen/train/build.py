@@ -68,7 +68,8 @@ def build_run(cfg: Config, out: Path, *, plan: MemoryPlan | None = None) -> Run:
     classes = None
     if cfg.prompt.prior:  # the *base* model makes the class images, before any adapter exists
         folder = Path(cfg.prompt.class_dir or out / "class_images")
-        ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
+        with acc.autocast():  # Textual Inversion's text encoder stays fp32 beside a half-precision UNet
+            ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
         acc.wait_for_everyone()
         classes = image_set(ensure_class_images(comps, cfg, folder, is_main=False), cfg, comps.vae)
     images = image_set(records, cfg, comps.vae, cache_dir=cfg.train.latent_cache_dir)

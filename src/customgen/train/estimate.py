@@ -236,10 +236,11 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
     acc = StepAccelerator(device, plan.mixed_precision, cfg.train.grad_accum)
     place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method, move=move)
     live.reset_peak()
-    with torch.no_grad():  # build_run makes class images and caches latents in the weights' dtype, no autocast
+    with torch.no_grad():
         if cfg.prompt.prior:  # class images come from the base model, batch 1, at the training resolution
-            sample_once(comps, kind="txt2img", size=cfg.data.resolution, batch=1)
-        if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch
+            with acc.autocast():
+                sample_once(comps, kind="txt2img", size=cfg.data.resolution, batch=1)
+        if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch, without autocast
             pixels = torch.zeros(4, 3, cfg.data.resolution, cfg.data.resolution)
             comps.vae.encode(pixels.to(acc.device, comps.vae.dtype)).latent_dist.sample()
     setup_peak, _ = live.peak, live.reset_peak()
