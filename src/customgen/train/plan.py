@@ -82,6 +82,6 @@ def plan_command(cfg: Config, *, gpu: str | None, as_json: bool, command: str = 
     print(json.dumps(rep, indent=2) if as_json else format_report(rep), flush=True)
     if not fitted.fits:
         raise UserError(refusal(cfg, fitted) if fitted.mode == "auto" else
-                        f"the settings as set need {fitted.total / GIB:.2f} GiB, {chosen.name} has "
-                        f"{chosen.total_gib:.2f} GiB; set train.memory=auto or change what the table shows")
+                        f"the settings as set need {fitted.total / GIB:.2f} GiB, more than {chosen.name} "
+                        f"({chosen.total_gib:.2f} GiB): set train.memory=auto or change what the table shows")
     return 0
