@@ -123,3 +123,20 @@ def test_alternate_runs_a_b_b_a_and_takes_the_median_ratio():
     assert "".join(order) == "ab" + "ab" + "ba" + "ab"  # warm-up, then neither side always first
     assert result["ratios"] == [round(x / y, 4) for x, y in zip(a.seconds, b.seconds)]
     assert result["median_ratio"] == statistics.median(x / y for x, y in zip(a.seconds, b.seconds))
+
+
+def test_memory_job_records_predicted_and_measured_on_the_cpu_counter(tmp_path):
+    """Without CUDA the job measures with the same byte counter on a real CPU run of the step (CUDA fields None) and
+    writes both with their ratio; the markdown says what measured them."""
+    argv = ["bench", "--model", "tiny", "--jobs", "memory", "--size", "64", "--recipes", "textual_inversion",
+            "--out", str(tmp_path), "--name", "mem"]
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / "mem.json").read_text())
+    (row,) = rep["memory"]
+    assert row["recipe"] == "textual_inversion" and row["status"] == "ok" and row["resolution"] == 64
+    assert row["measured"]["cuda_max_allocated"] is None and row["measured"]["cuda_max_reserved"] is None
+    assert row["measured"]["cpu_counter"] > 0 and row["measured_by"].startswith("cpu counter")
+    assert row["ratio_allocated"] == pytest.approx(row["measured"]["cpu_counter"] / row["predicted"]["tensor_peak"])
+    assert abs(row["ratio_allocated"] - 1) < 0.05
+    md = (tmp_path / "mem.md").read_text()
+    assert "## Peak memory: predicted vs measured (64 px)" in md and "cpu counter" in md

@@ -18,6 +18,7 @@ from customgen.errors import UserError
 from customgen.models import load_pipeline
 from customgen.train import build_run, finish, prepare_output, train
 from customgen.train import loop
+from customgen.train import run as run_module
 from customgen.train.checkpoint import checkpoints
 from customgen.train.schedule import Schedule
 from customgen.train.validation import validate
@@ -68,9 +69,10 @@ def preset(name, data, *extra):
 def test_study_preset_trains_two_steps_with_the_study_settings_in_style_json(name, data, tmp_path, monkeypatch):
     # kohya's epochs: 2 images × 1 repeat at batch 1 are 2 micro-batches, 1 optimizer step at accumulation 2
     steps = "train.epochs=2" if name == "anime_lora_writeup" else "train.steps=2"
-    captions = []
-    real = loop.encode_prompts
-    monkeypatch.setattr(loop, "encode_prompts", lambda run, c: captions.extend(c) or real(run, c))
+    captions, stepping = [], []  # the captions the steps encode (not the fixed prompts cached before the first step)
+    real, real_offload = loop.encode_prompts, run_module.offload_unused
+    monkeypatch.setattr(loop, "encode_prompts", lambda run, c: (captions.extend(c) if stepping else None) or real(run, c))
+    monkeypatch.setattr(run_module, "offload_unused", lambda run: real_offload(run) or stepping.append(True))
     out = train(preset(name, data, steps, "train.log_every=1"), output=tmp_path / name, progress=False)
     manifest = kinds.read_manifest(out)
     settings = manifest.training

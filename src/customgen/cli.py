@@ -80,10 +80,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from customgen.train.plan import plan_command  # lazy
+
+    cfg = load_cli_config(args)
+    parts = ["customgen plan", args.config] + (["--model", args.model] if args.model else [])
+    parts += (["--gpu", args.gpu] if args.gpu else []) + [f"--set {shlex.quote(kv)}" for kv in args.set or []]
+    return plan_command(cfg, gpu=args.gpu, as_json=args.json, command=" ".join(parts))
+
+
 def _cmd_evaluate(args) -> int:
     from customgen.evaluate import evaluate  # lazy
 
     cfg = load_cli_config(args)
+    if args.cap_gib is not None:
+        cfg.eval.cap_gib = args.cap_gib
     parts = ["customgen evaluate", args.config] + (["--model", args.model] if args.model else [])
     parts += [f"--set {shlex.quote(kv)}" for kv in args.set or []] + (["--overwrite"] if args.overwrite else [])
     command = " ".join(parts)  # recorded in run.json and every figure's footer
@@ -177,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="retrain into a folder that holds an artifact")
     s.set_defaults(func=_cmd_train)
 
+    _add_plan_command(sub)
     s = sub.add_parser("evaluate", help="score every style (img2img on the content set) and every subject step "
                                         "(txt2img) against the base model; write metrics")
     _add_config_args(s)
+    s.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
+                   help="plan VAE slicing/tiling for this much GPU memory (default: the GPU in use; = eval.cap_gib)")
     s.add_argument("--overwrite", action="store_true", help="regenerate stylized images already in eval.output")
     s.set_defaults(func=_cmd_evaluate)
 
@@ -196,16 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_plan_command(sub) -> None:
+    """`customgen plan` (handler: customgen.train.plan)."""
+    s = sub.add_parser("plan", help="predict a training run's peak GPU memory on a card (no GPU needed): fits or not")
+    _add_config_args(s)
+    s.add_argument("--gpu", default=None, metavar="NAME|GiB",
+                   help="t4, p100, l4, a10, a100-40, a100-80, h100 or a size in GiB (default: this GPU, else t4)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_cmd_plan)
+
+
 def _add_bench_command(sub) -> None:
     """`customgen bench` (handler: customgen.bench)."""
     b = sub.add_parser("bench", help="time customgen against stock diffusers on the same weights (JSON + markdown)")
     b.add_argument("--model", default="sd15-random", help="model reference (sd15-random: SD v1.5 shapes, random weights)")
-    b.add_argument("--jobs", default="stylize,overhead,train,perceptual", help="comma-separated jobs to run")
+    b.add_argument("--jobs", default="stylize,overhead,train,perceptual",
+                   help="comma-separated jobs: stylize, overhead, train, perceptual, memory (not by default)")
     b.add_argument("--size", type=int, default=512, help="stylize working size in px")
     b.add_argument("--steps", type=int, default=DEFAULTS.steps, help="stylize scheduler steps")
     b.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
-    b.add_argument("--recipes", default=None, help="comma-separated recipes for the training job (default: all)")
+    b.add_argument("--recipes", default=None, help="comma-separated recipes for the train and memory jobs (default: all)")
     b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
     b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
     b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")
@@ -239,6 +264,8 @@ def _sampling_args(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA if present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on T4, fp32 on CPU")
+    p.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
+                   help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
 
 
 def _add_inference_commands(sub) -> None:
@@ -295,6 +322,8 @@ def _add_demo_command(sub) -> None:
     d.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the demo)")
     d.add_argument("--device", default=None, help="cuda, cpu (default: CUDA if present)")
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    d.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
+                   help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
     d.set_defaults(func=_cmd_demo)
 
 

@@ -50,16 +50,19 @@ class TrainConfig:
     steps: int = 1500  # optimizer steps, each of grad_accum micro-batches (--max-steps N overrides)
     epochs: int = 0  # > 0: train N epochs, steps counted as kohya does (customgen.train.schedule), printed
     batch_size: int = 2  # images per micro-batch per GPU (prior preservation adds as many class images)
-    grad_accum: int = 1  # micro-batches per optimizer step; effective batch = batch_size × grad_accum × processes
+    # micro-batches per optimizer step (effective batch = batch_size × grad_accum × processes); None: 1, or what
+    # memory auto splits batch_size into on a GPU that needs it (the same effective batch)
+    grad_accum: int | None = None
+    memory: Literal["auto", "manual"] = "auto"  # auto: on a GPU, the cheapest settings predicted to fit (customgen plan)
     lr: float = 1e-4  # learning rate of the trainable parameters
     lr_scheduler: str = "cosine"  # constant | linear | cosine | cosine_with_restarts | polynomial | constant_with_warmup
     warmup_steps: int = 0  # LR warm-up steps
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: 8-bit Adam when bitsandbytes works on the GPU
+    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: memory decides (8-bit Adam only where it works)
     weight_decay: float = 1e-2  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     seed: int = 0  # seeds data order, noise and timesteps (stateless per step, so resume is exact)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 if supported, fp16 on T4/P100, none on CPU
-    gradient_checkpointing: bool | None = None  # None: on when the GPU probe says memory is tight (< 24 GiB)
+    gradient_checkpointing: bool | None = None  # None: memory auto decides (manual: off)
     attention_slicing: bool = False  # UNet attention in slices (diffusers' SlicedAttnProcessor) instead of SDPA
     vae_slicing: bool = False  # the VAE encodes/decodes one image at a time (class images, latent cache, validation)
     vae_tiling: bool = False  # the VAE works in tiles: changes nothing up to its tile size (SD v1.5: 512 px)
@@ -160,6 +163,7 @@ class EvalConfig:
     scheduler: str = DEFAULTS.scheduler  # dpm++ | ddim | euler | pndm | ddpm
     size: int = 512  # working resolution (short side); fixed so every method and the baseline match
     seed: int = 0  # the same seed for every method and the baseline
+    cap_gib: float | None = None  # plan VAE slicing/tiling for this much GPU memory (None: the GPU in use)
     clip_model: str = "ViT-B-32"  # open_clip model for CLIP-content / CLIP-style
     clip_pretrained: str = "openai"  # open_clip weights tag (or a local checkpoint path)
     lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS backbone
@@ -182,7 +186,7 @@ class EvalConfig:
         """The sampling request of one evaluation point (strength and scale default to this config's)."""
         return Request(model=model, strength=self.strength if strength is None else strength,
                        scales=scale, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
-                       seed=self.seed, size=self.size, dtype=dtype)
+                       seed=self.seed, size=self.size, dtype=dtype, cap_gib=self.cap_gib)
 
 
 @dataclasses.dataclass

@@ -143,8 +143,9 @@ def editor_mask(value) -> np.ndarray | None:
 class DemoState:
     """What the handlers share: the model reference, the style library and the output folder."""
 
-    def __init__(self, model, styles_dir, device, dtype, max_pixels: int):
+    def __init__(self, model, styles_dir, device, dtype, max_pixels: int, cap_gib: float | None = None):
         self.session = get_session(model, device=device, dtype=dtype)  # load now: errors show before the UI
+        self.cap_gib = cap_gib  # batch and VAE slicing/tiling planned for this much GPU memory (None: the GPU)
         self.library = StyleLibrary(styles_dir)
         self.styles = {s.name: s for s in self.library.styles()}
         self.max_pixels = max_pixels
@@ -187,7 +188,8 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
         load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
     styles = [state.styles[style]] if style and style != NONE else []
     request = request.replace(stylization=float(stylization), steps=int(steps), seed=_int(request.seed),
-                              model=state.session, mask=editor_mask(mask_value), style_image=style_image or None,
+                              model=state.session, cap_gib=state.cap_gib, mask=editor_mask(mask_value),
+                              style_image=style_image or None,
                               style_image_mode=mode, structure=None if structure == "none" else structure)
     out = stylize(image, styles, request, styles_dir=state.library.root)
     path = state.save(out, "stylized")
@@ -199,7 +201,8 @@ def generate_handler(state: DemoState, prompt, negative, style, scale, steps, gu
     request = Request(scales=scale, steps=steps, guidance=guidance, seed=_seed(seed), num_images=count).check()
     styles = [state.styles[style]] if style and style != NONE else []
     request = request.replace(scales=float(scale), steps=int(steps), guidance=float(guidance), seed=_int(request.seed),
-                              num_images=int(count), model=state.session, negative_prompt=negative or "")
+                              num_images=int(count), model=state.session, negative_prompt=negative or "",
+                              cap_gib=state.cap_gib)
     out = generate(prompt or None, styles, request, styles_dir=state.library.root)
     paths = [state.save(img, "generated") for img in (out if isinstance(out, list) else [out])]
     return paths, paths
@@ -256,9 +259,9 @@ def _generate_tab(gr, state: DemoState) -> None:
 
 
 def create_app(*, model=DEFAULT_MODEL, styles_dir=None, device=None, dtype=None,
-               max_pixels: int = MAX_PIXELS):
+               max_pixels: int = MAX_PIXELS, cap_gib: float | None = None):
     """Build the Gradio Blocks app (loads the base model once; does not launch)."""
-    state = DemoState(model, styles_dir, device, dtype, max_pixels)
+    state = DemoState(model, styles_dir, device, dtype, max_pixels, cap_gib)
     with gr.Blocks(title="customgen", analytics_enabled=False) as app:
         gr.Markdown(f"# customgen\n{HELP}\n\nModel: `{state.session.comps.ref}` · styles: `{state.library.root}`")
         with gr.Tab("Stylize"):
@@ -287,6 +290,9 @@ def cmd_demo(args) -> int:
     """Handler of `customgen demo`."""
     if args.styles is not None and not Path(args.styles).is_dir():
         raise UserError(f"--styles {args.styles} is not a folder (the style library: one artifact folder per style)")
-    app = create_app(model=args.model, styles_dir=args.styles, device=args.device, dtype=args.dtype)
+    if args.cap_gib is not None and not 0 < args.cap_gib <= 4096:
+        raise UserError(f"--cap-gib {args.cap_gib}: give a memory size in GiB between 0 and 4096")
+    app = create_app(model=args.model, styles_dir=args.styles, device=args.device, dtype=args.dtype,
+                     cap_gib=args.cap_gib)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0

@@ -1,4 +1,5 @@
-"""GPU probe and precision choice: what this device can do and what fits a 16 GB T4.
+"""GPU probe and precision choice: what this device can do; the memory plan a run uses (customgen.train.fit
+chooses it under `train.memory: auto`).
 
 T4 (sm_75) and P100 (sm_60) have no bf16: they train in fp16 autocast with fp32 trainables.
 Kaggle's default torch (CUDA 12.8+ builds) ships no sm_60 kernels, so a P100 cannot run it.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -155,16 +156,50 @@ def peak_memory(device: str | torch.device | None = None):
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Settings the probe picked for training, with the reason shown to the user."""
+    """Settings for training's memory, with the reason shown to the user (customgen.train.fit chooses them under
+    `train.memory: auto`; `plan_memory` takes them as given)."""
 
     mixed_precision: str  # no | fp16 | bf16
     gradient_checkpointing: bool
     optimizer: str  # adamw | adamw8bit
+    offload: bool = True  # text encoder / VAE leave the GPU after caching when nothing needs them
+    batch_size: int | None = None  # images per micro-step (None: train.batch_size)
+    grad_accum: int | None = None  # micro-steps per optimizer step (None: train.grad_accum, or 1)
+    predicted_bytes: int | None = None  # the estimate of the peak on the GPU, fixed costs included (None: none made)
+    how: str = "settings as given"  # who chose: "memory auto", "settings as given", ...
 
     def describe(self, info: DeviceInfo) -> str:
+        """One line: the device, who chose, every choice and the predicted peak."""
         where = f"{info.name} ({info.total_gib:.1f} GiB)" if info.total_bytes else info.device
-        return (f"device {where}: mixed precision {self.mixed_precision}, gradient checkpointing "
+        text = (f"device {where}, {self.how}: mixed precision {self.mixed_precision}, gradient checkpointing "
                 f"{'on' if self.gradient_checkpointing else 'off'}, optimizer {self.optimizer}")
+        if info.device != "cpu":
+            text += f", text encoder/VAE {'off the GPU after caching' if self.offload else 'kept on the GPU'}"
+        if self.batch_size is not None:
+            text += f", batch {self.batch_size} x {self.grad_accum} accumulation"
+        if self.predicted_bytes is not None:
+            text += f"; predicted peak {self.predicted_bytes / 2**30:.2f} GiB"
+        return text
+
+    def apply(self, cfg):
+        """`cfg` with this plan's choices written into train.* (what the run uses and saves). The optimizer stays as
+        asked (`auto`, `adamw8bit`): the one used is the plan's, and style.json records both."""
+        train = replace(cfg.train, gradient_checkpointing=self.gradient_checkpointing,
+                        batch_size=self.batch_size or cfg.train.batch_size,
+                        grad_accum=self.grad_accum or cfg.train.grad_accum or 1)
+        return replace(cfg, train=train)
+
+
+def out_of_memory(step: int, phase: str, plan: MemoryPlan) -> UserError:
+    """The one line a CUDA out-of-memory error becomes: where, the predicted and the real peak, what to do."""
+    predicted = f"{plan.predicted_bytes / 2**30:.2f} GiB" if plan.predicted_bytes else "not estimated (memory manual)"
+    real = "unknown (no CUDA device)"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        real = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+    return UserError(f"CUDA out of memory at step {step} ({phase}): predicted peak {predicted}, real peak {real}; "
+                     "`customgen plan CONFIG` shows what fits (e.g. train.gradient_checkpointing=true, "
+                     "train.batch_size=1)")
 
 
 def bnb_works(device: str) -> bool:
@@ -183,23 +218,26 @@ def bnb_works(device: str) -> bool:
         return False
 
 
-def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
-    """What fits: fp16 + checkpointing + 8-bit Adam on a 16 GB T4; none of it on CPU."""
+def precision(train_cfg, info: DeviceInfo) -> str:
+    """train.mixed_precision resolved: bf16 where the GPU has it, fp16 on T4/P100, none on CPU."""
     mp = train_cfg.mixed_precision
     if mp == "auto":
         mp = "no" if info.device == "cpu" else ("bf16" if info.dtype == torch.bfloat16 else "fp16")
     if mp == "bf16" and info.device != "cpu" and not info.bf16:
         raise UserError(f"{info.name} has no bf16: set train.mixed_precision=fp16")
-    gc = train_cfg.gradient_checkpointing
-    if gc is None:
-        gc = info.device != "cpu" and info.total_bytes < 24 * 2**30
+    return mp
+
+
+def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
+    """The settings as given (train.memory: manual, or no GPU): checkpointing only when set, 8-bit Adam when asked
+    for or (optimizer auto) when bitsandbytes works on this GPU."""
     opt = train_cfg.optimizer
     if opt in ("auto", "adamw8bit"):
         works = bnb_works(info.device)
         if opt == "adamw8bit" and not works:
             warnings.warn("8-bit Adam unavailable here (bitsandbytes missing or failing on this GPU); using AdamW", Notice)
         opt = "adamw8bit" if works else "adamw"
-    return MemoryPlan(mp, bool(gc), opt)
+    return MemoryPlan(precision(train_cfg, info), bool(train_cfg.gradient_checkpointing), opt)
 
 
 def make_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float):

@@ -58,6 +58,7 @@ class Request:
     height: int | None = None
     device: Any = None  # cuda, cuda:1, cpu; None: CUDA if present
     dtype: Any = None  # fp32 | fp16 | bf16; None: fp16 on T4, fp32 on CPU
+    cap_gib: float | None = None  # plan batch and VAE slicing/tiling for this much GPU memory; None: the GPU in use
 
     def replace(self, **changes) -> "Request":
         """A copy with `changes` (unknown names are a TypeError, as for the constructor)."""
@@ -93,6 +94,8 @@ class Request:
         _float_in("structure scale", self.structure_scale, 0.0, MAX_SCALE)
         _int_in("num_images", self.num_images, 1, MAX_IMAGES)
         _int_in("batch", self.batch, 1, MAX_IMAGES)
+        if self.cap_gib is not None:
+            _float_in("cap_gib", self.cap_gib, 0.01, 4096.0)
         return self
 
     def knobs(self) -> tuple[float, Any]:

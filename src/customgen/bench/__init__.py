@@ -7,7 +7,8 @@ weights, with alternating runs.
 Jobs: `stylize` (no style vs StableDiffusionImg2ImgPipeline; every kind against each way stock tools apply it),
 `overhead` (per-image time outside the UNet/VAE/text encoder, with its breakdown), `train` (one optimizer step per
 recipe against diffusers' example-script step), `perceptual` (the LPIPS + Gram step against the L2 step, and its
-pieces). Writes OUT/NAME.json and OUT/NAME.md (customgen.bench.report).
+pieces), `memory` (each recipe's predicted peak GPU memory against its real run at --size under --cap-gib; not in
+the default jobs). Writes OUT/NAME.json and OUT/NAME.md (customgen.bench.report).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from customgen.bench import fixtures
+from customgen.bench.memory import memory_job
 from customgen.bench.perceptual import perceptual_job
 from customgen.bench.report import with_rates, write_report
 from customgen.bench.stylize import StylizeBench, stock_overhead
@@ -33,7 +35,8 @@ from customgen.kinds import RECIPES, package_versions
 from customgen.memory import probe
 from customgen.request import DEFAULT_STRENGTH, DEFAULTS
 
-JOBS = ("stylize", "overhead", "train", "perceptual")
+JOBS = ("stylize", "overhead", "train", "perceptual", "memory")
+DEFAULT_JOBS = ("stylize", "overhead", "train", "perceptual")  # memory trains every recipe at --size: ask for it
 
 
 @dataclass
@@ -41,7 +44,7 @@ class BenchSettings:
     """What to bench and how (the CLI's options)."""
 
     model: str = "sd15-random"  # model reference; sd15-random: SD v1.5 shapes, random weights
-    jobs: list[str] = field(default_factory=lambda: list(JOBS))
+    jobs: list[str] = field(default_factory=lambda: list(DEFAULT_JOBS))
     size: int = 512  # stylize working size (px)
     steps: int = DEFAULTS.steps  # stylize scheduler steps (img2img runs steps × strength of them)
     strength: float = DEFAULT_STRENGTH
@@ -156,8 +159,14 @@ def run_bench(settings: BenchSettings) -> tuple[dict, tuple[Path, Path]]:
         if "perceptual" in s.jobs:
             report.add("perceptual", {"recipe": "perceptual"}, lambda: perceptual_job(
                 s.model, data, work / "perceptual", resolution=s.train_resolution, repeats=s.repeats, flops=s.flops))
+        for r in s.recipes if "memory" in s.jobs else []:
+            report.rep.setdefault("memory", []).append(
+                memory_job(r, s.model, data, work / "memory", resolution=s.size, cap_gib=s.cap_gib, info=info))
+            print(f"bench: memory {r}: {report.rep['memory'][-1]['ratio_allocated']:.3f} of predicted",
+                  file=sys.stderr, flush=True)
+            report.save()
     report.rep["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return report.rep, report.save()
 
 
-__all__ = ["BenchSettings", "JOBS", "run_bench"]
+__all__ = ["BenchSettings", "DEFAULT_JOBS", "JOBS", "run_bench"]

@@ -117,6 +117,23 @@ def perceptual_section(rep: dict) -> list[str]:
     return lines + [""]
 
 
+def memory_section(rep: dict) -> list[str]:
+    rows = rep["memory"]
+    lines = [f"## Peak memory: predicted vs measured ({rows[0]['resolution']} px)", "",
+             f"Measured by: {rows[0]['measured_by']}. Predicted: `customgen plan`'s tensor peak (fake CUDA tensors, "
+             "the run's own code) and its total with fixed costs (CUDA context, cuBLAS workspaces, allocator slack).", "",
+             "| recipe | settings | predicted tensor peak / total GiB | measured allocated / reserved GiB (CPU counter) "
+             "| allocated ÷ predicted | reserved ÷ total | status |", "|" + "---|" * 7]
+    for r in rows:
+        p, m, st = r["predicted"], r["measured"], r["settings"]
+        what = (f"batch {st['batch_size']}x{st['grad_accum']}, {st['mixed_precision']}, "
+                f"{'checkpointing' if st['gradient_checkpointing'] else 'no checkpointing'}, {st['optimizer']}")
+        lines.append(f"| {r['recipe']} | {what} | {_gib(p['tensor_peak'])} / {_gib(p['total'])} | "
+                     f"{_gib(m['cuda_max_allocated'])} / {_gib(m['cuda_max_reserved'])} ({_gib(m['cpu_counter'])}) | "
+                     f"{_num(r['ratio_allocated'])} | {_num(r['ratio_reserved'])} | {r['status']} |")
+    return lines + [""]
+
+
 def markdown(rep: dict) -> str:
     d, v = rep["device"], rep["versions"]
     head = [f"# customgen bench — `{rep['model']}` on {d['name']}", "",
@@ -130,7 +147,7 @@ def markdown(rep: dict) -> str:
             "below 1 customgen is faster. Peak memory is the CUDA peak on a GPU, the peak resident set on a CPU "
             "(both sides' models stay resident, so compare the growth over the resident figure).", ""]
     sections = [("stylize", stylize_section), ("overhead", overhead_section), ("training", training_section),
-                ("perceptual", perceptual_section)]
+                ("perceptual", perceptual_section), ("memory", memory_section)]
     for key, section in sections:
         if rep.get(key):
             head += section(rep)

@@ -13,7 +13,8 @@ from customgen.inference.txt2img import generate
 from customgen.request import Request, random_seed
 
 DEFAULT_OUT = {"stylize": Path("outputs/stylized"), "generate": Path("outputs/generated")}
-COMMON = ("model", "prompt", "negative_prompt", "guidance", "steps", "scheduler", "seed", "size", "device", "dtype")
+COMMON = ("model", "prompt", "negative_prompt", "guidance", "steps", "scheduler", "seed", "size", "device", "dtype",
+          "cap_gib")
 
 
 def request_from_args(args, *extra: str) -> Request:

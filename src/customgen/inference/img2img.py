@@ -20,6 +20,7 @@ from PIL import Image
 import customgen
 from customgen.errors import Notice
 from customgen.inference import adapters
+from customgen.inference.fit import fit_sampling, use
 from customgen.inference.images import (composite, default_feather, feather_mask, load_content, load_contents,
                                         load_mask, to_original, to_working, with_settings)
 from customgen.inference.library import StyleLibrary, resolve_styles
@@ -98,13 +99,20 @@ def batches(sizes: list[tuple[int, int]], batch: int) -> list[list[int]]:
 
 
 def stylize_all(session: Session, contents: list[Image.Image], job: Job) -> list[Image.Image]:
-    """Every content image, `request.batch` of one working size per pipeline call; outputs in input order."""
+    """Every content image, up to `request.batch` of one working size per pipeline call (fewer, and VAE slicing or
+    tiling, where the predicted peak asks for it: customgen.inference.fit); outputs in input order."""
     with lap(session, "resize"):
         works = [to_working(c, job.request.size or session.native_size) for c in contents]
     outputs: list = [None] * len(contents)
-    for idx in batches([w.size for w in works], job.request.batch):
-        for i, out in zip(idx, stylize_batch(session, [contents[i] for i in idx], [works[i] for i in idx], job)):
-            outputs[i] = out
+    for group in batches([w.size for w in works], len(works)):
+        w, h = works[group[0]].size
+        plan = fit_sampling(session, kind="img2img", size=(h, w), batch=min(job.request.batch, len(group)),
+                            cap_gib=job.request.cap_gib)
+        use(session, plan)
+        for i in range(0, len(group), plan.batch):
+            idx = group[i:i + plan.batch]
+            for k, out in zip(idx, stylize_batch(session, [contents[k] for k in idx], [works[k] for k in idx], job)):
+                outputs[k] = out
     return outputs
 
 

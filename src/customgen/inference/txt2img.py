@@ -6,6 +6,7 @@ from PIL import Image
 
 import customgen
 from customgen.errors import UserError
+from customgen.inference.fit import fit_sampling, use
 from customgen.inference.images import with_settings
 from customgen.inference.library import Style, StyleLibrary, resolve_styles
 from customgen.inference.prompts import build_prompt, conditioning
@@ -40,6 +41,8 @@ def generate(prompt: str | None = None, styles=None, request: Request | None = N
 def run_txt2img(session: Session, specs, prompt: str, req: Request) -> list[Image.Image]:
     """The stock txt2img pipeline with the active styles (req: seed, width and height set); each image carries
     its settings."""
+    use(session, fit_sampling(session, kind="txt2img", size=(req.height, req.width), batch=req.num_images,
+                              cap_gib=req.cap_gib, split=False))  # VAE slicing/tiling where the peak asks for it
     pipe = session.pipeline("txt2img")
     if pipe.scheduler is not session.scheduler(req.scheduler):
         pipe.scheduler = session.scheduler(req.scheduler)

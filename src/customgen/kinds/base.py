@@ -66,6 +66,11 @@ class Method:
         """The prompt validation samples use and the manifest stores."""
         return self.cfg.prompt.instance
 
+    def memory_savers(self) -> list[str]:
+        """`--set` changes that shrink this method's training memory, the mildest first (customgen.train.fit names
+        them when nothing fits a card)."""
+        return []
+
     def text_encoder_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The text encoder's dtype in a mixed-precision run (frozen weights go to `weight_dtype`)."""
         return weight_dtype

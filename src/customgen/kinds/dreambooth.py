@@ -81,6 +81,10 @@ class DreamBoothMethod(Method):
         names = set(scope_names(comps.unet, self.cfg.dreambooth.scope))
         return 4 * sum(p.numel() for n, p in comps.unet.named_parameters() if n in names)
 
+    def memory_savers(self) -> list[str]:
+        narrower = {"full": "attention", "attention": "cross_attention"}.get(self.cfg.dreambooth.scope)
+        return [f"dreambooth.scope={narrower}"] if narrower else []
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         save_dreambooth(folder, comps.unet, self.names, scope=self.cfg.dreambooth.scope)
         return {"weights": WEIGHTS, "scope": self.cfg.dreambooth.scope}

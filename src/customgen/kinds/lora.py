@@ -177,6 +177,9 @@ class LoraMethod(Method):
             params += lora_parameter_count(comps.text_encoder, rank=c.rank, targets=tuple(c.text_encoder_targets))
         return 2 * 4 * params
 
+    def memory_savers(self) -> list[str]:
+        return ["lora.text_encoder=false"] if self.trains_text_encoder else []
+
     def save(self, folder: Path, comps, facts: dict) -> dict:
         export = save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None, facts=facts)
         c = self.cfg.lora

@@ -88,7 +88,7 @@ def training_facts(cfg, name: str, **measured) -> dict:
             "batch_size": cfg.train.batch_size, "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
             "optimizer": cfg.train.optimizer, "lr_scheduler": cfg.train.lr_scheduler, "num_images": 0,
             "tag_frequency": {}, "started_at": 0, "finished_at": 0, "step": cfg.train.steps,
-            "grad_accum": cfg.train.grad_accum, "effective_batch": cfg.train.batch_size * cfg.train.grad_accum,
+            "grad_accum": cfg.train.grad_accum or 1, "effective_batch": cfg.train.batch_size * (cfg.train.grad_accum or 1),
             "epoch_steps": 0, "epochs": cfg.train.epochs, "warmup_steps": cfg.train.warmup_steps,
             "max_grad_norm": cfg.train.max_grad_norm, "random_flip": bool(cfg.data.random_flip),
             "prior_weight": cfg.prompt.prior_weight if cfg.prompt.prior else 0.0} | measured

@@ -102,7 +102,7 @@ def _is_unreachable(err: BaseException) -> bool:
 def _loading_errors(ref: str):
     """Turn the loaders' network/cache errors into one actionable line; their logs and bars stay quiet meanwhile."""
     try:
-        with _quiet_loading():
+        with quiet_loading():
             yield
     except UserError:
         raise
@@ -138,7 +138,7 @@ def _quiet_hub_logs():
 
 
 @contextmanager
-def _quiet_loading():
+def quiet_loading():
     """diffusers/transformers log multi-line errors (e.g. a missing .safetensors before falling back to .bin) and
     draw component bars while loading; the CLI's one line says what matters. Restored afterwards."""
     levels = dlog.get_verbosity(), tlog.get_verbosity()

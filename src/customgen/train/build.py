@@ -47,7 +47,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     perceptual: Perceptual | None
-    schedule: Schedule
+    schedule: Schedule | None = None  # steps, epochs, effective batch (None: an estimate's run, which never loops)
     weight_dtype: torch.dtype = torch.float32
     prompt_cache: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)  # wall-clock start (kohya's ss_training_started_at)
@@ -57,12 +57,14 @@ class Run:
         return self.perceptual is not None and self.perceptual.lpips is not None
 
 
-def build_run(cfg: Config, out: Path) -> Run:
-    """Components, method, data, optimizer and accelerator for `cfg`; the run's config is `cfg` resolved against the
-    data (customgen.train.schedule), its schedule printed."""
+def build_run(cfg: Config, out: Path, *, plan: MemoryPlan | None = None) -> Run:
+    """Components, method, data, optimizer and accelerator for `cfg` (`plan`: what memory auto chose, else the
+    settings as given); the run's config is `cfg` with the plan's choices, resolved against the data
+    (customgen.train.schedule), its schedule printed."""
     torch.manual_seed(cfg.train.seed)  # adapter initialisation is seeded too
     method, info = make_method(cfg), probe(dtype=cfg.model.dtype)
-    plan = plan_memory(cfg.train, info)
+    plan = plan or plan_memory(cfg.train, info)
+    cfg = plan.apply(cfg)  # the run uses (and saves) concrete settings: checkpointing, optimizer, micro-batch
     acc = make_accelerator(cfg, out, method, plan)
     acc.print(plan.describe(info))
     records = training_records(cfg)
@@ -73,29 +75,44 @@ def build_run(cfg: Config, out: Path) -> Run:
     memory_helpers(cfg, comps)
     if kept_snapshots(cfg):  # before class images, adapters and any step: snapshots the disk cannot hold are refused
         acc.print(check_space(cfg, out, method.saved_bytes(comps)))
-    weight_dtype = WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32)
-    for m in (comps.unet, comps.vae):
-        place(m, acc.device, weight_dtype)
-    place(comps.text_encoder, acc.device, method.text_encoder_dtype(weight_dtype))
+    place_weights(comps, acc.device, WEIGHT_DTYPES.get(plan.mixed_precision, torch.float32), method)
     classes = None
     if cfg.prompt.prior:  # the *base* model makes the class images, before any adapter exists
         folder = Path(cfg.prompt.class_dir or out / "class_images")
-        ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
+        with acc.autocast():  # Textual Inversion's text encoder stays fp32 beside a half-precision UNet
+            ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
         acc.wait_for_everyone()
         classes = image_set(ensure_class_images(comps, cfg, folder, is_main=False), cfg, comps.vae)
     images = image_set(records, cfg, comps.vae, cache_dir=cfg.train.latent_cache_dir)
-    contents = content_set(cfg, comps.vae)
+    return assemble(cfg, out, acc, comps, method, plan, images=images, classes=classes,
+                    contents=content_set(cfg, comps.vae), schedule=schedule)
+
+
+def place_weights(comps: Components, device, weight_dtype: torch.dtype, method: Method, *, move=place) -> None:
+    """The base weights on the device in the mixed-precision dtype (the text encoder in the method's dtype);
+    `move(module, device, dtype)` places one module (customgen.train.estimate's makes fake tensors)."""
+    for m in (comps.unet, comps.vae):
+        move(m, device, weight_dtype)
+    move(comps.text_encoder, device, method.text_encoder_dtype(weight_dtype))
+
+
+def assemble(cfg: Config, out: Path, acc, comps: Components, method: Method, plan: MemoryPlan, *, images: ImageSet,
+             classes: ImageSet | None, contents: ImageSet | None, schedule: Schedule | None = None,
+             optimizer=make_optimizer) -> Run:
+    """The run from its parts: the method's trainables, dtypes and checkpointing, the loss networks, the optimizer
+    (`optimizer(groups, plan, weight_decay=)`) and scheduler, prepared by `acc` (customgen.train.estimate assembles
+    the same run on a fake device)."""
     groups = method.setup(comps)
-    place_components(cfg, comps, acc, plan, method)
+    weight_dtype = place_components(cfg, comps, acc, plan, method)
     acc.print(method_report(method, comps))
     perceptual = None
     if cfg.loss.lpips > 0 or cfg.loss.gram > 0:
         perceptual = Perceptual(cfg, style_pixels(images), acc.device)
-    optimizer = make_optimizer(groups, plan, weight_decay=cfg.train.weight_decay)
-    lr_scheduler = make_lr_scheduler(cfg, optimizer, acc.num_processes)
-    unet, text_encoder, optimizer, lr_scheduler = prepare(acc, comps, optimizer, lr_scheduler)
+    opt = optimizer(groups, plan, weight_decay=cfg.train.weight_decay)
+    lr_scheduler = make_lr_scheduler(cfg, opt, acc.num_processes)
+    unet, text_encoder, opt, lr_scheduler = prepare(acc, comps, opt, lr_scheduler)
     return Run(cfg=cfg, out=out, accelerator=acc, comps=comps, method=method, plan=plan, images=images,
-               classes=classes, contents=contents, unet=unet, text_encoder=text_encoder, optimizer=optimizer,
+               classes=classes, contents=contents, unet=unet, text_encoder=text_encoder, optimizer=opt,
                lr_scheduler=lr_scheduler, perceptual=perceptual, schedule=schedule, weight_dtype=weight_dtype)
 
 
@@ -176,7 +193,10 @@ def content_set(cfg: Config, vae) -> ImageSet | None:
     return image_set(sorted(scan.records, key=lambda r: r.path)[: cfg.data.max_images], cfg, vae)
 
 
-def style_pixels(images: ImageSet, limit: int = 64) -> torch.Tensor:
+STYLE_LIMIT = 64  # the Gram targets are the mean Gram matrices of up to this many style images
+
+
+def style_pixels(images: ImageSet, limit: int = STYLE_LIMIT) -> torch.Tensor:
     """Pixels (N, 3, R, R) of up to `limit` style images, for the Gram targets."""
     n = min(limit, len(images.dataset.records))
     return torch.stack([images.dataset[images.dataset.order.index(i)]["pixel_values"] for i in range(n)])

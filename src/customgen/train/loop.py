@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from customgen.config import config_hash, to_dict
 from customgen.data.cache import randn_rows
 from customgen.errors import UserError
+from customgen.memory import out_of_memory
 from customgen.train.artifact import snapshot
 from customgen.train.build import Run
 from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
@@ -44,6 +45,23 @@ def encode_prompts(run: Run, captions: list[str]) -> torch.Tensor:
             for c, e in zip(missing, run.comps.text_encoder(ids(missing))[0]):
                 run.prompt_cache[c] = e
     return torch.stack([run.prompt_cache[c] for c in captions])
+
+
+def offload_unused(run: Run) -> None:
+    """Cache every fixed prompt, then (when the plan says so) move the VAE and text encoder off the GPU when
+    nothing needs them."""
+    if not run.method.trains_text_encoder:
+        captions = {run.method.caption(run.images.dataset.caption_of(i), torch.Generator())
+                    for i in range(len(run.images.dataset.records))}
+        captions |= {run.cfg.prompt.class_prompt} if run.classes is not None else set()
+        encode_prompts(run, sorted(captions))
+        if run.accelerator.device.type == "cuda" and run.plan.offload:
+            run.comps.text_encoder.to("cpu")
+    cached = run.images.latents is not None and (run.classes is None or run.classes.latents is not None)
+    if cached and run.perceptual is None and run.contents is None and run.accelerator.device.type == "cuda" \
+            and run.plan.offload:
+        run.comps.vae.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def _target(run: Run, latents, noise, t):
@@ -226,7 +244,10 @@ def steps(run: Run, todo: range, bar, log: LossLog, validate, *, t0: float) -> d
     cfg, per_epoch = run.cfg, validation_steps(run.cfg, run.schedule)
     logs, tic, last_ckpt = {}, time.monotonic(), time.monotonic()
     for step in todo:
-        logs = optimizer_step(run, step)
+        try:
+            logs = optimizer_step(run, step)
+        except torch.cuda.OutOfMemoryError as err:
+            raise out_of_memory(step, "training step", run.plan) from err
         done, sec = step + 1, time.monotonic() - tic
         tic = time.monotonic()
         bar.update(1)
@@ -242,7 +263,10 @@ def steps(run: Run, todo: range, bar, log: LossLog, validate, *, t0: float) -> d
             last_ckpt = time.monotonic()
         by_steps = cfg.train.validate_every and done % cfg.train.validate_every == 0
         if validate and (by_steps or (per_epoch and done % per_epoch == 0)) and done < cfg.train.steps:
-            validate(run, done)
+            try:
+                validate(run, done)
+            except torch.cuda.OutOfMemoryError as err:
+                raise out_of_memory(done, "validation images", run.plan) from err
     return logs
 
 

@@ -11,10 +11,11 @@ from customgen.errors import UserError
 from customgen.kinds import KINDS, MANIFEST, SNAPSHOTS, read_artifact, write_manifest
 from customgen.limits import check_limits
 from customgen.lock import output_lock
-from customgen.memory import peak_memory
+from customgen.memory import MemoryPlan, out_of_memory, peak_memory, probe
 from customgen.train.artifact import artifact_manifest, drop_stale_snapshots, save_weights
 from customgen.train.build import Run, build_run
-from customgen.train.loop import encode_prompts, out_path, resume as resume_from, run_loop
+from customgen.train.fit import fit_memory
+from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
 from customgen.train.validation import validate
 
 RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
@@ -45,28 +46,16 @@ def prepare_output(out: Path, *, resume: str, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def offload_unused(run: Run) -> None:
-    """Cache every fixed prompt, then move the VAE and text encoder off the GPU when nothing needs them."""
-    if not run.method.trains_text_encoder:
-        captions = {run.method.caption(run.images.dataset.caption_of(i), torch.Generator())
-                    for i in range(len(run.images.dataset.records))}
-        captions |= {run.cfg.prompt.class_prompt} if run.classes is not None else set()
-        encode_prompts(run, sorted(captions))
-        if run.accelerator.device.type == "cuda":
-            run.comps.text_encoder.to("cpu")
-    cached = run.images.latents is not None and (run.classes is None or run.classes.latents is not None)
-    if cached and run.perceptual is None and run.contents is None and run.accelerator.device.type == "cuda":
-        run.comps.vae.to("cpu")
-        torch.cuda.empty_cache()
-
-
 def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
     """Save weights, config, final samples and the manifest (last: a folder with style.json is finished)."""
     acc, cfg, out = run.accelerator, run.cfg, run.out
     acc.wait_for_everyone()
     if acc.is_main_process:
         fields = save_weights(run, out, name=out.name, step=cfg.train.steps)
-        validate(run, cfg.train.steps)
+        try:
+            validate(run, cfg.train.steps)
+        except torch.cuda.OutOfMemoryError as err:
+            raise out_of_memory(cfg.train.steps, "final validation images", run.plan) from err
         write_manifest(out, artifact_manifest(run, fields, name=out.name, step=cfg.train.steps, seconds=seconds,
                                               peak_bytes=peak_bytes))
     acc.end_training()
@@ -74,16 +63,18 @@ def finish(run: Run, seconds: float, peak_bytes: int) -> Path:
 
 
 def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto", overwrite: bool = False,
-          progress: bool = True, resume_force: bool = False) -> Path:
+          progress: bool = True, resume_force: bool = False, plan: MemoryPlan | None = None) -> Path:
     """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds). The output folder
-    is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md)."""
+    is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md).
+    `plan`: memory settings chosen elsewhere (customgen bench), else train.memory decides (customgen.train.fit)."""
     check_limits(cfg)
     out = out_path(cfg, output)
+    plan = plan or fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before weights load
     with output_lock(out, command="train"):
         prepare_output(out, resume=resume, overwrite=overwrite)
         torch_state = torch.random.get_rng_state()
         try:
-            run = build_run(cfg, out)
+            run = build_run(cfg, out, plan=plan)
             run.accelerator.init_trackers("customgen")
             offload_unused(run)
             start = resume_from(run, resume, force=resume_force)

@@ -53,7 +53,7 @@ def make_schedule(cfg: Config, *, examples: int, processes: int) -> Schedule:
     """The schedule of `cfg` on `examples` training examples and `processes` processes (train.epochs > 0 sets the
     steps)."""
     t = cfg.train
-    plain = Schedule(examples=examples, batch_size=t.batch_size, grad_accum=t.grad_accum, processes=processes,
+    plain = Schedule(examples=examples, batch_size=t.batch_size, grad_accum=t.grad_accum or 1, processes=processes,
                      steps=t.steps, epochs=t.epochs)
     return dataclasses.replace(plain, steps=t.epochs * plain.epoch_steps) if t.epochs else plain
 

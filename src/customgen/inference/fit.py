@@ -1,0 +1,75 @@
+"""Batch size and VAE slicing/tiling from the predicted peak of one call, on the card a session runs on or under
+a cap (`--cap-gib`): stylize, generate, evaluate and the demo ask here before each pipeline call.
+
+The prediction is customgen.models.footprint's (the model's architecture on a fake CUDA device, cached per
+architecture, size, batch, dtype and VAE mode) plus customgen.budget's fixed costs. The ladder, cheapest first:
+as asked, VAE slicing (decodes one image at a time, the same pixels), a smaller batch (stylize only: generate's
+images share one generator), VAE tiling (changes pixels slightly at tile seams). On a CPU without a cap nothing is
+predicted and the call runs as asked. ControlNet and IP-Adapter weights are not in the prediction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from customgen.budget import GIB, total_bytes
+from customgen.errors import UserError
+from customgen.models.footprint import sampling_peak
+
+
+@dataclass(frozen=True)
+class SamplingFit:
+    """What one call runs with, and the prediction behind it (None where nothing was predicted)."""
+
+    batch: int
+    slicing: bool = False
+    tiling: bool = False
+    predicted_bytes: int | None = None
+    cap_bytes: int | None = None
+
+
+def card_bytes(session, cap_gib: float | None) -> int | None:
+    """The memory to plan for: --cap-gib, else the session's GPU; None on a CPU without a cap."""
+    if cap_gib:
+        return int(float(cap_gib) * GIB)
+    device = session.comps.unet.device
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def candidates(batch: int, split: bool) -> list[tuple[int, bool, bool]]:
+    """(batch, slicing, tiling) from the fastest to the smallest footprint."""
+    out = [(batch, False, False)] + ([(batch, True, False)] if batch > 1 else [])
+    b = batch
+    while split and b > 1:
+        b = (b + 1) // 2
+        out.append((b, b > 1, False))
+    out.append((b, b > 1, True))
+    return out
+
+
+def fit_sampling(session, *, kind: str, size: tuple[int, int], batch: int, cap_gib: float | None = None,
+                 split: bool = True) -> SamplingFit:
+    """The first (batch, slicing, tiling) predicted to fit; one line when nothing does."""
+    cap = card_bytes(session, cap_gib)
+    if cap is None:
+        return SamplingFit(batch)
+    dtype = session.comps.unet.dtype
+    need = 0
+    for b, slicing, tiling in candidates(batch, split):
+        need = total_bytes(sampling_peak(session.comps, kind=kind, size=size, batch=b, dtype=dtype, slicing=slicing,
+                                         tiling=tiling))
+        if need <= cap:
+            return SamplingFit(b, slicing, tiling, need, cap)
+    raise UserError(f"one {kind} call of {size[1]}x{size[0]} px needs {need / GIB:.2f} GiB on the GPU (predicted, VAE "
+                    f"tiling, batch {b}), more than {cap / GIB:.2f} GiB: use a smaller --size"
+                    + ("" if split else " or fewer --num-images"))
+
+
+def use(session, fit: SamplingFit) -> None:
+    """Switch the session's VAE to the fit's slicing and tiling (every call sets both, so none leaks into the next)."""
+    vae = session.comps.vae
+    vae.enable_slicing() if fit.slicing else vae.disable_slicing()
+    vae.enable_tiling() if fit.tiling else vae.disable_tiling()

@@ -1,0 +1,330 @@
+"""Fit before you run, on `tiny` (CPU): the fake-CUDA prediction of a training step against the same byte counter
+in a real CPU run of that step, what checkpointing and prior preservation do to the peak, memory auto's ladder and
+refusal (before any weight loads), the out-of-memory line, `customgen plan`, and inference's batch / VAE choice."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from customgen.budget import FIXED, GIB, Gpu, fixed_costs, total_bytes
+from customgen.cli import main
+from customgen.config import config_hash, load_config
+from customgen.errors import UserError
+from customgen.memory import DeviceInfo, MemoryPlan
+from customgen.peak import LiveBytes, blocks, fake_cuda
+from customgen.train.estimate import estimate_training
+from customgen.train.fit import fit, fit_memory
+from tests.image_fixtures import make_wikiart_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject", "lora_anime_kohya")
+TINY = ["model.ref=tiny", "data.resolution=64", "train.batch_size=2", "loss.perceptual_max_timestep=1000",
+        "loss.gram=0", "loss.lpips_net=alex"]  # perceptual terms on every sample: the same step on both sides
+
+
+def tiny_cfg(recipe: str, *extra: str):
+    return load_config(ROOT / "configs" / f"{recipe}.yaml", TINY + list(extra))
+
+
+_ESTIMATES: dict = {}
+
+
+def cached_estimate(cfg, plan):
+    """estimate_training, memoised per (config, plan settings): the ladder tests ask for the same estimates again."""
+    key = (config_hash(cfg), replace(plan, how="", predicted_bytes=None))
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = estimate_training(cfg, plan)
+    return _ESTIMATES[key]
+
+
+# --- the counter itself ---------------------------------------------------------------------------------------------
+def test_live_bytes_counts_each_storage_once_in_blocks_and_frees_it():
+    with LiveBytes("cpu") as live:
+        a = torch.zeros(1000)  # 4000 B -> 4096 B in 512-byte blocks
+        view = a[10:]  # same storage: not counted again
+        assert live.live == blocks(4000) == 4096
+        b = torch.ones(10)
+        assert live.live == 4096 + 512
+        del a, view
+        assert live.live == 512 and live.peak == 4096 + 512
+    del b
+
+
+def test_fake_cuda_runs_backward_and_checkpointing_without_a_gpu():
+    with fake_cuda(), LiveBytes("cuda") as live:
+        lin = torch.nn.Linear(64, 64).to("cuda", torch.float16)
+        x = torch.randn(8, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=False)
+        y.float().sum().backward()
+        assert x.grad.shape == x.shape and x.grad.device.type == "cuda"
+        assert lin.weight.grad is not None and live.peak > 0
+
+
+# --- prediction against a real run ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fake_cuda_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
+    """The same step (fp32, text encoder and VAE kept on the device, perceptual terms on every sample) counted on
+    fake CUDA tensors and on real CPU tensors: peaks within 5%; gradients are the trainables' bytes; AdamW's state
+    is two fp32 tensors per trainable. The assembly is compared where no loss network is built: on a CPU those are
+    built on the device itself (torchvision's whole AlexNet/VGG before LPIPS keeps the features), on a GPU before
+    they move there."""
+    cfg = tiny_cfg(recipe)
+    plan = MemoryPlan("no", False, "adamw", offload=False)
+    fake = estimate_training(cfg, plan)
+    torch.manual_seed(0)
+    real = estimate_training(cfg, plan, fake=False)
+    parts = ["step_peak", "validation_peak", "setup_peak"] + ([] if cfg.loss.lpips or cfg.loss.gram else ["assembly_peak"])
+    for part in parts:
+        assert getattr(fake, part) == pytest.approx(getattr(real, part), rel=0.05), part
+    assert fake.gradients == real.gradients > 0
+    assert fake.optimizer_state == 2 * fake.gradients
+    assert fake.device == "cuda" and real.device == "cpu"
+
+
+SUBJECT_128 = ("dreambooth_lora_subject", "data.resolution=128")
+AS_SET = MemoryPlan("fp16", False, "adamw", offload=False, batch_size=2, grad_accum=1)  # memory auto's first rung
+
+
+def test_checkpointing_lowers_the_activation_peak():
+    cfg = tiny_cfg(*SUBJECT_128)
+    off, on = cached_estimate(cfg, AS_SET), cached_estimate(cfg, replace(AS_SET, gradient_checkpointing=True))
+    assert on.activations < off.activations
+    assert (on.weights, on.gradients, on.optimizer_state) == (off.weights, off.gradients, off.optimizer_state)
+
+
+def test_prior_preservation_raises_the_step_peak():
+    plan = MemoryPlan("fp16", False, "adamw")
+    with_prior = cached_estimate(tiny_cfg("dreambooth_style"), plan)
+    without = cached_estimate(tiny_cfg("dreambooth_style", "prompt.prior=false"), plan)
+    assert with_prior.step_peak > without.step_peak and with_prior.settings["prior"]
+
+
+def test_per_step_latents_keep_the_vae_on_the_gpu():
+    """Without the latent cache the VAE encodes every batch on the GPU, so offloading cannot move it."""
+    plan = MemoryPlan("fp16", False, "adamw")
+    cached = cached_estimate(tiny_cfg("dreambooth_style", "prompt.prior=false"), plan)
+    per_step = cached_estimate(tiny_cfg("dreambooth_style", "prompt.prior=false", "train.cache_latents=false"), plan)
+    assert per_step.weights > cached.weights and not per_step.settings["cache_latents"]
+
+
+def test_eight_bit_adam_holds_its_state_size():
+    """bitsandbytes' layout: 2 bytes per element + fp32 absmax per 256-block for tensors of >= 4096 elements, fp32
+    states below; AdamW: 8 bytes per element."""
+    cfg = tiny_cfg("dreambooth_style", "prompt.prior=false")
+    eight = cached_estimate(cfg, MemoryPlan("fp16", False, "adamw8bit"))
+    full = cached_estimate(cfg, MemoryPlan("fp16", False, "adamw"))  # shared with the tests above
+    from customgen.kinds import make_method
+    from customgen.models import load_components
+    comps = load_components("tiny", device="cpu", dtype=torch.float32)
+    params = [p for g in make_method(cfg).setup(comps) for p in g["params"]]
+    expected = 2 * blocks(256 * 4)  # the two 256-entry fp32 quantile maps
+    for p in params:
+        n = p.numel()
+        expected += 2 * blocks(4 * n) if n < 4096 else 2 * blocks(n) + 2 * blocks(4 * -(-n // 256))
+    assert eight.optimizer_state == expected < full.optimizer_state
+
+
+# --- memory auto -------------------------------------------------------------------------------------------------------
+def card(nbytes: int) -> Gpu:
+    return Gpu("test card", int(nbytes), False, "test", bnb=False)
+
+
+def test_auto_turns_checkpointing_on_exactly_when_the_estimate_without_it_exceeds_the_cap():
+    cfg = tiny_cfg(*SUBJECT_128)
+    without = total_bytes(cached_estimate(cfg, AS_SET).peak)
+    assert not fit(cfg, card(without), estimate=cached_estimate).plan.gradient_checkpointing
+    chosen = fit(cfg, card(without - 1), estimate=cached_estimate)
+    assert chosen.fits and chosen.plan.gradient_checkpointing and chosen.plan.predicted_bytes <= without - 1
+    assert [t["rung"] for t in chosen.tried] == ["as set", "gradient checkpointing"]
+
+
+def test_auto_splits_the_batch_keeping_the_images_per_step_and_leaves_set_keys_alone():
+    cfg = tiny_cfg("lora_anime_kohya", "train.gradient_checkpointing=false", "validation.num_images=1")
+    split = replace(AS_SET, offload=True, batch_size=1, grad_accum=2)
+    need = total_bytes(cached_estimate(cfg, split).peak)
+    chosen = fit(cfg, card(need), estimate=cached_estimate)
+    assert [t["rung"] for t in chosen.tried] == ["as set", "text encoder/VAE off the GPU", "batch 1 x 2"]
+    assert (chosen.plan.batch_size, chosen.plan.grad_accum, chosen.plan.gradient_checkpointing) == (1, 2, False)
+    assert chosen.notes == ["train.gradient_checkpointing=false is set: memory auto leaves it (it would lower the peak)"]
+    applied = chosen.plan.apply(cfg)
+    assert (applied.train.batch_size, applied.train.grad_accum) == (1, 2)
+    assert all(t["total_bytes"] > need for t in chosen.tried[:2])
+
+
+def test_auto_on_cpu_changes_nothing_and_says_so():
+    cfg = tiny_cfg("lora_style")
+    plan = fit_memory(cfg, DeviceInfo("cpu", "cpu", 0, None, torch.float32, False))
+    assert "no GPU" in plan.how and plan.predicted_bytes is None
+    assert (plan.gradient_checkpointing, plan.optimizer, plan.batch_size) == (False, "adamw", None)
+
+
+def test_nothing_fits_is_refused_in_one_line_before_any_weight_loads(tmp_path, monkeypatch, capsys):
+    """`customgen train` with memory auto on a 0.3 GiB GPU: exit 2, one line with the smallest predicted peak and
+    what to change; no weights loaded, no output folder made."""
+    import customgen.train.build as build
+    import customgen.train.run as run
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the memory plan")
+
+    monkeypatch.setattr(build, "load_components", no_load)
+    monkeypatch.setattr(run, "probe", lambda **k: DeviceInfo("cuda:0", "Tiny GPU", int(0.3 * GIB), (7, 5),
+                                                             torch.float16, False))
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(72, 72))
+    out = tmp_path / "out"
+    code = main(["train", str(ROOT / "configs" / "dreambooth_style.yaml"), "--model", "tiny", "--output", str(out),
+                 "--set", f"data.root={wikiart}", "--set", "data.style=Cubism", "--set", "data.resolution=64",
+                 "--set", "train.gradient_checkpointing=true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: nothing fits Tiny GPU (0.30 GiB): the smallest predicted peak is ")
+    assert "dreambooth.scope=cross_attention" in err[0] and "prompt.prior=false" in err[0]
+    assert not out.exists()
+
+
+def test_cuda_out_of_memory_becomes_one_line_naming_step_and_peaks(tmp_path, monkeypatch, capsys):
+    import customgen.train.loop as loop
+    import customgen.train.run as run
+    from customgen.memory import plan_memory
+
+    calls = []
+
+    def step(run_, step_):
+        calls.append(step_)
+        if step_ == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(many lines)")
+        return real_step(run_, step_)
+
+    real_step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", step)
+    monkeypatch.setattr(run, "fit_memory", lambda cfg, info: MemoryPlan(
+        **{**vars(plan_memory(cfg.train, info)), "predicted_bytes": 3 * 2**29}))
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(72, 72))
+    code = main(["train", str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output",
+                 str(tmp_path / "out"), "--set", f"data.root={wikiart}", "--set", "data.style=Cubism",
+                 "--set", "data.resolution=64", "--set", "loss.lpips=0", "--set", "loss.gram=0", "--max-steps", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and calls == [0, 1]
+    assert err[-1].startswith("error: CUDA out of memory at step 1 (training step): predicted peak 1.50 GiB, real peak ")
+    assert sum(line.startswith("error:") for line in err) == 1
+
+
+# --- customgen plan --------------------------------------------------------------------------------------------------------
+def test_plan_prints_the_table_and_json_whose_parts_add_up(capsys):
+    argv = ["plan", str(ROOT / "configs" / "dreambooth_style.yaml"), "--model", "tiny", "--gpu", "t4",
+            "--set", "data.resolution=64"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for row in ("weights", "gradients", "optimizer state", "activations peak", "validation peak", "CUDA context",
+                "cuBLAS", "allocator slack", "total", "fits", "Tesla T4 (14.56 GiB)"):
+        assert row in table, row
+    assert main(argv + ["--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    b = rep["bytes"]
+    assert rep["total_bytes"] == b["tensor_peak"] + sum(f["bytes"] for f in rep["fixed"])
+    assert b["tensor_peak"] == max(b["step_peak"], b["validation_peak"], b["setup_peak"], b["assembly_peak"])
+    assert b["step_peak"] == b["weights"] + b["gradients"] + b["optimizer_state"] + b["activations"]
+    assert [f["name"] for f in rep["fixed"]] == [f.name for f in FIXED] and all(f["source"] for f in rep["fixed"])
+    assert rep["fits"] and rep["gpu"]["source"] and rep["mode"] == "auto"
+    assert fixed_costs(b["tensor_peak"]) == rep["fixed"]
+
+
+def test_plan_refuses_a_card_nothing_fits_with_exit_2(capsys):
+    code = main(["plan", str(ROOT / "configs" / "lora_anime_kohya.yaml"), "--model", "tiny", "--gpu", "0.25",
+                 "--set", "data.resolution=64", "--set", "train.batch_size=1", "--set", "train.gradient_checkpointing=true",
+                 "--set", "train.optimizer=adamw"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: nothing fits 0.25 GiB")
+    assert "does not fit" in captured.out
+    assert main(["plan", str(ROOT / "configs" / "lora_style.yaml"), "--gpu", "t5"]) == 2
+    assert "--gpu 't5': choose one of t4" in capsys.readouterr().err
+
+
+# --- inference ---------------------------------------------------------------------------------------------------------
+def test_inference_picks_batch_and_vae_mode_from_the_cached_prediction(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from customgen.inference import img2img, stylize
+    from customgen.inference.fit import candidates, fit_sampling
+    from customgen.inference.session import get_session
+    from customgen.models.footprint import _cached_peak, sampling_peak
+
+    session = get_session("tiny")
+    real_batch = img2img.stylize_batch
+    size = (64, 64)
+    need = {c: total_bytes(sampling_peak(session.comps, kind="img2img", size=size, batch=c[0],
+                                         dtype=session.comps.unet.dtype, slicing=c[1], tiling=c[2]))
+            for c in candidates(3, True)}
+    assert fit_sampling(session, kind="img2img", size=size, batch=3) == fit_sampling(session, kind="img2img",
+                                                                                     size=size, batch=3)  # CPU: as asked
+    assert fit_sampling(session, kind="img2img", size=size, batch=3).predicted_bytes is None
+    order = list(need)
+    for i, c in enumerate(order):  # a cap just at each candidate's need picks the first one that fits
+        first = next(d for d in order if need[d] <= need[c])
+        got = fit_sampling(session, kind="img2img", size=size, batch=3, cap_gib=need[c] / GIB)
+        assert (got.batch, got.slicing, got.tiling) == first
+    before = _cached_peak.cache_info().misses
+    fit_sampling(session, kind="img2img", size=size, batch=3, cap_gib=need[order[1]] / GIB)
+    assert _cached_peak.cache_info().misses == before  # a click costs a lookup
+    contents = []
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 40, 200 - 60 * i)).save(tmp_path / f"c{i}.png")
+        contents.append(str(tmp_path / f"c{i}.png"))
+    small = min(need.values())
+    expected = next(c for c in order if need[c] <= small)
+    seen = []
+    monkeypatch.setattr(img2img, "stylize_batch", lambda session_, contents_, works, job: seen.append(len(works))
+                        or real_batch(session_, contents_, works, job))
+    outs = stylize(contents, None, model="tiny", steps=2, size=64, seed=0, batch=3, cap_gib=small / GIB)
+    assert len(outs) == 3 and set(seen) == {expected[0]} and sum(seen) == 3
+    assert (session.comps.vae.use_slicing, session.comps.vae.use_tiling) == expected[1:]
+    with pytest.raises(UserError, match=r"needs .* GiB on the GPU .* use a smaller --size"):
+        stylize(contents[:1], None, model="tiny", steps=2, size=64, seed=0, cap_gib=(small - 2**20) / GIB)
+
+
+def test_generate_demo_and_evaluate_plan_for_their_cap(tmp_path):
+    """generate keeps its batch (one generator) and turns on VAE slicing when the cap asks; the demo's handler and
+    the evaluation's requests carry the cap."""
+    from types import SimpleNamespace
+
+    from customgen import demo
+    from customgen.config import EvalConfig
+    from customgen.inference.fit import fit_sampling
+    from customgen.inference.session import get_session
+    from customgen.models.footprint import sampling_peak
+
+    session = get_session("tiny")
+    need = {sl: total_bytes(sampling_peak(session.comps, kind="txt2img", size=(64, 64), batch=2,
+                                          dtype=session.comps.unet.dtype, slicing=sl)) for sl in (False, True)}
+    assert need[True] < need[False]
+    cap = need[True] / GIB
+    got = fit_sampling(session, kind="txt2img", size=(64, 64), batch=2, cap_gib=cap, split=False)
+    assert (got.batch, got.slicing, got.tiling) == (2, True, False)
+    session.comps.vae.disable_slicing()
+    state = SimpleNamespace(session=session, styles={}, library=SimpleNamespace(root=None), cap_gib=cap,
+                            save=lambda img, prefix: str(tmp_path / f"{prefix}.png"))
+    paths, _ = demo.generate_handler(state, "a photo", "", demo.NONE, 1.0, 2, 7.5, 0, 2)
+    assert len(paths) == 2 and session.comps.vae.use_slicing
+    assert EvalConfig(cap_gib=3.5).request("tiny").cap_gib == 3.5
+
+
+def test_textual_inversion_with_prior_preservation_trains_in_half_precision(tmp_path):
+    """The fp32 text encoder of Textual Inversion beside a bf16 UNet: the base model's class images are made under
+    autocast (without it the pipeline fed fp32 prompt embeddings to the half-precision UNet; the fake-CUDA count of
+    this plan found it)."""
+    from customgen.train import train
+
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(72, 72))
+    cfg = tiny_cfg("textual_inversion", f"data.root={wikiart}", "data.style=Cubism", "train.steps=1",
+                   "train.batch_size=1", "train.mixed_precision=bf16", "prompt.prior=true",
+                   "prompt.class_prompt=a painting", "prompt.num_class_images=1", "prompt.class_steps=1",
+                   "validation.steps=1", "validation.num_images=1", "train.checkpoint_every=0")
+    out = train(cfg, output=tmp_path / "ti", progress=False)
+    assert len(list((out / "class_images").glob("*.png"))) == 1 and (out / "style.json").is_file()
+    assert cached_estimate(cfg, MemoryPlan("fp16", False, "adamw")).setup_peak > 0
