@@ -59,8 +59,8 @@ def cached(estimate):
 
 
 def plan(recipe: str, gpu: str, sets: list[str]) -> tuple[int, dict]:
-    """`customgen plan --json` in this process: (exit code, report)."""
-    argv = ["plan", str(ROOT / "configs" / f"{recipe}.yaml"), "--model", "sd15-random", "--gpu", gpu, "--json"]
+    """`customgen plan --json` in this process for a recipe or preset name: (exit code, report)."""
+    argv = ["plan", str(find_config(recipe)), "--model", "sd15-random", "--gpu", gpu, "--json"]
     for s in sets:
         argv += ["--set", s]
     out, err = io.StringIO(), io.StringIO()
@@ -68,7 +68,10 @@ def plan(recipe: str, gpu: str, sets: list[str]) -> tuple[int, dict]:
         code = main(argv)
     if not out.getvalue().strip():
         raise SystemExit(f"{' '.join(argv)} failed: {err.getvalue().strip().splitlines()[-1]}")
-    return code, json.loads(out.getvalue())
+    try:
+        return code, json.loads(out.getvalue())
+    except json.JSONDecodeError:
+        raise SystemExit(f"{' '.join(argv)} printed no JSON: {out.getvalue()[:300]!r}") from None
 
 
 def cell(rep: dict) -> str:
@@ -116,6 +119,20 @@ def published() -> tuple[list[str], list[dict]]:
     return lines, reports
 
 
+def presets() -> tuple[list[str], list[dict]]:
+    """The study presets (configs/studies) on a T4: the study's settings exactly (train.memory=manual) and what
+    memory auto chooses."""
+    lines = ["| preset | the study's settings (manual) | memory auto |", "|---|---:|---|"]
+    reports = []
+    for path in sorted((ROOT / "configs" / "studies").glob("*.yaml")):
+        _, manual = plan(path.stem, "t4", ["train.memory=manual"])
+        _, auto = plan(path.stem, "t4", [])
+        reports += [manual, auto]
+        lines.append(f"| `{path.stem}` | {manual['total_bytes'] / 2**30:.1f} {'✓' if manual['fits'] else '✗'} | "
+                     f"{cell(auto)} |")
+    return lines, reports
+
+
 def main_() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "training_guide.md")
@@ -125,15 +142,18 @@ def main_() -> int:
     fit.estimate_training = cached(fit.estimate_training)
     table, reports = grid()
     pub, pub_reports = published()
+    studies, study_reports = presets()
     command = "python scripts/memory_table.py"
     note = (f"Made by `{command}` (customgen {__version__}, torch {torch.__version__}, Python "
             f"{platform.python_version()}, CPU only, no GPU): `customgen plan "
             "--model sd15-random --gpu CARD --json` per cell. GiB predicted on the card with fixed costs; ✓ fits, ✗ "
             "does not (the smallest plan shown); after ✓, what memory auto turned on.")
-    text = "\n".join([START, *table, "", note, "", *pub, "", END])
+    text = "\n".join([START, *table, "", note, "", *pub, "", "The study presets (`configs/studies`) on a T4, same command "
+                      "and model:", "", *studies, "", END])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"command": command, "model": "sd15-random", "plans": reports,
-                                     "published_comparison": pub_reports}, indent=2) + "\n")
+                                     "published_comparison": pub_reports, "study_presets": study_reports},
+                                    indent=2) + "\n")
     if args.no_doc:
         print(text)
         return 0
