@@ -183,6 +183,11 @@ def save_result_plots(results, folder: str | Path, *, dpi: int = 110) -> dict[st
         figs["tradeoff"] = plot_tradeoff(results.sweep, **kw)
     for style in dict.fromkeys(results.per_image["style"].fillna("")):
         figs[f"samples_{style or 'none'}"] = plot_samples(results.per_image, style, **kw)
+    return write_figures(figs, folder, dpi=dpi)
+
+
+def write_figures(figs: dict, folder: Path, *, dpi: int) -> dict[str, Path]:
+    """Save each named figure as folder/NAME.png; name → path."""
     paths = {}
     for name, fig in figs.items():
         paths[name] = folder / f"{name}.png"

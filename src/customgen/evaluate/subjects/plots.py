@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from customgen.evaluate.generate import BASELINE
-from customgen.evaluate.plots import _finish, _thumb
+from customgen.evaluate.plots import _finish, _thumb, write_figures
 
 PANELS = [("identity", ["dino", "clip_i"], "cosine to the instance photos ↑"),
           ("CLIP-T", ["clip_t"], "prompt fidelity ↑"), ("DIV", ["div"], "diversity: LPIPS within a prompt ↑"),
@@ -116,8 +116,4 @@ def save_subject_plots(results, folder: str | Path, *, dpi: int = 110) -> dict[s
             "subject_tradeoff": plot_identity_fidelity(results.metrics, margin=results.margin, **kw)}
     for subject in dict.fromkeys(results.per_image["subject"]):
         figs[f"subject_samples_{subject}"] = plot_subject_samples(results.per_image, subject, **kw)
-    paths = {}
-    for name, fig in figs.items():
-        paths[name] = folder / f"{name}.png"
-        fig.savefig(paths[name], dpi=dpi, bbox_inches="tight")
-    return paths
+    return write_figures(figs, folder, dpi=dpi)
