@@ -2,9 +2,6 @@
 spread over two processes (`accelerate launch --cpu --num_processes 2`) writes the same numbers as one process."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +17,9 @@ from customgen.evaluate import grid_points, resolve_inputs
 from customgen.evaluate.generate import generate
 from customgen.evaluate.score import aggregate, image_rows
 from tests.eval_fixtures import shared_eval_env
+from tests.launch import launch_two_processes
 from tests.tolerance import gamma, longest_reduction, ssim_rounding
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["seconds_per_image", "seconds_per_image_std", "infer_peak_memory_bytes"]  # differ between runs
 
 
@@ -110,11 +107,7 @@ def test_two_processes_write_the_numbers_of_one(env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     argv = ["evaluate", "configs/eval.yaml", "--model", "tiny"]
     assert main(argv + [a for kv in sets(env, one) for a in ("--set", kv)]) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "customgen", *argv]
-    cmd += [a for kv in sets(env, two) for a in ("--set", kv)]
-    envvars = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=envvars, capture_output=True, text=True, timeout=900)
+    r = launch_two_processes(argv + [a for kv in sets(env, two) for a in ("--set", kv)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("result rows in") == 1  # only the main process reports
     a, b = (pd.read_csv(d / "metrics.csv").drop(columns=TIMING) for d in (one, two))

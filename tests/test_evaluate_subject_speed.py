@@ -2,19 +2,14 @@
 of one process: each process generates every second batch, the main process scores them all."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from customgen.cli import main
+from tests.launch import launch_two_processes
 from tests.subject_fixtures import shared_subject_env
 from tests.test_evaluate_subject import argv
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["seconds_per_image", "seconds_per_image_std", "infer_peak_memory_bytes"]  # differ between runs
 
 
@@ -26,10 +21,7 @@ def env(tmp_path_factory):
 def test_two_processes_write_the_numbers_of_one(env, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(argv(env["library"], one)) == 0
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "customgen", *argv(env["library"], two)]
-    envvars = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=envvars, capture_output=True, text=True, timeout=900)
+    r = launch_two_processes(argv(env["library"], two))
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("result rows in") == 1 and r.stdout.count("best step") == 1  # only the main process
     a, b = (pd.read_csv(d / "subject_metrics.csv").drop(columns=TIMING) for d in (one, two))

@@ -1,8 +1,5 @@
 """Training on `tiny`: every recipe, frozen weights stay frozen, stock reloading, losses, resume, DDP."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from customgen.train import loop
 from customgen.train.checkpoint import checkpoints
 from tests.artifact_fixtures import assert_same_lora, stock_reads_kohya_text_encoder
 from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
+from tests.launch import launch_two_processes
 from tests.tolerance import PIXEL_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,11 +261,8 @@ def test_cli_train_and_bad_inputs(data, tmp_path, capsys):
 def test_two_process_accelerate_launch(data, tmp_path):
     sets = SMALL[1:] + RECIPES["lora_style"](data) + ["loss.lpips=0", "loss.gram=0", "train.steps=2",
                                                        "train.snapshot_every=1"]  # rank 0 writes it, rank 1 waits
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "customgen", "train",
-           str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output", str(tmp_path / "ddp")]
-    cmd += sum((["--set", s] for s in sets), [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    r = launch_two_processes(["train", str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output",
+                              str(tmp_path / "ddp"), *sum((["--set", s] for s in sets), [])], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = kinds.read_manifest(tmp_path / "ddp")
     assert m.steps == 2 and (tmp_path / "ddp" / "ddp.safetensors").is_file() and m.exports == ["ddp.safetensors"]

@@ -168,19 +168,20 @@ def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = F
     return outputs
 
 
-def exchange(rows: list[dict], folder: Path, state) -> list[dict] | None:
-    """Every process's rows (JSON-able dicts) on the main process, None elsewhere: each process writes
-    folder/<rank>.json, then all wait; the main process reads them all and removes the folder."""
-    if state.num_processes == 1:
-        return rows
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{state.process_index}.json").write_text(json.dumps(rows))
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    found = [r for rank in range(state.num_processes) for r in json.loads((folder / f"{rank}.json").read_text())]
-    shutil.rmtree(folder)
-    return found
+def exchange(mine: list, folder: Path, state) -> dict[str, dict] | None:
+    """Every process's images (records with path, seconds, peak_memory_bytes and reused) as rows by path, on
+    the main process; None elsewhere. Each process writes folder/<rank>.json, then all wait; the main process
+    reads them all and removes the folder."""
+    rows = [{"path": str(o.path), "seconds": o.seconds, "peak": o.peak_memory_bytes, "reused": o.reused} for o in mine]
+    if state.num_processes > 1:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{state.process_index}.json").write_text(json.dumps(rows))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        rows = [r for rank in range(state.num_processes) for r in json.loads((folder / f"{rank}.json").read_text())]
+        shutil.rmtree(folder)
+    return {r["path"]: r for r in rows}
 
 
 def merge(mine: list[Output], points: list[Point], inputs, out: Path, state) -> list[Output] | None:
@@ -188,11 +189,9 @@ def merge(mine: list[Output], points: list[Point], inputs, out: Path, state) -> 
     own list."""
     if state.num_processes == 1:
         return mine
-    rows = [{"path": str(o.path), "seconds": o.seconds, "peak": o.peak_memory_bytes, "reused": o.reused} for o in mine]
-    found = exchange(rows, out / RANKS, state)
-    if found is None:
+    done = exchange(mine, out / RANKS, state)
+    if done is None:
         return None
-    done = {r["path"]: r for r in found}
     names = output_names(inputs.contents)
     outputs = []
     for point in points:

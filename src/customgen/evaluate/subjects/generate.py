@@ -165,11 +165,9 @@ def gather(mine: list[Sample], shots: list[Shot], cfg, out: Path, state) -> list
     """Every process's samples, in shot order, on the main process (None elsewhere)."""
     if state.num_processes == 1:
         return mine
-    rows = [{"path": str(s.path), "seconds": s.seconds, "peak": s.peak_memory_bytes, "reused": s.reused} for s in mine]
-    found_rows = exchange(rows, out / RANKS, state)
-    if found_rows is None:
+    done = exchange(mine, out / RANKS, state)
+    if done is None:
         return None
-    done = {r["path"]: r for r in found_rows}
     samples = []
     for shot in shots:
         for i in range(cfg.eval.samples_per_prompt):
