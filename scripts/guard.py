@@ -7,7 +7,8 @@ time and peak memory (the sum of its processes' proportional set sizes, sampled 
   worker can leave the controller waiting forever: pytest-xdist 3.8 with --dist loadfile was seen to hang);
 - a crashed worker (xdist prints "node down" / "crashed"): the run gets --grace seconds to finish, then stops;
 - no output for --idle seconds (longer than pytest-timeout's per-test limit): stopped;
-- --wall seconds in all: stopped.
+- --wall seconds in all: stopped;
+- processes the command leaves behind when it ends are ended with it (they would hold the output pipe open).
 Exit status: the command's own, or 1 with one `error:` line saying which limit stopped it.
 """
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Guard:
             elif now - self.start > a.wall:
                 self.stop(f"it ran past its {a.wall} s limit")
             time.sleep(1.0)
+        try:  # the command ended: what it left behind (an orphaned worker holding the output pipe open) ends too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def pump(self) -> None:
         """Copy the command's output through, noting when it last spoke and whether a worker crashed."""
