@@ -29,6 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_inspect(args) -> int:
+    if Path(args.ref).expanduser().is_file():  # a file: what it is and whether customgen can use it
+        from customgen.formats.report import file_report, format_file_report  # lazy
+
+        report = file_report(args.ref)
+        print(json.dumps(report, indent=2) if args.json else format_file_report(report))
+        return 0
     from customgen.models import load_components  # lazy
     from customgen.models.inspect import format_report, inspect_components  # lazy
 
@@ -161,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("inspect", help="components, classes and parameter counts of a model reference")
-    s.add_argument("ref", help="Hub id, local folder, .safetensors file, tiny or sd15-random")
+    s = sub.add_parser("inspect", help="a model reference's components and parameter counts, or what a file is "
+                                       "(LoRA, LyCORIS, embedding, checkpoint, ...) and whether customgen can use it")
+    s.add_argument("ref", help="Hub id, local folder, tiny, sd15-random, or a file (.safetensors, .pt, .bin, .ckpt)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--rank", type=int, default=4, help="LoRA rank for the LoRA parameter count")
     s.set_defaults(func=_cmd_inspect)

@@ -159,11 +159,18 @@ class DemoState:
         return [ALL] + sorted({s.manifest.method for s in self.styles.values()})
 
     def table(self) -> list[list[str]]:
-        return [[n, s.manifest.method, s.kind.name, s.manifest.base_model, s.default_prompt]
+        return [[n, s.manifest.method, s.kind.name, s.manifest.base_model, s.default_prompt, triggers(s)]
                 for n, s in self.styles.items()]
 
     def save(self, img, prefix: str) -> str:
         return str(save_image(img, self.out / f"{prefix}-{uuid.uuid4().hex[:8]}.png"))
+
+
+def triggers(style) -> str:
+    """The words that call a style up: a file's (embedding words, kohya's output name and top tags), else the
+    artifact's token."""
+    words = style.manifest.training.get("triggers") or ([style.manifest.token] if style.manifest.token else [])
+    return ", ".join(words)
 
 
 def _seed(value):
@@ -269,7 +276,7 @@ def create_app(*, model=DEFAULT_MODEL, styles_dir=None, device=None, dtype=None,
         with gr.Tab("Text to image"):
             _generate_tab(gr, state)
         with gr.Tab("Library"):
-            gr.Dataframe(state.table(), headers=["name", "method", "kind", "base model", "prompt"],
+            gr.Dataframe(state.table(), headers=["name", "method", "kind", "base model", "prompt", "triggers"],
                          interactive=False)
     app.queue(default_concurrency_limit=1)  # one generation at a time: the model is shared
     app.customgen_state = state

@@ -21,7 +21,7 @@ from customgen.errors import UserError
 from customgen.inference.images import writable_target
 from customgen.inference.library import StyleLibrary
 from customgen.memory import DTYPES
-from customgen.models import load_components, save_pipeline
+from customgen.models import DEFAULT_MODEL, load_components, save_pipeline
 from customgen.models.ldm import to_ldm
 
 FORMATS = ("single-file", "diffusers")
@@ -46,7 +46,7 @@ def export(style, out: str | Path, *, fmt: str = "single-file", model: str | Non
     if not 0.0 <= float(scale) <= 10.0:
         raise UserError(f"--scale must be between 0 and 10, got {scale}")
     style = StyleLibrary(styles_dir).resolve(style)
-    comps = load_components(model or style.manifest.base_model, device="cpu", dtype=torch.float32)
+    comps = load_components(model or style.manifest.base_model or DEFAULT_MODEL, device="cpu", dtype=torch.float32)
     style.kind.check(style, comps)
     style.kind.merge(comps, style, float(scale), single_file=fmt == "single-file")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # written aside, renamed when complete

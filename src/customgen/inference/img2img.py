@@ -49,9 +49,9 @@ def stylize(content, styles=None, request: Request | None = None, *, styles_dir=
     strength/scales: stylization s → strength 0.2 + 0.6·s, scale min(1, 2·s)."""
     req = as_request(request, fields).resolved()
     contents = load_contents(content)
-    session = get_session(req.model, device=req.device, dtype=req.dtype)
     library = StyleLibrary(styles_dir)
-    job = Job(req, resolve_styles(styles, req.scales, library))
+    job = Job(req, resolve_styles(styles, req.scales, library))  # styles (and files) checked before the model loads
+    session = get_session(req.model, device=req.device, dtype=req.dtype)
     if req.style_image is not None:
         add_style_image(session, job, load_content(req.style_image), library, embedder)
     with session.lock:

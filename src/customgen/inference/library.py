@@ -1,6 +1,8 @@
-"""Style library: a folder of artifacts (one sub-folder each, with its style.json), referred to by name or path.
+"""Style library: a folder of artifacts (one sub-folder each, with its style.json) and of loose files from elsewhere
+(kohya/LyCORIS LoRAs, embeddings: customgen.formats), referred to by name or path.
 
-Also the architecture checks that refuse a style trained for another base model before any weight is loaded.
+Also the architecture checks that refuse a style trained for another base model before any weight is loaded; a
+file is read and checked when it is named, before any model loads.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from customgen.errors import Notice, UserError
-from customgen.kinds import MANIFEST, Kind, Manifest, get_kind, read_artifact
+from customgen.formats import SUFFIXES
+from customgen.kinds import MANIFEST, Kind, Manifest, file_manifest, get_kind, read_artifact
 from customgen.request import DEFAULT_SCALE, scale_list as scale_values
 
 DEFAULT_STYLES_DIR = "outputs/styles"  # where `customgen train` writes artifacts (config `train.output`)
@@ -20,11 +23,18 @@ STYLES_ENV = "CUSTOMGEN_STYLES"  # overrides the default library folder
 
 @dataclass
 class Style:
-    """One artifact: its library name, folder and manifest (the method comes from the manifest)."""
+    """One artifact (its library name, folder and manifest; the method comes from the manifest), or a file from
+    elsewhere (`source`: the file; `folder` its folder; a manifest made from the file)."""
 
     name: str
     folder: Path
     manifest: Manifest
+    source: Path | None = None
+
+    @property
+    def key(self) -> Path:
+        """What names this style in a session and its caches: the artifact folder, or the file."""
+        return self.source or self.folder
 
     @property
     def kind(self) -> Kind:
@@ -50,6 +60,17 @@ def load_style(folder: str | Path, *, name: str | None = None) -> Style:
     return Style(name or folder.name, folder.resolve(), manifest)
 
 
+def is_style_file(path: Path) -> bool:
+    """A file with a weights suffix (.safetensors, .pt, .pth, .bin, .ckpt), to be read as a style."""
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def load_file_style(path: str | Path, *, name: str | None = None) -> Style:
+    """A file from elsewhere → Style, read and checked now (one line for a file customgen cannot use)."""
+    path = Path(path).expanduser().resolve()
+    return Style(name or path.stem, path.parent, file_manifest(path), source=path)
+
+
 def default_styles_dir() -> Path:
     """$CUSTOMGEN_STYLES, else `outputs` (where training writes artifacts)."""
     return Path(os.environ.get(STYLES_ENV) or DEFAULT_STYLES_DIR)
@@ -67,9 +88,16 @@ class StyleLibrary:
             return {}
         return {p.name: p for p in sorted(self.root.iterdir()) if (p / MANIFEST).is_file()}
 
+    def files(self) -> dict[str, Path]:
+        """File stem → loose style file in the library folder (sorted; an artifact's name wins a clash)."""
+        if not self.root.is_dir():
+            return {}
+        folders = self.folders()
+        return {p.stem: p for p in sorted(self.root.iterdir()) if is_style_file(p) and p.stem not in folders}
+
     def names(self) -> list[str]:
-        """Library names (folder names) of all artifacts."""
-        return list(self.folders())
+        """Library names of all styles: artifact folder names, then loose files' stems."""
+        return list(self.folders()) + list(self.files())
 
     def manifest_names(self) -> dict[str, Path]:
         """Manifest `name` → folder, for manifests that parse (broken ones are reported when used)."""
@@ -82,25 +110,34 @@ class StyleLibrary:
         return out
 
     def styles(self) -> list[Style]:
-        """Every readable artifact; unreadable ones are skipped with a Notice."""
+        """Every readable artifact, then every usable loose file; the others are skipped with a Notice."""
         out = []
-        for name, folder in self.folders().items():
+        loaders = [(n, f, load_style) for n, f in self.folders().items()]
+        for name, path, load in loaders + [(n, p, load_file_style) for n, p in self.files().items()]:
             try:
-                out.append(load_style(folder, name=name))
+                out.append(load(path, name=name))
             except UserError as err:
                 warnings.warn(f"skipping style {name}: {err}", Notice, stacklevel=2)
         return out
 
     def resolve(self, ref: str | Path | Style) -> Style:
-        """A Style, an artifact folder path, a folder name or a manifest name → Style."""
+        """A Style, an artifact folder path, a style file path, a folder name, a loose file's stem or a manifest
+        name → Style."""
         if isinstance(ref, Style):
             return ref
         path = Path(ref).expanduser()
         if path.is_dir():
             return load_style(path)
+        if is_style_file(path):
+            return load_file_style(path)
+        if path.suffix.lower() in SUFFIXES:
+            raise UserError(f"style file {path} does not exist")
         folders = self.folders()
         if str(ref) in folders:
             return load_style(folders[str(ref)])
+        files = self.files()
+        if str(ref) in files:
+            return load_file_style(files[str(ref)])
         by_manifest = self.manifest_names()
         if str(ref) in by_manifest:
             return load_style(by_manifest[str(ref)])
@@ -110,9 +147,10 @@ class StyleLibrary:
         if not self.root.is_dir():
             return (f"unknown style {ref!r}: the styles folder {self.root} does not exist; "
                     "pass --styles DIR or the artifact's folder path")
-        if not folders:
-            return f"unknown style {ref!r}: no artifacts (folders with style.json) in {self.root}"
-        return f"unknown style {ref!r}; available in {self.root}: {', '.join(folders)}"
+        names = self.names()
+        if not names:
+            return f"unknown style {ref!r}: no artifacts (folders with style.json) or style files in {self.root}"
+        return f"unknown style {ref!r}; available in {self.root}: {', '.join(names)}"
 
 
 def check_compatible(style: Style, comps) -> None:

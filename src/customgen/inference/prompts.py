@@ -61,7 +61,7 @@ def conditioning(session, pipe, specs: list[tuple[Style, float]], prompt: str, n
     """prompt_embeds (+ negative_prompt_embeds under classifier-free guidance) for `batch` images, encoded as the
     pipeline encodes the strings and cached in the session until the active styles change."""
     cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' own test
-    key = (prompt, negative_prompt, cfg, tuple((s.folder, float(w)) for s, w in specs))
+    key = (prompt, negative_prompt, cfg, tuple((s.key, float(w)) for s, w in specs))
     if key not in session.prompts:
         kw = prompt_kwargs(session, pipe, specs, prompt, negative_prompt)
         with torch.inference_mode():

@@ -70,8 +70,8 @@ class Session:
         self.comps = comps
         self.lock = threading.RLock()  # the demo serves requests from threads; one generation at a time
         self.extra: dict = {}  # lazily built add-ons (ControlNets, IP-Adapter, previews)
-        self.loaded: dict = {}  # artifact folder → Style, once its weights are in the base model
-        self.active: tuple | None = None  # ((artifact folder, scale), ...) activated last; None: unknown
+        self.loaded: dict = {}  # style key (artifact folder or file) → Style, once its weights are in the base model
+        self.active: tuple | None = None  # ((style key, scale), ...) activated last; None: unknown
         self.prompts: dict = {}  # encoded prompts while the active styles stay the same (inference.prompts)
         self.timings: dict | None = None  # phase → [seconds]; stylize fills it when a benchmark sets a dict
         self._pipes: dict = {}
@@ -108,7 +108,7 @@ class Session:
     def activate(self, specs: list[tuple]) -> None:
         """Make exactly these (style, scale) pairs active; every other loaded style is switched off. Nothing
         happens when they are already active; otherwise kinds unfuse, load, activate, then fuse."""
-        key = tuple((style.folder, float(w)) for style, w in specs)
+        key = tuple((style.key, float(w)) for style, w in specs)
         if key == self.active:
             return
         self.unfuse()
@@ -121,21 +121,22 @@ class Session:
         self.active = key
 
     def unfuse(self) -> None:
-        """Every kind's fused weights undone exactly; the encoded prompts forgotten."""
-        for kind in KINDS.values():
+        """Every kind's fused weights undone exactly, in the reverse order of fusing (each restores the weights it
+        met); the encoded prompts forgotten."""
+        for kind in reversed(KINDS.values()):
             kind.unfuse(self)
         self.active = None
         self.prompts.clear()
 
     def load(self, style) -> None:
         """Load a style's weights into the base once (checked against this architecture first)."""
-        if style.folder in self.loaded:
+        if style.key in self.loaded:
             return
         check_compatible(style, self.comps)
         self.unfuse()  # loaders and DreamBooth's swap see the unfused weights
         with quiet_diffusers():
             style.kind.load(self, style)
-        self.loaded[style.folder] = style
+        self.loaded[style.key] = style
 
 
 @contextlib.contextmanager

@@ -24,8 +24,8 @@ def generate(prompt: str | None = None, styles=None, request: Request | None = N
     styles' manifest prompts; the batch shares one generator seeded with `seed`. Keyword fields are those of
     `customgen.request.Request` (steps, guidance, scheduler, seed, size, width, height, num_images, ...)."""
     req = as_request(request, {"prompt": prompt, **fields} if prompt is not None else fields).check()
+    specs = resolve_styles(styles, req.scales, StyleLibrary(styles_dir))  # checked before the model loads
     session = get_session(req.model, device=req.device, dtype=req.dtype)
-    specs = resolve_styles(styles, req.scales, StyleLibrary(styles_dir))
     side = req.size or session.native_size
     req = req.replace(seed=random_seed() if req.seed is None else int(req.seed), width=req.width or side,
                       height=req.height or side)
@@ -62,11 +62,11 @@ def run_txt2img(session: Session, specs, prompt: str, req: Request) -> list[Imag
 def preview(session: Session, style: Style, *, size: int | None = None, steps: int = 10) -> Image.Image:
     """A seed-0 txt2img image of a style (its default prompt), cached: its stand-in reference for nearest-style."""
     cache = session.extra.setdefault("previews", {})
-    if style.folder not in cache:
+    if style.key not in cache:
         side = size or session.native_size
         req = Request(steps=steps, seed=0, width=side, height=side)
         with session.lock:
             session.activate([(style, 1.0)])
             text = build_prompt(session, [(style, 1.0)], None)
-            cache[style.folder] = run_txt2img(session, [(style, 1.0)], text, req)[0]
-    return cache[style.folder]
+            cache[style.key] = run_txt2img(session, [(style, 1.0)], text, req)[0]
+    return cache[style.key]

@@ -1,0 +1,162 @@
+"""Files from elsewhere as styles: a kohya/LyCORIS LoRA, LoCon, LoHa, LoKr or DoRA file, a diffusers/PEFT LoRA file
+or an AUTOMATIC1111/diffusers embedding, used wherever an artifact is (`--style FILE`, blends, evaluation, the
+demo's list, export). customgen.formats reads them; this kind applies what they hold:
+
+- layer changes are merged into the base weights at the style's scale, file after file in the order given, as
+  ComfyUI and the WebUI merge several LoRAs (a DoRA file normalises the weight it meets); the weights before are
+  kept on the CPU and copied back exactly when the styles change (`unfuse`), so the base model returns bit for bit;
+- embeddings join the tokenizer under their trigger word (the file stem, as the WebUI names them; a kohya file's
+  `bundle_emb.<word>`) through stock `load_textual_inversion`; several vectors become `word`, `word_1`, ... and the
+  scale interpolates prompt embeddings, as for Textual Inversion styles.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from customgen.errors import UserError
+from customgen.formats import Adapter, find_layer, read_adapter
+from customgen.kinds.base import Kind
+from customgen.kinds.files import first_line
+from customgen.kinds.manifest import Manifest
+from customgen.models import build_pipeline
+
+NAME = "file"
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(path: str, stamp: tuple) -> Adapter:
+    return read_adapter(path)
+
+
+def adapter_of(path: str | Path) -> Adapter:
+    """The file's Adapter, read once per version of the file (its size and modification time)."""
+    stat = os.stat(path)
+    return _cached(str(Path(path).resolve()), (stat.st_size, stat.st_mtime_ns))
+
+
+def file_manifest(path: str | Path) -> Manifest:
+    """A manifest for a file (checked and refused in one line before any model loads): name = file stem, prompt =
+    its embeddings' trigger words, rank and alpha from its layers."""
+    path = Path(path)
+    adapter = adapter_of(path)
+    r = adapter.report
+    words = list(adapter.embeddings)
+    return Manifest(name=path.stem, method=NAME, kind=NAME, base_model="", weights=path.name, prompt=" ".join(words),
+                    token=words[0] if words else "", rank=(r["rank"] or [None])[-1],
+                    alpha=(r["alpha"] or [None])[-1], text_encoder=bool(r["modules"].get("text_encoder")),
+                    trainable_params=adapter.parameters, file_bytes=path.stat().st_size,
+                    training={"format": r["format"], "triggers": r["triggers"], "metadata": r["metadata"]})
+
+
+def _models(comps) -> dict:
+    return {"unet": comps.unet, "text_encoder": comps.text_encoder}
+
+
+@dataclass
+class FileState:
+    """Files loaded into one session: style key → (Adapter, {trigger word: loaded token}); what is merged now."""
+
+    adapters: dict = field(default_factory=dict)
+    active: list = field(default_factory=list)  # [(key, scale)] to merge at the next fuse
+    saved: dict | None = None  # layer → its weight before merging (CPU), while merged
+
+
+class FileKind(Kind):
+    """Layer changes merged into the base weights (restored exactly); embeddings as tokens."""
+
+    name = NAME
+    has_scale = True
+
+    def files(self, manifest: Manifest) -> list[str]:
+        return [manifest.weights]
+
+    def check(self, style, comps) -> None:
+        """Every layer the file names exists here with its shape, and embeddings have this text encoder's width."""
+        adapter = adapter_of(style.source)
+        models, width = _models(comps), comps.text_encoder.get_input_embeddings().weight.shape[1]
+        for (component, path), delta in adapter.deltas.items():
+            layer = find_layer(models, component, path, style.source)
+            try:
+                delta.diff(tuple(layer.weight.shape))
+                delta.dora_axis(tuple(layer.weight.shape))
+            except (ValueError, RuntimeError) as err:
+                raise UserError(f"{style.source}: layer {component}.{path} does not fit this model "
+                                f"({first_line(err)}); the file was made for another base model") from err
+        for word, vectors in adapter.embeddings.items():
+            if vectors.shape[-1] != width:
+                raise UserError(f"{style.source}: embedding {word} is {vectors.shape[-1]} wide, this text encoder "
+                                f"{width} (the file was made for another base model)")
+
+    def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
+        """Bake the layer changes in at `scale`; embeddings join the tokenizer (a diffusers folder only)."""
+        adapter = adapter_of(style.source)
+        if adapter.embeddings and single_file:
+            raise UserError(f"{style.source} holds embeddings ({', '.join(adapter.embeddings)}), which a single-file "
+                            "checkpoint cannot carry: export --format diffusers, or put the file in the tool's "
+                            "embeddings folder")
+        adapter.merge_into(_models(comps), float(scale))
+        if adapter.embeddings:
+            pipe = build_pipeline(comps, kind="txt2img")
+            for word, vectors in adapter.embeddings.items():
+                pipe.load_textual_inversion(vectors, token=word)
+
+    def new_state(self) -> FileState:
+        return FileState()
+
+    def load(self, session, style) -> None:
+        adapter = adapter_of(style.source)
+        tokens, state, vocab = {}, session.state(self), session.comps.tokenizer.get_vocab()
+        for word, vectors in adapter.embeddings.items():
+            token = word if word not in vocab else f"<{word}-{len(state.adapters)}>"  # taken: load an alias
+            try:
+                session.pipeline("img2img").load_textual_inversion(vectors.to(session.comps.text_encoder.dtype),
+                                                                   token=token)
+            except (ValueError, RuntimeError) as err:
+                raise UserError(f"cannot load embedding {word} from {style.source} ({first_line(err)})") from err
+            tokens[word] = token
+        state.adapters[style.key] = (adapter, tokens)
+
+    def activate(self, session, active: list[tuple]) -> None:
+        """Remember the files to merge (merging happens in `fuse`, after every kind has activated)."""
+        session.state(self).active = [(s.key, float(w)) for s, w in active if float(w) != 0.0]
+
+    def fuse(self, session) -> None:
+        """Merge the active files' layer changes, in order, keeping the weights before on the CPU."""
+        state = session.state(self)
+        if state.saved is not None or not state.active:
+            return
+        models, saved = _models(session.comps), {}
+        with torch.no_grad():
+            for key, scale in state.active:
+                adapter = state.adapters[key][0]
+                for layer in adapter.layers(models):
+                    saved.setdefault(layer, layer.weight.detach().to("cpu", copy=True))
+                adapter.merge_into(models, scale)
+        state.saved = saved
+
+    def unfuse(self, session) -> None:
+        """Copy the saved weights back: the weights before merging, bit for bit."""
+        state = session.state(self)
+        if state.saved is None:
+            return
+        with torch.no_grad():
+            for layer, weight in state.saved.items():
+                layer.weight.copy_(weight)
+        state.saved = None
+
+    def default_prompt(self, style) -> str:
+        return style.manifest.prompt
+
+    def prompt(self, session, style, text: str) -> str:
+        for word, token in session.state(self).adapters.get(style.key, (None, {}))[1].items():
+            if token != word:
+                text = text.replace(word, token)
+        return text
+
+    def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
+        return [(t, float(scale)) for t in session.state(self).adapters.get(style.key, (None, {}))[1].values()]
