@@ -180,6 +180,6 @@ def resolve_inputs(cfg, library: list | None = None) -> EvalInputs:
         if ref is None:
             warnings.warn(f"style {s.name} names no reference style (data.style); it gets no style metrics",
                           Notice, stacklevel=2)
-        styles.append(EvalStyle(s.name, s.folder, s.manifest, reference=ref))
+        styles.append(EvalStyle(s.name, s.folder, s.manifest, source=s.source, reference=ref))
     needed = sorted({s.reference for s in styles if s.reference})
     return EvalInputs(styles, contents, select_references(e, available, needed))

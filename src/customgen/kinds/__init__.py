@@ -15,13 +15,13 @@ from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.dreambooth import DreamBoothKind
 from customgen.kinds.files import inside
-from customgen.kinds.foreign import FileKind, file_manifest
+from customgen.kinds.foreign import MergedKind, file_manifest
 from customgen.kinds.lora import LoraKind
 from customgen.kinds.manifest import (MANIFEST, SNAPSHOTS, Manifest, list_snapshots, package_versions, read_manifest,
                                       snapshot_folder, training_facts, write_manifest)
 from customgen.kinds.textual_inversion import TextualInversionKind
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LoraKind(), DreamBoothKind(), TextualInversionKind(), FileKind())}
+KINDS: dict[str, Kind] = {k.name: k for k in (LoraKind(), DreamBoothKind(), TextualInversionKind(), MergedKind())}
 # Recipes (config `method`) in plot order: styles first, then subjects, each in registry order.
 RECIPES: dict[str, Recipe] = {r.name: r for r in sorted((r for k in KINDS.values() for r in k.recipes),
                                                          key=lambda r: r.target != "style")}

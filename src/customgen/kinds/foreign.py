@@ -1,6 +1,8 @@
-"""Files from elsewhere as styles: a kohya/LyCORIS LoRA, LoCon, LoHa, LoKr or DoRA file, a diffusers/PEFT LoRA file
-or an AUTOMATIC1111/diffusers embedding, used wherever an artifact is (`--style FILE`, blends, evaluation, the
-demo's list, export). customgen.formats reads them; this kind applies what they hold:
+"""Styles whose weights are merged in from a file customgen.formats reads: files from elsewhere (a kohya/LyCORIS
+LoRA, LoCon, LoHa, LoKr or DoRA file, a diffusers/PEFT LoRA file or an AUTOMATIC1111/diffusers embedding: `--style
+FILE`, loose files in the library), and artifacts whose main weights file is in such a layout (manifest kind
+`merged`). They are used wherever an artifact is (blends, evaluation, the demo's list, export). This kind applies
+what the file holds:
 
 - layer changes are merged into the base weights at the style's scale, file after file in the order given, as
   ComfyUI and the WebUI merge several LoRAs (a DoRA file normalises the weight it meets); the weights before are
@@ -25,7 +27,8 @@ from customgen.kinds.files import first_line
 from customgen.kinds.manifest import Manifest
 from customgen.models import build_pipeline
 
-NAME = "file"
+NAME = "merged"  # the kind
+FILE_METHOD = "file"  # the manifest method of a file from elsewhere (it was not trained by customgen)
 
 
 @functools.lru_cache(maxsize=16)
@@ -46,11 +49,16 @@ def file_manifest(path: str | Path) -> Manifest:
     adapter = adapter_of(path)
     r = adapter.report
     words = list(adapter.embeddings)
-    return Manifest(name=path.stem, method=NAME, kind=NAME, base_model="", weights=path.name, prompt=" ".join(words),
+    return Manifest(name=path.stem, method=FILE_METHOD, kind=NAME, base_model="", weights=path.name, prompt=" ".join(words),
                     token=words[0] if words else "", rank=(r["rank"] or [None])[-1],
                     alpha=(r["alpha"] or [None])[-1], text_encoder=bool(r["modules"].get("text_encoder")),
                     trainable_params=adapter.parameters, file_bytes=path.stat().st_size,
                     training={"format": r["format"], "triggers": r["triggers"], "metadata": r["metadata"]})
+
+
+def weights_path(style) -> Path:
+    """The file a style's changes come from: the file itself, or the artifact's main weights file."""
+    return style.source or style.folder / style.manifest.weights
 
 
 def _models(comps) -> dict:
@@ -66,7 +74,7 @@ class FileState:
     saved: dict | None = None  # layer → its weight before merging (CPU), while merged
 
 
-class FileKind(Kind):
+class MergedKind(Kind):
     """Layer changes merged into the base weights (restored exactly); embeddings as tokens."""
 
     name = NAME
@@ -77,26 +85,26 @@ class FileKind(Kind):
 
     def check(self, style, comps) -> None:
         """Every layer the file names exists here with its shape, and embeddings have this text encoder's width."""
-        adapter = adapter_of(style.source)
+        adapter = adapter_of(weights_path(style))
         models, width = _models(comps), comps.text_encoder.get_input_embeddings().weight.shape[1]
         for (component, path), delta in adapter.deltas.items():
-            layer = find_layer(models, component, path, style.source)
+            layer = find_layer(models, component, path, weights_path(style))
             try:
                 delta.diff(tuple(layer.weight.shape))
                 delta.dora_axis(tuple(layer.weight.shape))
             except (ValueError, RuntimeError) as err:
-                raise UserError(f"{style.source}: layer {component}.{path} does not fit this model "
+                raise UserError(f"{weights_path(style)}: layer {component}.{path} does not fit this model "
                                 f"({first_line(err)}); the file was made for another base model") from err
         for word, vectors in adapter.embeddings.items():
             if vectors.shape[-1] != width:
-                raise UserError(f"{style.source}: embedding {word} is {vectors.shape[-1]} wide, this text encoder "
+                raise UserError(f"{weights_path(style)}: embedding {word} is {vectors.shape[-1]} wide, this text encoder "
                                 f"{width} (the file was made for another base model)")
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """Bake the layer changes in at `scale`; embeddings join the tokenizer (a diffusers folder only)."""
-        adapter = adapter_of(style.source)
+        adapter = adapter_of(weights_path(style))
         if adapter.embeddings and single_file:
-            raise UserError(f"{style.source} holds embeddings ({', '.join(adapter.embeddings)}), which a single-file "
+            raise UserError(f"{weights_path(style)} holds embeddings ({', '.join(adapter.embeddings)}), which a single-file "
                             "checkpoint cannot carry: export --format diffusers, or put the file in the tool's "
                             "embeddings folder")
         adapter.merge_into(_models(comps), float(scale))
@@ -109,7 +117,7 @@ class FileKind(Kind):
         return FileState()
 
     def load(self, session, style) -> None:
-        adapter = adapter_of(style.source)
+        adapter = adapter_of(weights_path(style))
         tokens, state, vocab = {}, session.state(self), session.comps.tokenizer.get_vocab()
         for word, vectors in adapter.embeddings.items():
             token = word if word not in vocab else f"<{word}-{len(state.adapters)}>"  # taken: load an alias
@@ -117,7 +125,7 @@ class FileKind(Kind):
                 session.pipeline("img2img").load_textual_inversion(vectors.to(session.comps.text_encoder.dtype),
                                                                    token=token)
             except (ValueError, RuntimeError) as err:
-                raise UserError(f"cannot load embedding {word} from {style.source} ({first_line(err)})") from err
+                raise UserError(f"cannot load embedding {word} from {weights_path(style)} ({first_line(err)})") from err
             tokens[word] = token
         state.adapters[style.key] = (adapter, tokens)
 
