@@ -69,7 +69,7 @@ def layer_parts(algo: str, layer, *, rank: int, g: torch.Generator, std: float =
     i, o, k = dims(layer)
     r = lambda *s: torch.randn(*s, generator=g) * std  # noqa: E731
     tucker = tucker and bool(k) and k != (1, 1)
-    if algo == "lora":
+    if algo == "locon":
         if tucker:
             return {"lora_down.weight": r(rank, i, 1, 1), "lora_mid.weight": r(rank, rank, *k),
                     "lora_up.weight": r(o, rank, 1, 1)}
@@ -156,7 +156,7 @@ def diffusers_metadata(*, rank: int, alpha: float, text_encoder: bool = True) ->
 def comfy_diff(algo: str, parts: dict, alpha: float | None, shape) -> tuple[torch.Tensor, float]:
     """(ΔW before the scale, the scale ComfyUI applies): comfy/weight_adapter/{lora,loha,lokr}.py."""
     p = {k: v.double() for k, v in parts.items()}
-    if algo == "lora":
+    if algo == "locon":
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         if "lora_mid.weight" in p:  # LoCon Tucker: up ×mid× down
             diff = torch.einsum("oa,abhw,bi->oihw", up.flatten(1), p["lora_mid.weight"], down.flatten(1))
@@ -217,7 +217,7 @@ def chain_length(algo: str, parts: dict) -> int:
     """Roundings in a row of one merged value: terms of the longest expanded sum + multiplications per term +
     scale, strength and the add (Higham 2002, §3.1)."""
     shapes = {k: v.shape for k, v in parts.items()}
-    if algo == "lora":
+    if algo == "locon":
         r = shapes["lora_down.weight"][0]
         return (r * r + 2 if "lora_mid.weight" in shapes else r + 1) + 3
     if algo == "loha":

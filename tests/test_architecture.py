@@ -20,7 +20,10 @@ SRC = ROOT / "src"
 PACKAGE = SRC / "customgen"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 METHOD_NAMES = ("lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject", "lora_anime_kohya")
-KIND_NAMES = ("lora", "dreambooth", "textual_inversion")
+KIND_NAMES = ("lora", "dreambooth", "textual_inversion", "merged")
+# customgen.formats' names for what a file is (its report's `format`) and LyCORIS's algorithms (the layout names
+"kohya" and "diffusers" are left out: data layouts and export formats use those words for other things)
+FORMAT_NAMES = ("locon", "loha", "lokr", "dora", "diffusers-lora", "embedding", "checkpoint", "hypernetwork")
 
 
 def layer_table(text: str) -> dict[str, int]:
@@ -194,6 +197,17 @@ def test_no_kind_branches_or_method_lists_outside_the_registry():
             code = line.split("#")[0]
             if kind_branch.search(code) or recipe_literal.search(code):
                 found.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_no_format_branches_outside_formats():
+    """Only customgen/formats/ may compare with a file format's or a LyCORIS algorithm's name: every other stage asks
+    an Adapter what to change."""
+    branch = re.compile(rf"(==|!=|\bin)\s*[(\[{{]?\s*[\"']({'|'.join(FORMAT_NAMES)})[\"']|"
+                        rf"[\"']({'|'.join(FORMAT_NAMES)})[\"']\s*(==|!=)")
+    found = [f"{path.relative_to(SRC)}:{i}: {line.strip()}" for m, path in MODULES.items()
+             if not m.startswith("customgen.formats")
+             for i, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line.split("#")[0])]
     assert not found, "\n".join(found)
 
 

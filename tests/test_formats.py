@@ -15,9 +15,9 @@ from tests import community_files as cf
 from tests.tolerance import gamma
 
 VARIANTS = {  # name → (algo, kohya_state options)
-    "lora": ("lora", {"conv": False}),
-    "locon": ("lora", {}),
-    "locon-tucker": ("lora", {"tucker": True}),
+    "lora": ("locon", {"conv": False}),
+    "locon": ("locon", {}),
+    "locon-tucker": ("locon", {"tucker": True}),
     "loha": ("loha", {}),
     "loha-tucker": ("loha", {"tucker": True}),
     "lokr-full": ("lokr", {"decompose": (False, False)}),
@@ -25,8 +25,8 @@ VARIANTS = {  # name → (algo, kohya_state options)
     "lokr-both": ("lokr", {"decompose": (True, True), "rank": 2}),
     "lokr-tucker": ("lokr", {"tucker": True, "rank": 2}),
     "lokr-no-alpha": ("lokr", {"alpha": None}),
-    "dora-input": ("lora", {"dora": "input"}),
-    "dora-output": ("lora", {"dora": "output"}),
+    "dora-input": ("locon", {"dora": "input"}),
+    "dora-output": ("locon", {"dora": "output"}),
     "loha-dora-input": ("loha", {"dora": "input", "conv": False}),
 }
 
@@ -87,15 +87,15 @@ def test_merged_weight_equals_comfyui_formula(variant, strength, tiny, tmp_path)
 def test_output_axis_dora_differs_from_comfyui_by_the_norm_it_uses(tiny, tmp_path):
     """ComfyUI normalises an output-axis DoRA by ‖W‖ instead of ‖W+ΔW‖: on these layers its weight differs from
     the formula's by the ratio of the two norms, far beyond rounding (docs/interop.md states the size)."""
-    state = cf.kohya_state(tiny, "lora", seed=4, dora="output", conv=False, text_encoder=False)
+    state = cf.kohya_state(tiny, "locon", seed=4, dora="output", conv=False, text_encoder=False)
     adapter = read_adapter(cf.write(tmp_path / "dora.safetensors", state))
     (component, path, layer), = [t for t in cf.target_layers(tiny, conv=False, text_encoder=False)
                                  if t[1].endswith("attn2.to_q")][:1]
     parts, alpha, dora = _parts(state, component, path)
     w = layer.weight.detach().double()
     ours = adapter.deltas[(component, path)].merged(w, 1.0)
-    comfy = cf.comfy_merge(w, "lora", parts, alpha, 1.0, dora, comfy_output_norm=True)
-    lycoris = cf.comfy_merge(w, "lora", parts, alpha, 1.0, dora)
+    comfy = cf.comfy_merge(w, "locon", parts, alpha, 1.0, dora, comfy_output_norm=True)
+    lycoris = cf.comfy_merge(w, "locon", parts, alpha, 1.0, dora)
     assert torch.allclose(ours, lycoris, rtol=0, atol=1e-12)
     assert (ours - comfy).abs().max() > 1e-3 * w.abs().max()
 
@@ -116,7 +116,7 @@ def test_lycoris_lokr_diff_weight_scales_tucker_by_the_wrong_dimension(tiny):
 
 
 def test_unmatched_keys_are_one_warning_and_a_file_matching_nothing_is_refused(tiny, tmp_path):
-    state = cf.kohya_state(tiny, "lora", conv=False, text_encoder=False)
+    state = cf.kohya_state(tiny, "locon", conv=False, text_encoder=False)
     stray = {f"lora_unet_not_a_layer_{i}.lora_down.weight": torch.zeros(2, 2) for i in range(7)}
     path = cf.write(tmp_path / "some_stray.safetensors", state | stray)
     with warnings.catch_warnings(record=True) as seen:

@@ -246,11 +246,10 @@ def _summarise(adapter: Adapter, meta: dict) -> None:
     algos = {d.algo for d in deltas}
     layers = sd1_layers()
     conv = any(layers[c][p][2] not in ((), (1, 1)) for c, p in adapter.deltas)
-    if r["format"] == "kohya":
-        r["format"] = ("loha" if "loha" in algos else "lokr" if "lokr" in algos else "locon" if conv else "lora") \
-            if deltas else "embedding"
-        if any(d.dora_scale is not None for d in deltas) and r["format"] in ("lora", "locon"):
-            r["format"] = "dora"
+    if r["format"] == "kohya":  # named after the richest algorithm it holds; DoRA on plain LoRA/LoCon layers
+        dora = any(d.dora_scale is not None for d in deltas) and algos == {"locon"}
+        r["format"] = next((a for a in ("loha", "lokr") if a in algos), None) or (
+            "dora" if dora else "locon" if conv else "lora" if deltas else "embedding")
     elif r["format"] == "diffusers":
         r["format"] = "diffusers-lora"
     r["modules"] = dict(Counter(c for c, _ in adapter.deltas))

@@ -26,18 +26,18 @@ from lycoris.functional import general, lokr, locon, loha
 
 BACKEND = "torch"  # lycoris' plain torch path: the reference formulas, on every device (its kernels are opt-in)
 PARTS = {  # algorithm → the tensor names a kohya/LyCORIS file stores per layer (besides alpha and dora_scale)
-    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
+    "locon": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),  # LyCORIS's name for LoRA and LoCon
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
 }
-REQUIRED = {"lora": ("lora_down.weight", "lora_up.weight"), "loha": PARTS["loha"][:4], "lokr": ()}
+REQUIRED = {"locon": ("lora_down.weight", "lora_up.weight"), "loha": PARTS["loha"][:4], "lokr": ()}
 
 
 @dataclass
 class Delta:
     """One layer's stored change: its algorithm, tensors (by the file's own part names), alpha and DoRA scale."""
 
-    algo: str  # lora | loha | lokr
+    algo: str  # locon (LoRA, LoCon) | loha | lokr, LyCORIS's algorithm names
     parts: dict[str, torch.Tensor]
     alpha: float | None = None
     dora_scale: torch.Tensor | None = None
@@ -46,7 +46,7 @@ class Delta:
     def rank(self) -> int | None:
         """The rank α is divided by (None where the scale is 1: LoKr with both factors full)."""
         p = self.parts
-        if self.algo == "lora":
+        if self.algo == "locon":
             return p["lora_down.weight"].shape[0]
         if self.algo == "loha":
             return p["hada_w1_b"].shape[0]
@@ -64,7 +64,7 @@ class Delta:
         """ΔW in `dtype` (float32 unless a float64 weight asks for more), shaped like the layer's weight."""
         p = {k: v.to(dtype) for k, v in self.parts.items()}
         get = p.get
-        if self.algo == "lora":
+        if self.algo == "locon":
             out = locon.diff_weight(get("lora_down.weight"), get("lora_up.weight"), get("lora_mid.weight"),
                                     gamma=self.scale, backend=BACKEND)
         elif self.algo == "loha":
