@@ -203,8 +203,8 @@ def test_no_kind_branches_or_method_lists_outside_the_registry():
 def test_no_format_branches_outside_formats():
     """Only customgen/formats/ may compare with a file format's or a LyCORIS algorithm's name: every other stage asks
     an Adapter what to change."""
-    branch = re.compile(rf"(==|!=|\bin)\s*[(\[{{]?\s*[\"']({'|'.join(FORMAT_NAMES)})[\"']|"
-                        rf"[\"']({'|'.join(FORMAT_NAMES)})[\"']\s*(==|!=)")
+    names = "|".join(FORMAT_NAMES)
+    branch = re.compile(rf"(==|!=|\bin)\s*[(\[{{]?\s*[\"']({names})[\"']|[\"']({names})[\"']\s*(==|!=)")
     found = [f"{path.relative_to(SRC)}:{i}: {line.strip()}" for m, path in MODULES.items()
              if not m.startswith("customgen.formats")
              for i, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line.split("#")[0])]
