@@ -22,7 +22,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 METHOD_NAMES = ("lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject", "lora_anime_kohya")
 KIND_NAMES = ("lora", "dreambooth", "textual_inversion", "merged")
 # customgen.formats' names for what a file is (its report's `format`) and LyCORIS's algorithms (the layout names
-"kohya" and "diffusers" are left out: data layouts and export formats use those words for other things)
+# "kohya" and "diffusers" are left out: data layouts and export formats use those words for other things)
 FORMAT_NAMES = ("locon", "loha", "lokr", "dora", "diffusers-lora", "embedding", "checkpoint", "hypernetwork")
 
 
