@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -145,10 +146,16 @@ def diffusers_state(comps, *, rank: int = 4, seed: int = 0, text_encoder: bool =
     return state
 
 
-def diffusers_metadata(*, rank: int, alpha: float, text_encoder: bool = True) -> dict[str, str]:
-    meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": ["to_q"]}
-    if text_encoder:
-        meta |= {"text_encoder.r": rank, "text_encoder.lora_alpha": alpha, "text_encoder.target_modules": ["q_proj"]}
+def diffusers_metadata(state: dict, *, rank: int, alpha: float) -> dict[str, str]:
+    """diffusers' `lora_adapter_metadata` (peft LoraConfig fields per component) for a diffusers_state."""
+    meta = {}
+    for component in ("unet", "text_encoder"):
+        modules = sorted({re.split(r"(?:transformer_blocks|attentions|layers)\.\d+\.", k.rsplit(".lora_", 1)[0])[-1]
+                          for k in state if k.startswith(component + ".")})  # peft's suffixes: to_q, ff.net.2, fc1
+        if modules:
+            meta |= {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                     f"{component}.target_modules": modules, f"{component}.use_dora": any(
+                         k.endswith("lora_magnitude_vector") for k in state if k.startswith(component + "."))}
     return {"lora_adapter_metadata": json.dumps(meta), "format": "pt"}
 
 
@@ -248,4 +255,75 @@ def write_embedding(path: Path, vectors: torch.Tensor, layout: str) -> Path:
     key = {"emb_params": "emb_params", "string_to_param": "string_to_param.*", "clip_l": "clip_l",
            "diffusers": "<my-token>"}[layout]
     save_file({key: vectors.contiguous()}, str(path))
+    return path
+
+
+# --- files customgen refuses (each with the words its one line must hold) ------------------------------------
+class Payload:
+    """A pickle that would leave a marker file if anything ever unpickled it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def refused_files(folder: Path, comps, marker: Path) -> dict[str, tuple[Path, str]]:
+    """case → (file, pattern of its one-line refusal): other families, unsafe or damaged files, unsupported layouts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = kohya_state(comps, "locon", conv=False, seed=9)
+    r = lambda *s: torch.randn(*s, generator=torch.Generator().manual_seed(1)) * 0.1  # noqa: E731
+    xl_te = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": r(4, 768),
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": r(768, 4),
+             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": r(4, 1280),
+             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": r(1280, 4)}
+    wide = lambda width: {  # noqa: E731 - an SD1-named layer reading a wider text encoder
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": r(4, width),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": r(640, 4)}
+    nan = dict(lora)
+    first = next(k for k in nan if k.endswith("lora_up.weight"))
+    nan[first] = nan[first].clone().fill_(float("nan"))
+    files = {
+        "sdxl lora_te1_/lora_te2_": (write(folder / "xl_lora.safetensors", xl_te), r"for SDXL \(SDXL's two text encoders"),
+        "sdxl 2048-wide": (write(folder / "xl_wide.safetensors", wide(2048)), r"for SDXL \(2048-wide cross-attention\)"),
+        "sd2 1024-wide": (write(folder / "sd2_lora.safetensors", wide(1024)), r"for SD 2.x \(1024-wide cross-attention\)"),
+        "sd3 keys": (write(folder / "sd3_lora.safetensors", {
+            "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": r(4, 1536),
+            "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight": r(1536, 4)}), r"for SD3"),
+        "flux keys": (write(folder / "flux_lora.safetensors", {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": r(4, 3072),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": r(9216, 4)}), r"for Flux"),
+        "sdxl embedding (clip_g)": (write(folder / "xl_emb.safetensors", {"clip_g": r(2, 1280), "clip_l": r(2, 768)}),
+                                    r"for SDXL"),
+        "NaN values": (write(folder / "nan_lora.safetensors", nan), r"holds NaN or infinite values"),
+        "hypernetwork": (_hypernetwork(folder / "hn.pt"), r"a hypernetwork \(AUTOMATIC1111\)"),
+        "LyCORIS OFT": (write(folder / "oft.safetensors", {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": r(4, 8, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)}), r"LyCORIS OFT"),
+        "no SD1 layer": (write(folder / "elsewhere.safetensors", {"lora_unet_foo_bar.lora_down.weight": r(2, 2)}),
+                         r"none of its 1 keys matches an SD v1.5 layer"),
+        "checkpoint as a style": (write(folder / "model.safetensors", {
+            "model.diffusion_model.input_blocks.0.0.weight": r(4, 4, 3, 3)}), r"a full model checkpoint, not a style: "
+                                                                             r"pass it as --model"),
+    }
+    whole = (folder / "xl_lora.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    (folder / "garbage.safetensors").write_bytes(b"not a safetensors file at all" * 4)
+    (folder / "garbage.pt").write_bytes(b"\x80\x04 not a pickle either" * 4)
+    torch.save({"string_to_param": {"*": Payload(marker)}}, str(folder / "payload.pt"))
+    return files | {
+        "truncated": (folder / "truncated.safetensors", r"not readable as a safetensors file .*truncated"),
+        "not safetensors": (folder / "garbage.safetensors", r"not readable as a safetensors file"),
+        "not a pickle": (folder / "garbage.pt", r"not readable as a weights-only pickle"),
+        "pickle payload": (folder / "payload.pt", r"a pickle that torch's weights-only unpickler refuses .*never runs"),
+    }
+
+
+def _hypernetwork(path: Path) -> Path:
+    """AUTOMATIC1111's hypernetwork .pt: {width: [state dicts]} plus its settings."""
+    layer = {"linear.0.weight": torch.zeros(1536, 768), "linear.0.bias": torch.zeros(1536)}
+    torch.save({768: [layer, layer], 320: [layer, layer], "name": path.stem, "layer_structure": [1, 2, 1],
+                "activation_func": "linear", "step": 100}, str(path))
     return path

@@ -3,15 +3,27 @@ compare with, written in tests/community_files.py (ComfyUI's LoraLoader math, Ly
 against stock diffusers (`load_lora_weights` + `fuse_lora`) and peft wherever they load the file."""
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from customgen.errors import Notice
-from customgen.formats import read_adapter
-from customgen.models import load_components
+from customgen.cli import main
+from customgen.demo import triggers
+from customgen.errors import Notice, UserError
+from customgen.formats import examine, read_adapter
+from customgen.inference.library import StyleLibrary, load_file_style
+from customgen.inference.session import Session
+from customgen.formats.names import layer_paths
+from customgen.models import build_pipeline, load_components
+from customgen.models.loading import config_dir
 from tests import community_files as cf
+from tests.artifact_fixtures import make_contents, make_lora, stock_reads_kohya_text_encoder
 from tests.tolerance import gamma
 
 VARIANTS = {  # name → (algo, kohya_state options)
@@ -125,6 +137,262 @@ def test_unmatched_keys_are_one_warning_and_a_file_matching_nothing_is_refused(t
     notes = [str(w.message) for w in seen if issubclass(w.category, Notice)]
     assert len(notes) == 1 and "7 key(s) match no SD v1.5 layer" in notes[0] and "not_a_layer_0" in notes[0]
     assert adapter.report["unmatched"]["count"] == 7 and len(adapter.report["unmatched"]["first"]) == 5
-    from customgen.errors import UserError
     with pytest.raises(UserError, match="none of its 7 keys matches an SD v1.5 layer"):
         read_adapter(cf.write(tmp_path / "nothing.safetensors", stray))
+
+
+# --- stock diffusers and peft, wherever they load the file -------------------------------------------------
+def _stock_fused(path, strength: float, **load):
+    """A fresh tiny pipeline with the file loaded by stock `load_lora_weights` and fused at `strength`."""
+    comps = load_components("tiny", device="cpu")
+    pipe = build_pipeline(comps, kind="txt2img")
+    pipe.load_lora_weights(str(path), adapter_name="stock", **load)
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=strength)
+    return comps
+
+
+def _compare_fp32(adapter, comps, tiny, strength, bound_of) -> int:
+    """Each layer's fp32 merge against the stock one: both within γ_n·M of exact, so within twice that."""
+    checked = 0
+    for (component, path), delta in adapter.deltas.items():
+        stock = layer_paths(getattr(comps, component), component)[path].weight
+        base = layer_paths(getattr(tiny, component), component)[path].weight
+        ours = delta.merged(base, strength)
+        assert torch.all((ours.double() - stock.double()).abs() <= 2 * bound_of(component, path, base)), path
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["lora", "locon"])
+def test_kohya_lora_and_locon_equal_stock_load_lora_weights_and_fuse_lora(conv, tiny, tmp_path):
+    if not stock_reads_kohya_text_encoder(tiny.text_encoder):
+        pytest.skip("this diffusers cannot read SD1 lora_te_ keys under this transformers (docs/interop.md)")
+    state = cf.kohya_state(tiny, "locon", conv=conv, seed=5, alpha=3.0)
+    path = cf.write(tmp_path / "kohya.safetensors", state)
+    adapter = read_adapter(path)
+
+    def bound(component, layer_path, base):
+        parts, alpha, _ = _parts(state, component, layer_path)
+        return gamma(cf.chain_length("locon", parts), torch.float32) * cf.merge_magnitude(base, "locon", parts, alpha, 0.7)
+
+    assert _compare_fp32(adapter, _stock_fused(path, 0.7), tiny, 0.7, bound) == len(cf.target_layers(tiny, conv=conv))
+
+
+def _diffusers_bound(state, prefix_of, rank, alpha, strength):
+    def bound(component, path, base):
+        head = prefix_of(component)
+        parts = {"lora_down.weight": state[f"{head}{path}.lora_A.weight"], "lora_up.weight": state[f"{head}{path}.lora_B.weight"]}
+        return gamma(rank + 4, torch.float32) * cf.merge_magnitude(base, "locon", parts, alpha, strength)
+    return bound
+
+
+@pytest.mark.parametrize("style", ["peft-keys", "old-lora-down", "attn-processor"])
+def test_diffusers_lora_files_equal_stock_load_lora_weights(style, tiny, tmp_path):
+    """diffusers' own file layouts (today's peft keys with rank/alpha metadata, the older `lora.down` names, which
+    diffusers' converters map, and the oldest attention-processor names): weights equal stock load + fuse. Today's
+    diffusers loads nothing from the oldest layout (it warns that no UNet key has the `unet` prefix), so there the
+    stock reference is the same values written with today's keys."""
+    state = cf.diffusers_state(tiny, rank=4, seed=6, text_encoder=style != "attn-processor")
+    if style == "old-lora-down":
+        state = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") if k.startswith("unet.") else
+                 k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
+                 for k, v in state.items()}
+    if style == "attn-processor":
+        state = {k[len("unet."):].replace(".to_out.0.lora_A.", ".processor.to_out_lora.down.")
+                 .replace(".to_out.0.lora_B.", ".processor.to_out_lora.up.")
+                 .replace(".lora_A.", "_lora.down.").replace(".lora_B.", "_lora.up.")
+                 .replace(".to_q_lora", ".processor.to_q_lora").replace(".to_k_lora", ".processor.to_k_lora")
+                 .replace(".to_v_lora", ".processor.to_v_lora"): v for k, v in state.items()
+                 if any(t in k for t in (".to_q.", ".to_k.", ".to_v.", ".to_out.0."))}
+    meta = cf.diffusers_metadata(state, rank=4, alpha=2.0) if style == "peft-keys" else None
+    path = cf.write(tmp_path / "pytorch_lora_weights.safetensors", state, meta)
+    adapter = read_adapter(path)
+    alpha = 2.0 if style == "peft-keys" else 4.0  # no alpha written: scale 1 (α = r)
+    reference = cf.diffusers_state(tiny, rank=4, seed=6, text_encoder=style != "attn-processor")
+    stock_file = path if style != "attn-processor" else cf.write(tmp_path / "today" / "pytorch_lora_weights.safetensors", {
+        k: v for k, v in reference.items() if any(t in k for t in (".to_q.", ".to_k.", ".to_v.", ".to_out.0."))})
+    n = _compare_fp32(adapter, _stock_fused(stock_file, 0.8), tiny, 0.8,
+                      _diffusers_bound(reference, lambda c: f"{c}.", 4, alpha, 0.8))
+    assert n == len(adapter.deltas) > 0 and adapter.report["format"] == "diffusers-lora"
+    if style == "attn-processor":
+        assert n == sum(1 for _, p, _ in cf.target_layers(tiny, conv=False, text_encoder=False)
+                        if p.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or p.endswith("to_out.0"))
+
+
+def test_peft_adapter_file_equals_peft_merge_and_unload(tiny, tmp_path):
+    """PEFT's own save (adapter_model.safetensors + adapter_config.json, `base_model.model.` keys) gives the
+    weights peft's merge_and_unload gives."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    unet = load_components("tiny", device="cpu").unet
+    model = get_peft_model(unet, LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v", "proj_in"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(str(tmp_path / "peft"))
+    adapter = read_adapter(tmp_path / "peft" / "adapter_model.safetensors")
+    merged = PeftModel.from_pretrained(load_components("tiny", device="cpu").unet, str(tmp_path / "peft")).merge_and_unload()
+    assert adapter.report["alpha"] == [6.0, 6.0] and len(adapter.deltas) > 0
+    for (component, path), delta in adapter.deltas.items():
+        base = layer_paths(tiny.unet, "unet")[path].weight
+        stock = layer_paths(merged, "unet")[path].weight
+        parts = delta.parts
+        bound = gamma(4 + 4, torch.float32) * cf.merge_magnitude(base, "locon", parts, 6.0, 1.0)
+        assert torch.all((delta.merged(base, 1.0).double() - stock.double()).abs() <= 2 * bound), path
+
+
+# --- embeddings: each layout gives the vectors stock load_textual_inversion gives ----------------------------
+EMBEDDINGS = [("a1111-pt", ".pt"), ("emb_params", ".safetensors"), ("string_to_param", ".safetensors"),
+              ("diffusers", ".safetensors"), ("clip_l", ".safetensors")]
+
+
+@pytest.mark.parametrize("layout,suffix", EMBEDDINGS, ids=[e[0] for e in EMBEDDINGS])
+@pytest.mark.parametrize("vectors", [1, 3])
+def test_embedding_files_encode_prompts_as_stock_load_textual_inversion(layout, suffix, vectors, tiny, tmp_path):
+    """The trigger is the file stem (the WebUI's rule); several vectors load as word, word_1, ...; a prompt with
+    the word encodes exactly as stock `load_textual_inversion(FILE, token=stem)` encodes it (clip_l, which stock
+    diffusers does not read for SD1, against the vectors themselves)."""
+    width = tiny.text_encoder.get_input_embeddings().weight.shape[1]
+    vecs = cf.embedding(width, vectors, seed=vectors)
+    path = cf.write_embedding(tmp_path / f"paper-cut{suffix}", vecs, layout)
+    report, _ = examine(path)
+    assert report["format"] == "embedding" and report["triggers"] == ["paper-cut"] and report["usable"]
+    assert report["embeddings"] == {"paper-cut": vectors}
+    session = Session(load_components("tiny", device="cpu"))
+    style = load_file_style(path)
+    session.activate([(style, 1.0)])
+    pipe = session.pipeline("txt2img")
+    tokens = ["paper-cut"] + [f"paper-cut_{i}" for i in range(1, vectors)]
+    rows = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids(tokens)]
+    assert torch.equal(rows, vecs)
+    if layout == "clip_l":
+        return
+    stock = build_pipeline(load_components("tiny", device="cpu"), kind="txt2img")
+    stock.load_textual_inversion(str(path), token="paper-cut")
+    encode = lambda p: p.encode_prompt("a photo, paper-cut style", "cpu", 1, False)[0]  # noqa: E731
+    assert torch.equal(encode(pipe), encode(stock))
+
+
+# --- inspect: what a file is, before anything loads --------------------------------------------------------
+def test_inspect_reports_format_family_layers_and_triggers(tiny, tmp_path, capsys):
+    state = cf.kohya_state(tiny, "loha", rank=4, alpha=2.0) | {
+        "bundle_emb.ink_style.string_to_param.*": cf.embedding(32, 2, seed=1)}
+    path = cf.write(tmp_path / "ink.safetensors", state, cf.kohya_metadata("ink_v2", ss_network_dim="4"))
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    n_unet = len([1 for c, _, _ in cf.target_layers(tiny, conv=True) if c == "unet"])
+    assert report["format"] == "loha" and report["base"] == "sd1" and report["usable"] and report["use"] == "--style"
+    assert report["modules"] == {"unet": n_unet, "text_encoder": len(cf.target_layers(tiny, conv=False)) - len(
+        cf.target_layers(tiny, conv=False, text_encoder=False))}
+    assert report["rank"] == [4, 4] and report["alpha"] == [2.0, 2.0] and report["embeddings"] == {"ink_style": 2}
+    assert report["triggers"] == ["ink_style", "ink_v2", "paper cut", "bird", "red"]
+    assert report["metadata"]["ss_network_dim"] == "4" and report["reason"] is None
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert main(["inspect", str(path)]) == 0 and "format    loha (for sd1)" in capsys.readouterr().out
+
+
+def test_inspect_answers_refused_files_with_usable_false_and_the_refusal(tiny, tmp_path, capsys):
+    """`inspect` is how a user asks: exit 0, usable false, and the reason every command would refuse it with."""
+    files = cf.refused_files(tmp_path / "dl", tiny, tmp_path / "PAYLOAD_RAN")
+    for case, (path, match) in files.items():
+        assert main(["inspect", str(path), "--json"]) == 0, case
+        report = json.loads(capsys.readouterr().out)
+        if case == "checkpoint as a style":
+            assert report["format"] == "checkpoint" and report["use"] == "--model"
+            continue
+        assert report["usable"] is False and re.search(match, report["reason"]), (case, report["reason"])
+        with pytest.raises(UserError) as refused:
+            read_adapter(path)
+        assert str(refused.value) == report["reason"]
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+
+
+# --- in a session: blends with own artifacts, scale changes, exact restore ------------------------------------
+def test_file_blends_with_an_own_lora_and_restores_the_base_exactly(tiny, tmp_path):
+    """A LoCon file at 0.7 beside an own LoRA artifact at 0.5: the shared layer computes W + 0.7·ΔW_file + 0.5·s·B·A
+    (peft's scaling holds the 0.5), against float64; switching the styles off gives every weight back bit for bit."""
+    state = cf.kohya_state(tiny, "locon", seed=12, alpha=2.0)
+    path = cf.write(tmp_path / "locon.safetensors", state)
+    own = make_lora(tmp_path / "own", seed=13)
+    session = Session(load_components("tiny", device="cpu"))
+    library = StyleLibrary(tmp_path)
+    before = {k: v.clone() for k, v in session.comps.unet.state_dict().items()}
+    for scale in (0.7, 0.3, 0.7):  # a scale change restores, then merges again
+        session.activate([(library.resolve(str(path)), scale), (library.resolve("own"), 0.5)])
+    unet = session.comps.unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = unet.get_submodule(name)
+    parts, alpha, _ = _parts(state, "unet", name)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    w0 = before[f"{name}.weight"].double()
+    lora_a, lora_b = layer.lora_A[next(iter(layer.lora_A))].weight.double(), layer.lora_B[next(iter(layer.lora_B))].weight.double()
+    scaling = layer.scaling[next(iter(layer.scaling))]  # alpha/r times the style's 0.5
+    want = x.double() @ (cf.comfy_merge(w0, "locon", parts, alpha, 0.7) + scaling * lora_b @ lora_a).T
+    with torch.no_grad():
+        got = layer(x).double()
+    merged_mag = cf.merge_magnitude(w0, "locon", parts, alpha, 0.7) + abs(scaling) * lora_b.abs() @ lora_a.abs()
+    bound = gamma(layer.in_features + cf.chain_length("locon", parts) + 8, torch.float32) * (x.double().abs() @ merged_mag.T)
+    assert torch.all((got - want).abs() <= bound)
+    session.activate([])
+    after = session.comps.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
+
+
+def test_stylize_with_a_file_blends_on_the_command_line(tiny, tmp_path, capsys):
+    """`customgen stylize --style FILE --style ARTIFACT --style-scale ...` runs, and the file changes the pixels."""
+    path = cf.write(tmp_path / "lib" / "ink.safetensors", cf.kohya_state(tiny, "lokr", seed=2, alpha=2.0))
+    make_lora(tmp_path / "lib" / "own", seed=3)
+    content = make_contents(tmp_path / "c", n=1)
+    argv = ["stylize", "--model", "tiny", "--styles", str(tmp_path / "lib"), "--content", str(content), "--steps", "3",
+            "--size", "64", "--seed", "1"]
+    outs = {}
+    for label, extra in (("base", []), ("file", ["--style", str(path)]),
+                         ("blend", ["--style", "ink", "--style", "own", "--style-scale", "0.8", "--style-scale", "0.5"])):
+        assert main(argv + extra + ["--out", str(tmp_path / f"{label}.png")]) == 0, capsys.readouterr().err
+        outs[label] = np.asarray(Image.open(tmp_path / f"{label}.png"), dtype=int)
+    assert np.abs(outs["file"] - outs["base"]).max() > 1 and np.abs(outs["blend"] - outs["file"]).max() > 1
+
+
+def test_library_lists_loose_files_with_their_triggers(tiny, tmp_path):
+    cf.write_embedding(tmp_path / "watercolor.pt", cf.embedding(32, 2, seed=4), "a1111-pt")
+    cf.write(tmp_path / "ink.safetensors", cf.kohya_state(tiny, "locon", conv=False), cf.kohya_metadata("ink_v1"))
+    make_lora(tmp_path / "own", seed=3)
+    styles = {s.name: s for s in StyleLibrary(tmp_path).styles()}
+    assert set(styles) == {"own", "ink", "watercolor"}
+    assert styles["watercolor"].default_prompt == "watercolor" and triggers(styles["watercolor"]) == "watercolor"
+    assert triggers(styles["ink"]).startswith("ink_v1, paper cut") and styles["ink"].manifest.method == "file"
+
+
+# --- export: a file baked into a checkpoint; an embedding into a diffusers folder -------------------------------
+def test_export_bakes_a_file_into_a_single_file_checkpoint(tiny, tmp_path):
+    """`customgen export FILE --format single-file` = the base with the file merged at --scale (kohya's merge
+    script and the WebUI's merger), read back by stock from_single_file."""
+    from diffusers import StableDiffusionPipeline
+
+    state = cf.kohya_state(tiny, "loha", seed=7, alpha=2.0)
+    path = cf.write(tmp_path / "loha.safetensors", state)
+    out = tmp_path / "baked.safetensors"
+    assert main(["export", str(path), "--model", "tiny", "--out", str(out), "--dtype", "fp32", "--scale", "0.6"]) == 0
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(config_dir("tiny")), safety_checker=None,
+                                                    requires_safety_checker=False)
+    for component, name, layer in cf.target_layers(tiny, conv=True):
+        parts, alpha, _ = _parts(state, component, name)
+        got = layer_paths(getattr(pipe, component), component)[name].weight.double()
+        want = cf.comfy_merge(layer.weight.detach(), "loha", parts, alpha, 0.6)
+        bound = gamma(cf.chain_length("loha", parts), torch.float32) * cf.merge_magnitude(layer.weight, "loha", parts, alpha, 0.6)
+        assert torch.all((got - want).abs() <= bound), name
+
+
+def test_export_puts_an_embedding_into_a_diffusers_folder_with_stock_token_names(tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    vecs = cf.embedding(32, 3, seed=5)
+    path = cf.write_embedding(tmp_path / "ink-wash.pt", vecs, "a1111-pt")
+    assert main(["export", str(path), "--model", "tiny", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "cannot carry" in capsys.readouterr().err
+    assert main(["export", str(path), "--model", "tiny", "--format", "diffusers", "--out", str(tmp_path / "folder"),
+                 "--dtype", "fp32"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder"), safety_checker=None)
+    ids = pipe.tokenizer.convert_tokens_to_ids(["ink-wash", "ink-wash_1", "ink-wash_2"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], vecs)

@@ -252,6 +252,40 @@ def test_broken_artifact_refused_in_one_line(sb, capfd, style, match):
     cli(capfd, sb.root, stylize(sb, "--style", style), code=2, match=match)
 
 
+@pytest.fixture(scope="module")
+def downloads(sb):
+    """Files from elsewhere customgen refuses (tests/community_files.py), with the marker a pickle payload would make."""
+    from tests.community_files import refused_files
+
+    return refused_files(sb.root / "downloads", get_session("tiny").comps, sb.root / "PAYLOAD_RAN")
+
+
+FILE_CASES = ["sdxl lora_te1_/lora_te2_", "sdxl 2048-wide", "sd2 1024-wide", "sd3 keys", "flux keys",
+              "sdxl embedding (clip_g)", "NaN values", "hypernetwork", "LyCORIS OFT", "no SD1 layer",
+              "checkpoint as a style", "truncated", "not safetensors", "not a pickle", "pickle payload"]
+
+
+@pytest.mark.parametrize("case", FILE_CASES)
+@pytest.mark.parametrize("command", ["stylize", "generate", "export"])
+def test_refused_style_file_is_one_line_before_any_model_loads(sb, capfd, monkeypatch, downloads, case, command):
+    """Input: --style FILE (export: FILE) of another family, unsafe, damaged or of an unsupported layout, with no
+    model able to load; expected: exit 2, one line naming the file and why, nothing run from the file."""
+    from customgen import export as export_module
+    from customgen.inference import img2img, txt2img
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the file was checked")
+
+    for module in (img2img, txt2img):
+        monkeypatch.setattr(module, "get_session", no_model)
+    monkeypatch.setattr(export_module, "load_components", no_model)
+    path, match = downloads[case]
+    argv = {"stylize": lambda: stylize(sb, "--style", path), "generate": lambda: generate(sb, "--style", path),
+            "export": lambda: ["export", path, "--out", sb.root / "refused_export.safetensors"]}[command]()
+    cli(capfd, sb.root, argv, code=2, match=re.escape(path.name) + ".*" + match, changes=[sb.root / "downloads"])
+    assert not (sb.root / "PAYLOAD_RAN").exists()
+
+
 @pytest.mark.parametrize("style,dtype", [("lora_f16", torch.float16), ("lora_f64", torch.float64)])
 def test_other_float_dtypes_are_cast(sb, capfd, style, dtype):
     """Input: a LoRA stored in fp16 / fp64 (the fp32 style's tensors cast); expected: exit 0, its layers hold

@@ -9,6 +9,7 @@ Nested pickled dictionaries (AUTOMATIC1111 embeddings: `string_to_param: {"*": t
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Contents:
             return {k: f.get_tensor(k) for k in keys}
 
 
+def _unpickler_line(err: BaseException) -> str:
+    """The line of torch's weights-only message that says what it met (its first lines are general advice)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if re.search(r"GLOBAL|[Gg]lobal|Unsupported|operand|invalid", ln)), None)
+    return _clause(ValueError(hit)) if hit else _clause(err)
+
+
 def _clause(err: BaseException) -> str:
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL].rsplit(" ", 1)[0] + " …"
@@ -86,8 +94,12 @@ def _open_pickle(path: Path) -> Contents:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: a pickle that torch's weights-only unpickler refuses ({_clause(err)}); customgen "
-                        "never runs code from a file: use a .safetensors version of it") from err
+        why = _unpickler_line(err)
+        if "GLOBAL" in why or "global" in why:  # an object to build: code the file would run
+            raise UserError(f"{path}: a pickle that torch's weights-only unpickler refuses ({why}); customgen never "
+                            "runs code from a file: use a .safetensors version of it") from err
+        raise UserError(f"{path}: not readable as a weights-only pickle ({why}); the file may be truncated or of "
+                        "another format: download it again") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"{path}: not readable as a weights-only pickle ({_clause(err)}); the file may be "
                         "truncated or of another format: download it again") from err
