@@ -1,8 +1,10 @@
 """`customgen evaluate` end to end on `tiny` (real 2-step artifacts): results, resume, black outputs, Pareto, errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +223,8 @@ class _Manifest:
 
 
 class _Style:
-    def __init__(self, folder, name):
-        self.folder, self.name, self.manifest = folder, name, _Manifest(name)
+    def __init__(self, folder, name, source=None):
+        self.folder, self.name, self.manifest, self.source = folder, name, _Manifest(name), source
 
 
 def test_reference_rule(tmp_path):
@@ -239,6 +241,11 @@ def test_reference_rule(tmp_path):
     (a / "config.yaml").write_text("data:\n  style: Baroque\n")
     with pytest.raises(Exception, match="Baroque"):
         match_reference(_Style(a, "x"), available)
+    (a / "impressionism_v2.safetensors").write_bytes(b"")  # a file reads no config.yaml beside it; eval.references wins
+    assert match_reference(_Style(a, "impressionism_v2", source=a / "impressionism_v2.safetensors"), available) == \
+        "Impressionism"
+    assert match_reference(_Style(a, "impressionist", source=a / "impressionist.safetensors"), available,
+                           "cubism") == "Cubism"
 
 
 @pytest.mark.parametrize("case, message", [
@@ -266,3 +273,31 @@ def test_bad_config_is_one_line_exit_2(env, tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "out" / "images").exists()  # nothing generated
+
+
+def test_files_from_elsewhere_score_beside_a_trained_style(env, tmp_path):
+    """A styles folder holding a trained artifact and two loose files: the LoCon file is scored against the
+    reference style eval.references names; the embedding without references gets content metrics only and
+    summary.md says so; every row names its weights file and that file's sha256."""
+    from tests import community_files as cf
+    from customgen.models import load_components
+
+    styles = tmp_path / "styles"
+    shutil.copytree(env["styles"] / "lora_impressionism", styles / "lora_impressionism")
+    tiny = load_components("tiny", device="cpu")
+    locon = cf.write(styles / "paper_cut.safetensors", cf.kohya_state(tiny, "locon", seed=3, alpha=1.0, std=0.05))
+    emb = cf.write_embedding(styles / "ink.pt", cf.embedding(32, 2, seed=2), "a1111-pt")
+    out = tmp_path / "results"
+    args = argv(env, out, "eval.references={paper_cut: Cubism}")
+    args[args.index(f"eval.styles={env['styles']}")] = f"eval.styles={styles}"
+    assert main(args) == 0
+    metrics = pd.read_csv(out / "metrics.csv", **EXACT_CSV).set_index("model")
+    files = {"paper_cut": locon, "ink": emb,
+             "lora_impressionism": styles / "lora_impressionism" / "pytorch_lora_weights.safetensors"}
+    for model, path in files.items():
+        assert metrics.loc[model, "source"] == str(path.resolve() if model != "lora_impressionism" else path)
+        assert metrics.loc[model, "sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert metrics.loc["paper_cut", "style"] == "Cubism" and np.isfinite(metrics.loc["paper_cut", "clip_style"])
+    assert metrics.loc["paper_cut", "method"] == "file" and metrics.loc["ink", "n_references"] == 0
+    assert np.isnan(metrics.loc["ink", "clip_style"]) and np.isfinite(metrics.loc["ink", "clip_content"])
+    assert "No reference images for ink: content metrics only" in (out / "summary.md").read_text()

@@ -146,12 +146,15 @@ class ValidationConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    styles: str = ""  # style library: a folder of artifacts (each with style.json), or one artifact's own folder
+    styles: str = ""  # style library: a folder of artifacts (and loose style files), one artifact's folder, or a file
     methods: list[str] = dataclasses.field(default_factory=list)  # only these methods ([] = every style found)
     content_root: str = ""  # content images (COCO val2017 or any folder); or...
     content_paths: str = ""  # ... a content_paths.json from `customgen data scan`
     style_root: str = ""  # style reference images (WikiArt root: one folder per style); or...
     style_paths: str = ""  # ... a style_paths.json from `customgen data scan`
+    # style name → its reference style (a style of style_root / style_paths) or a folder of reference images: what a
+    # file from elsewhere, which names no data.style, is scored against ({}: matched by name, else content metrics only)
+    references: dict[str, str] = dataclasses.field(default_factory=dict)
     max_contents: int = 20  # at most this many content images (seeded choice)
     max_references: int = 20  # at most this many reference images per style (seeded choice)
     min_size: int | None = None  # content/reference images with a shorter side below this are skipped (None: 256)

@@ -122,7 +122,8 @@ def reuse(path: Path, want: dict, *, found=found_settings) -> dict | None:
 
 
 def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg, *, device=None):
-    """One output through customgen.inference.stylize (looked up at call time, so tests can count calls)."""
+    """One output through customgen.inference.stylize (looked up at call time, so tests can count calls);
+    `style_folder`: the artifact folder or style file."""
     e = cfg.eval
     styles = None if style_folder is None else [str(style_folder)]
     scale = None if style_folder is None else point.scale
@@ -140,7 +141,7 @@ def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = F
              rank: int = 0, world: int = 1, device=None) -> list[Output]:
     """This process's share of the (point, content) outputs under OUT/images — every `world`-th pair of the grid,
     starting at `rank` — generating only those not on disk yet."""
-    folders = {s.name: s.folder for s in inputs.styles}
+    folders = {s.name: s.key for s in inputs.styles}  # the artifact folder, or the file
     names = output_names(inputs.contents)
     grid = [(point, content) for point in points for content in inputs.contents][rank::world]
     plan = []  # every existing output is checked before anything runs: a mismatch fails fast, in one line

@@ -4,8 +4,11 @@ Reference rule: an artifact's references are the WikiArt folder of the style it 
 from the `data.style` of the `config.yaml` saved beside it; when that is empty (or there is no
 config.yaml), the manifest name and then the library folder name are matched against the reference
 styles (case-insensitive: equal, else the longest style name contained in it). An artifact that names
-a style missing from the references is an error; one that names none gets no style metrics. Subjects (artifacts
-whose recipe targets a subject) are not styles: customgen.evaluate.subjects scores them.
+a style missing from the references is an error; one that names none gets no style metrics. A file from elsewhere
+(a loose .safetensors/.pt in the styles folder, or eval.styles naming one) has no config.yaml: `eval.references`
+names its reference style or a folder of its reference images, else it is matched by name like an artifact, else
+it gets the content metrics only (summary.md lists such styles). Subjects (artifacts whose recipe targets a subject)
+are not styles: customgen.evaluate.subjects scores them.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from customgen.data import read_selection, scan_images, select_content
 from customgen.data.scan import COCO_SPLITS, check_root, resolve_root, subdirs
 from customgen.data.select import sample_paths
 from customgen.errors import Notice, UserError
-from customgen.inference.library import Style, StyleLibrary, load_style
+from customgen.inference.library import Style, StyleLibrary, is_style_file, load_file_style, load_style
 from customgen.kinds import MANIFEST, RECIPES
 
 DEFAULT_MIN_SIZE = 256  # shorter side below which content/reference images are skipped (as in `data scan`)
@@ -47,11 +50,13 @@ class EvalInputs:
 
 
 def load_styles(folder: str, methods: list[str]) -> list:
-    """Library styles in `folder` (eval.styles; an artifact's own folder is a library of that one artifact), only
-    those whose manifest method is in `methods` if given."""
+    """Library styles in `folder` (eval.styles; an artifact's own folder is a library of that one artifact, a style
+    file one of that file), only those whose manifest method is in `methods` if given."""
     if not folder:
         raise UserError("eval.styles is not set: point it at the folder of trained artifacts (e.g. outputs)")
     root = Path(folder).expanduser()
+    if is_style_file(root):
+        return [load_file_style(root)]
     if not root.is_dir():
         raise UserError(f"eval.styles folder {root} does not exist; train styles first (customgen train CONFIG) "
                         "or set eval.styles to the folder that holds them")
@@ -106,6 +111,8 @@ def available_references(e) -> dict[str, Path | list[Path]]:
     if e.style_root:
         root = resolve_root(check_root(e.style_root), "wikiart")
         return {d.name: d for d in subdirs(root)}
+    if e.references:
+        return {}  # only the folders eval.references names
     raise UserError("no style references: set eval.style_root (WikiArt root, one folder per style) "
                     "or eval.style_paths (style_paths.json from `customgen data scan`)")
 
@@ -133,10 +140,11 @@ def trained_style(folder: Path) -> str:
     return str((artifact_config(folder).get("data") or {}).get("style") or "")
 
 
-def match_reference(style, available: list[str]) -> str | None:
-    """The reference style of an artifact (module docstring); UserError when it names a missing one."""
+def match_reference(style, available: list[str], named: str = "") -> str | None:
+    """The reference style of an artifact or file (module docstring): `named` (eval.references), else its config's
+    data.style, else by name; UserError when it names a missing one."""
     by_lower = {a.lower(): a for a in available}
-    named = trained_style(style.folder)
+    named = named or (trained_style(style.folder) if style.source is None else "")  # a file's folder is not its own
     if named:
         if named.lower() in by_lower:
             return by_lower[named.lower()]
@@ -174,9 +182,19 @@ def resolve_inputs(cfg, library: list | None = None) -> EvalInputs:
                if not is_subject(s)]
     contents = load_contents(e)
     available = available_references(e)
+    named = dict(e.references)
+    for name, ref in e.references.items():  # a folder of reference images, named after the folder
+        folder = Path(ref).expanduser()
+        if ref not in available and folder.is_dir():
+            key = folder.name if folder.name not in available else str(folder)
+            available[key], named[name] = folder, key
+    unknown = sorted(set(e.references) - {s.name for s in library})
+    if unknown:
+        raise UserError(f"eval.references names {', '.join(unknown)}, which eval.styles does not hold "
+                        f"({', '.join(s.name for s in library)})")
     styles = []
     for s in library:
-        ref = match_reference(s, list(available))
+        ref = match_reference(s, list(available), named.get(s.name, ""))
         if ref is None:
             warnings.warn(f"style {s.name} names no reference style (data.style); it gets no style metrics",
                           Notice, stacklevel=2)

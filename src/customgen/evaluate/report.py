@@ -25,7 +25,7 @@ from customgen.memory import probe
 
 METRIC_COLUMNS = ["clip_content", "clip_style", "style_strength", "ssim", "lpips", "fid", "kid", "art_fid",
                   "seconds_per_image"]
-ID_COLUMNS = ["model", "method", "style", "base_model", "strength", "style_scale", "steps", "seed"]
+ID_COLUMNS = ["model", "method", "style", "base_model", "strength", "style_scale", "steps", "seed", "source", "sha256"]
 COUNT_COLUMNS = ["n_images", "n_flagged", "n_references", "fid_n", "fid_n_ref", "kid_subset_size"]
 COST_COLUMNS = ["trainable_params", "artifact_bytes", "train_seconds", "peak_memory_bytes", "infer_peak_memory_bytes"]
 COLUMNS = (ID_COLUMNS + [c for m in METRIC_COLUMNS for c in (m, f"{m}_std")] + COUNT_COLUMNS + COST_COLUMNS
@@ -111,6 +111,10 @@ def summary_markdown(metrics: pd.DataFrame, run: dict) -> str:
     if run.get("smoke"):
         notes.insert(1, f"**{SMOKE_NOTE}.**\n")
     notes.append("FID on small sets is biased upward (see docs/evaluation_metrics.md): read KID beside it.\n")
+    bare = sorted(set(metrics.loc[(metrics["model"] != BASELINE) & (metrics["n_references"] == 0), "model"]))
+    if bare:
+        notes.append(f"No reference images for {', '.join(bare)}: content metrics only (CLIP-content, SSIM, LPIPS); "
+                     "name them in eval.references to score the style.\n")
     return "\n".join(notes + lines) + "\n"
 
 

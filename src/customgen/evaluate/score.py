@@ -8,8 +8,10 @@ their `flag` and left out of every mean and of FID/KID (customgen.metrics.summar
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from customgen import metrics as M
 from customgen.evaluate.generate import BASELINE, Output
+from customgen.formats import sha256
 
 PAIR_METRICS = ("clip_content", "clip_style", "style_strength", "ssim", "lpips")  # per image
 SET_METRICS = ("fid", "kid", "art_fid")  # per model/style
@@ -106,13 +109,27 @@ def cost_columns(group: list[dict], style) -> dict:
     secs = secs[np.isfinite(secs)]
     peaks = [r["peak_memory_bytes"] for r in group if r["peak_memory_bytes"] is not None]
     m = style.manifest if style is not None else None
-    return {"seconds_per_image": float(np.median(secs)) if secs.size else math.nan,
+    path = None if m is None else getattr(style, "source", None) or style.folder / m.weights
+    return {"source": str(path or ""), "sha256": weights_sha256(path) if path else "",
+            "seconds_per_image": float(np.median(secs)) if secs.size else math.nan,
             "seconds_per_image_std": float(secs.std(ddof=1)) if secs.size > 1 else math.nan,
             "infer_peak_memory_bytes": max(peaks) if peaks else None,
             "trainable_params": m.trainable_params if m else 0,
             "artifact_bytes": M.artifact_bytes(style.folder / m.weights) if m else 0,
             "train_seconds": m.train_seconds if m else 0.0,
             "peak_memory_bytes": m.peak_memory_bytes if m else None}
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256(Path(path))
+
+
+def weights_sha256(path: Path) -> str:
+    """The sha256 of a style's weights file (a downloaded file and a trained artifact side by side), once per
+    version of the file."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _set_metrics(group: list[dict], refs, nets, e, lpips_mean: float) -> dict:

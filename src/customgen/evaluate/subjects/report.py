@@ -25,7 +25,7 @@ from customgen.evaluate.sweep import pareto_front
 
 METRICS = ["dino", "clip_i", "clip_t", "div", "pres", "seconds_per_image"]
 ID_COLUMNS = ["subject", "model", "method", "step", "weights", "base_model", "sample_steps", "seed",
-              "samples_per_prompt"]
+              "samples_per_prompt", "source", "sha256"]
 COUNT_COLUMNS = ["n_prompts", "n_images", "n_flagged", "n_instances"]
 COST_COLUMNS = ["trainable_params", "artifact_bytes", "train_seconds", "peak_memory_bytes", "infer_peak_memory_bytes"]
 COLUMNS = ID_COLUMNS + [c for m in METRICS for c in (m, f"{m}_std")] + COUNT_COLUMNS + COST_COLUMNS + [
