@@ -18,12 +18,13 @@ from customgen.demo import triggers
 from customgen.errors import Notice, UserError
 from customgen.formats import examine, read_adapter
 from customgen.inference.library import StyleLibrary, load_file_style
-from customgen.inference.session import Session
+from customgen.inference import stylize
+from customgen.inference.session import Session, make_scheduler
 from customgen.formats.names import layer_paths
 from customgen.models import build_pipeline, load_components
 from customgen.models.loading import config_dir
 from tests import community_files as cf
-from tests.artifact_fixtures import make_contents, make_lora, stock_reads_kohya_text_encoder
+from tests.artifact_fixtures import content_image, make_contents, make_lora, stock_reads_kohya_text_encoder
 from tests.tolerance import gamma
 
 VARIANTS = {  # name → (algo, kohya_state options)
@@ -309,34 +310,66 @@ def test_inspect_answers_refused_files_with_usable_false_and_the_refusal(tiny, t
 
 
 # --- in a session: blends with own artifacts, scale changes, exact restore ------------------------------------
-def test_file_blends_with_an_own_lora_and_restores_the_base_exactly(tiny, tmp_path):
-    """A LoCon file at 0.7 beside an own LoRA artifact at 0.5: the shared layer computes W + 0.7·ΔW_file + 0.5·s·B·A
-    (peft's scaling holds the 0.5), against float64; switching the styles off gives every weight back bit for bit."""
-    state = cf.kohya_state(tiny, "locon", seed=12, alpha=2.0)
-    path = cf.write(tmp_path / "locon.safetensors", state)
-    own = make_lora(tmp_path / "own", seed=13)
+@pytest.mark.parametrize("algo", ["loha", "locon"])
+def test_file_blends_with_an_own_lora_and_restores_the_base_exactly(algo, tiny, tmp_path):
+    """A file at 0.7 beside an own LoRA artifact at 0.5. A LoHa file is merged into the weights (after the LoRA is
+    fused, as a second LoRA is merged in ComfyUI); a kohya LoCon file is a stock-loaded peft adapter, so the two
+    LoRAs run unfused through set_adapters. Either way the shared layer computes W + 0.7·ΔW_file + 0.5·s·B·A
+    (peft's scaling holds each style's scale) within a derived bound of float64; switching the styles off gives
+    every weight back bit for bit (a kohya file with text-encoder layers is merged too where stock diffusers cannot
+    read them: Colab's diffusers 0.39 with transformers 5.15)."""
+    kind = "lora" if algo == "locon" and stock_reads_kohya_text_encoder(tiny.text_encoder) else "merged"
+    state = cf.kohya_state(tiny, algo, seed=12, alpha=2.0)
+    path = cf.write(tmp_path / f"{algo}.safetensors", state)
+    make_lora(tmp_path / "own", seed=13)
     session = Session(load_components("tiny", device="cpu"))
     library = StyleLibrary(tmp_path)
+    file_style = library.resolve(str(path))
+    assert file_style.manifest.kind == kind
     before = {k: v.clone() for k, v in session.comps.unet.state_dict().items()}
-    for scale in (0.7, 0.3, 0.7):  # a scale change restores, then merges again
-        session.activate([(library.resolve(str(path)), scale), (library.resolve("own"), 0.5)])
-    unet = session.comps.unet
+    for scale in (0.7, 0.3, 0.7):  # a scale change restores, then applies again
+        session.activate([(file_style, scale), (library.resolve("own"), 0.5)])
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    layer = unet.get_submodule(name)
-    parts, alpha, _ = _parts(state, "unet", name)
+    layer = session.comps.unet.get_submodule(name)
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     w0 = before[f"{name}.weight"].double()
-    lora_a, lora_b = layer.lora_A[next(iter(layer.lora_A))].weight.double(), layer.lora_B[next(iter(layer.lora_B))].weight.double()
-    scaling = layer.scaling[next(iter(layer.scaling))]  # alpha/r times the style's 0.5
-    want = x.double() @ (cf.comfy_merge(w0, "locon", parts, alpha, 0.7) + scaling * lora_b @ lora_a).T
+    parts, alpha, _ = _parts(state, "unet", name)
+    own = next(a for a in layer.lora_A if a.startswith("own"))
+    own_b, own_a, own_s = layer.lora_B[own].weight.double(), layer.lora_A[own].weight.double(), layer.scaling[own]
+    if kind == "lora":  # the file is a peft adapter too: its scaling holds 0.7·α/r
+        mine = next(a for a in layer.lora_A if not a.startswith("own"))
+        assert layer.scaling[mine] == pytest.approx(0.7 * alpha / parts["lora_down.weight"].shape[0], rel=1e-12)
+    want = x.double() @ (cf.comfy_merge(w0, algo, parts, alpha, 0.7) + own_s * own_b @ own_a).T
     with torch.no_grad():
         got = layer(x).double()
-    merged_mag = cf.merge_magnitude(w0, "locon", parts, alpha, 0.7) + abs(scaling) * lora_b.abs() @ lora_a.abs()
-    bound = gamma(layer.in_features + cf.chain_length("locon", parts) + 8, torch.float32) * (x.double().abs() @ merged_mag.T)
+    magnitude = cf.merge_magnitude(w0, algo, parts, alpha, 0.7) + abs(own_s) * own_b.abs() @ own_a.abs()
+    bound = gamma(layer.in_features + cf.chain_length(algo, parts) + 8, torch.float32) * (x.double().abs() @ magnitude.T)
     assert torch.all((got - want).abs() <= bound)
     session.activate([])
     after = session.comps.unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
+
+
+def test_stock_loadable_files_draw_stock_diffusers_pixels(tiny, tmp_path):
+    """A kohya LoCon file (customgen loads it with stock `load_lora_weights` and fuses it as `fuse_lora` does) draws
+    exactly the pixels of a stock pipeline given the same file, scale, scheduler and seed."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    path = cf.write(tmp_path / "locon.safetensors", cf.kohya_state(tiny, "locon", seed=21, alpha=2.0,
+                                                                   text_encoder=stock_reads_kohya_text_encoder(
+                                                                       tiny.text_encoder)))
+    assert read_adapter(path).stock_loadable
+    image = content_image(3, (64, 64))
+    ours = stylize(image, [str(path)], model="tiny", steps=4, strength=0.6, scales=0.8, seed=5, size=64)
+    comps = load_components("tiny", device="cpu")
+    pipe = build_pipeline(comps, kind="img2img")
+    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path), adapter_name="stock")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.8)
+    theirs = pipe("", image=image, strength=0.6, num_inference_steps=4, guidance_scale=7.5,
+                  generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_stylize_with_a_file_blends_on_the_command_line(tiny, tmp_path, capsys):

@@ -11,6 +11,7 @@ package), and keys that match no layer are one warning with their count and the 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -18,7 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+from packaging.version import Version
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from customgen.errors import Notice, UserError
 from customgen.formats import family as families
@@ -28,6 +32,8 @@ from customgen.formats.names import kohya_table, layer_paths, sd1_layers
 from customgen.formats.reading import Contents, check_finite, open_contents
 
 SHOWN_KEYS = 5  # unmatched keys quoted in the warning
+STOCK_BLOCKS = ("attentions.", "resnets.", "downsamplers.", "upsamplers.")  # layers diffusers' kohya converter maps
+NEW_KOHYA_CONVERTER = Version(diffusers.__version__) >= Version("0.42")  # reads lora_te_ keys without `text_model.`
 OTHER_USES = {"checkpoint": ("--model", "a full model checkpoint"), "controlnet": ("--controlnet", "a ControlNet"),
               "ip-adapter": ("--ip-adapter", "an IP-Adapter")}  # layouts customgen uses, but not as a style
 UNUSABLE = {
@@ -50,6 +56,19 @@ class Adapter:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
+    def stock_loadable(self) -> bool:
+        """Whether stock diffusers' `load_lora_weights` reads this file as it is (then customgen loads it that way, so
+        its pixels are stock diffusers' own): plain LoRA/LoCon layers (no Tucker mid, no DoRA) of the blocks kohya's
+        converter maps, no embeddings, in the kohya layout or diffusers' prefixed one."""
+        layout, deltas = self.report.get("layout"), self.deltas
+        if self.embeddings or not deltas or layout not in ("kohya", "diffusers-prefixed"):
+            return False
+        if layout == "kohya" and any(c == "text_encoder" for c, _ in deltas) and not stock_reads_kohya_te():
+            return False
+        return all(d.algo == "locon" and "lora_mid.weight" not in d.parts and d.dora_scale is None
+                   and (c == "text_encoder" or any(b in p for b in STOCK_BLOCKS)) for (c, p), d in deltas.items())
+
+    @property
     def parameters(self) -> int:
         return sum(d.parameters() for d in self.deltas.values()) + sum(e.numel() for e in self.embeddings.values())
 
@@ -63,6 +82,18 @@ class Adapter:
     def layers(self, models: dict) -> list:
         """The layers this file changes in `models`, each found or one line naming the first one missing."""
         return [find_layer(models, c, p, self.path) for c, p in self.deltas]
+
+
+@functools.cache
+def stock_reads_kohya_te() -> bool:
+    """Whether stock diffusers reads an SD1 kohya file's `lora_te_` keys here: diffusers >= 0.42, or a CLIPTextModel
+    that still has the `text_model.` level (transformers 5.15 dropped it, and older diffusers then raise IndexError in
+    utils/peft_utils.py; docs/interop.md). Where it cannot, customgen merges such files itself."""
+    if NEW_KOHYA_CONVERTER:
+        return True
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+    with torch.device("meta"):
+        return hasattr(CLIPTextModel(config), "text_model")
 
 
 def find_layer(models: dict, component: str, path: str, source) -> torch.nn.Module:
@@ -138,8 +169,11 @@ def _read(path: Path, report: dict) -> Adapter | None:
         adapter.embeddings = {path.stem: _vectors(contents, keys)}
     elif kind == "kohya":
         _kohya(contents, adapter)
+        report["layout"] = "kohya"
     else:
         _diffusers(contents, adapter)
+        prefixed = all(k.startswith(("unet.", "text_encoder.")) for k in keys)
+        report["layout"] = "diffusers-prefixed" if prefixed else "diffusers"
     check_finite(contents, keys)
     _summarise(adapter, meta)
     return adapter

@@ -44,12 +44,14 @@ def adapter_of(path: str | Path) -> Adapter:
 
 def file_manifest(path: str | Path) -> Manifest:
     """A manifest for a file (checked and refused in one line before any model loads): name = file stem, prompt =
-    its embeddings' trigger words, rank and alpha from its layers."""
+    its embeddings' trigger words, rank and alpha from its layers. A file stock diffusers loads as it is (plain
+    kohya/diffusers LoRA and LoCon) is a LoRA style, loaded by `load_lora_weights` (stock pixels, peft blends); the
+    others are merged by this kind."""
     path = Path(path)
     adapter = adapter_of(path)
     r = adapter.report
     words = list(adapter.embeddings)
-    return Manifest(name=path.stem, method=FILE_METHOD, kind=NAME, base_model="", weights=path.name, prompt=" ".join(words),
+    return Manifest(name=path.stem, method=FILE_METHOD, kind="lora" if adapter.stock_loadable else NAME, base_model="", weights=path.name, prompt=" ".join(words),
                     token=words[0] if words else "", rank=(r["rank"] or [None])[-1],
                     alpha=(r["alpha"] or [None])[-1], text_encoder=bool(r["modules"].get("text_encoder")),
                     trainable_params=adapter.parameters, file_bytes=path.stat().st_size,
@@ -63,6 +65,26 @@ def weights_path(style) -> Path:
 
 def _models(comps) -> dict:
     return {"unet": comps.unet, "text_encoder": comps.text_encoder}
+
+
+def check_file(style, comps) -> None:
+    """Every layer a style's file names exists in `comps` with its shape, and its embeddings have this text encoder's
+    width (one line otherwise; the file itself was checked when it was named)."""
+    path = weights_path(style)
+    adapter = adapter_of(path)
+    models, width = _models(comps), comps.text_encoder.get_input_embeddings().weight.shape[1]
+    for (component, layer_path), delta in adapter.deltas.items():
+        layer = find_layer(models, component, layer_path, path)
+        try:
+            delta.diff(tuple(layer.weight.shape))
+            delta.dora_axis(tuple(layer.weight.shape))
+        except (ValueError, RuntimeError) as err:
+            raise UserError(f"{path}: layer {component}.{layer_path} does not fit this model ({first_line(err)}); "
+                            "the file was made for another base model") from err
+    for word, vectors in adapter.embeddings.items():
+        if vectors.shape[-1] != width:
+            raise UserError(f"{path}: embedding {word} is {vectors.shape[-1]} wide, this text encoder {width} (the "
+                            "file was made for another base model)")
 
 
 @dataclass
@@ -84,21 +106,7 @@ class MergedKind(Kind):
         return [manifest.weights]
 
     def check(self, style, comps) -> None:
-        """Every layer the file names exists here with its shape, and embeddings have this text encoder's width."""
-        adapter = adapter_of(weights_path(style))
-        models, width = _models(comps), comps.text_encoder.get_input_embeddings().weight.shape[1]
-        for (component, path), delta in adapter.deltas.items():
-            layer = find_layer(models, component, path, weights_path(style))
-            try:
-                delta.diff(tuple(layer.weight.shape))
-                delta.dora_axis(tuple(layer.weight.shape))
-            except (ValueError, RuntimeError) as err:
-                raise UserError(f"{weights_path(style)}: layer {component}.{path} does not fit this model "
-                                f"({first_line(err)}); the file was made for another base model") from err
-        for word, vectors in adapter.embeddings.items():
-            if vectors.shape[-1] != width:
-                raise UserError(f"{weights_path(style)}: embedding {word} is {vectors.shape[-1]} wide, this text encoder "
-                                f"{width} (the file was made for another base model)")
+        check_file(style, comps)
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
         """Bake the layer changes in at `scale`; embeddings join the tokenizer (a diffusers folder only)."""

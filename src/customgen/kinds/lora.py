@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
+from customgen.kinds.foreign import check_file
 from customgen.kinds.freeze import freeze
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
@@ -226,6 +227,9 @@ class LoraKind(Kind):
                Recipe("lora_anime_kohya", "lora", "subject", "tab:red"))
 
     def check(self, style, comps) -> None:
+        if getattr(style, "source", None) is not None:  # a file from elsewhere (kohya or diffusers layout): its layers against comps
+            check_file(style, comps)
+            return
         check_lora(style.folder / style.manifest.weights, {"unet": comps.unet, "text_encoder": comps.text_encoder})
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
