@@ -31,13 +31,14 @@ from safetensors.torch import load_file
 from customgen import kinds
 from customgen.cli import main
 from customgen.config import load_config
-from customgen.inference import clear_sessions, generate, stylize
+from customgen.inference import clear_sessions, generate, get_session, stylize
 from customgen.inference.session import make_scheduler
 from customgen.kinds import lora
 from customgen.models import load_pipeline
 from customgen.models.loading import sd15_config_dir
 from customgen.train import train
 from tests.artifact_fixtures import content_image
+from tests.tolerance import gamma, unit_roundoff
 from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
 
 pytestmark = pytest.mark.slow
@@ -221,3 +222,96 @@ def test_plan_answers_for_every_recipe_on_a_t4_within_a_minute(capsys):
         rep = json.loads(capsys.readouterr().out)
         assert code == (0 if rep["fits"] else 2) and rep["gpu"]["name"] == "Tesla T4"
         assert rep["settings"]["resolution"] == 512 and rep["seconds"] < 60, (recipe, rep["seconds"])
+
+
+# --- files from elsewhere at SD v1.5 scale: each format stylizes, blends, is listed, scores and bakes -----------------
+FILES = {"lora": ("locon", {"conv": False}), "locon": ("locon", {}), "loha": ("loha", {}), "lokr": ("lokr", {}),
+         "dora": ("locon", {"conv": False, "dora": "output"})}
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory):
+    """One file of each format written at SD v1.5's names and shapes (seeded, small values), and an A1111 embedding
+    of each kind (.pt and .safetensors), in one styles folder."""
+    from tests import community_files as cf
+
+    root = tmp_path_factory.mktemp("downloads")
+    comps = get_session("sd15-random").comps  # the stylize session's modules (a DoRA scale needs their weights)
+    files = {name: cf.write(root / f"{name}_style.safetensors",
+                            cf.kohya_state(comps, algo, seed=i, alpha=2.0, rank=4, std=0.02, **opts),
+                            cf.kohya_metadata(f"{name}_v1"))
+             for i, (name, (algo, opts)) in enumerate(FILES.items())}
+    width = comps.text_encoder.get_input_embeddings().weight.shape[1]
+    files["embedding_pt"] = cf.write_embedding(root / "ink_pt.pt", cf.embedding(width, 2, seed=1), "a1111-pt")
+    files["embedding_st"] = cf.write_embedding(root / "ink_st.safetensors", cf.embedding(width, 1, seed=2), "emb_params")
+    return root, files
+
+
+def test_files_from_elsewhere_stylize_blend_and_are_listed(trained, downloads):
+    """Each file stylizes (its pixels differ from the base's) and blends with a trained LoRA style (differ from the
+    file alone); the library and the demo list every file with its trigger words."""
+    from customgen.demo import DemoState
+    from customgen.inference.library import StyleLibrary
+
+    root, files = downloads
+    own = trained("lora_style")
+    run = dict(model="sd15-random", steps=2, strength=0.6, size=64, seed=0)
+    image = content_image(0, (64, 64))
+    base = np.asarray(stylize(image, None, **run), dtype=np.int16)
+    for name, path in files.items():
+        styles = [str(path)]
+        alone = np.asarray(stylize(image, styles, **run, **({"prompt": "ink_pt"} if name == "embedding_pt" else {})),
+                           dtype=np.int16)
+        blend = np.asarray(stylize(image, styles + [str(own)], scales=[1.0, 0.8], **run), dtype=np.int16)
+        assert np.abs(alone - base).max() > 0 and np.abs(blend - alone).max() > 0, name
+    assert {s.name for s in StyleLibrary(root).styles()} == {p.stem for p in files.values()}
+    table = {row[0]: row for row in DemoState("sd15-random", root, None, None, 10**7).table()}
+    assert table["ink_pt"][5] == "ink_pt" and table["lokr_style"][5].startswith("lokr_v1, paper cut")
+
+
+def test_files_from_elsewhere_score_in_evaluate(downloads, tmp_path):
+    """`customgen evaluate` with the downloads folder as eval.styles: a row per file (the LoCon against a reference
+    style eval.references names), each naming its file and sha256, every content metric finite (smoke networks)."""
+    import pandas as pd
+
+    root, files = downloads
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(96, 80))
+    contents = make_wikiart_tree(tmp_path / "contents", styles={"photos": 1}, size=(96, 80)) / "photos"
+    out = tmp_path / "eval"
+    sets = [f"eval.styles={root}", f"eval.output={out}", f"eval.style_root={wikiart}", f"eval.content_root={contents}",
+            "eval.size=64", "eval.steps=2", "eval.smoke=true", "eval.min_size=32", "eval.max_contents=1",
+            "eval.references={locon_style: Cubism}"]
+    assert main(["evaluate", "configs/eval.yaml", "--model", "sd15-random", *[a for kv in sets for a in ("--set", kv)]]) == 0
+    rows = pd.read_csv(out / "metrics.csv").set_index("model")
+    assert set(rows.index) == {p.stem for p in files.values()} | {"baseline"}
+    assert rows.loc["locon_style", "style"] == "Cubism" and np.isfinite(rows.loc["locon_style", "clip_style"])
+    assert np.isfinite(rows.loc[[p.stem for p in files.values()], "clip_content"]).all()
+    assert all(len(str(rows.loc[p.stem, "sha256"])) == 64 for p in files.values())
+
+
+@pytest.mark.parametrize("name", ["lora", "loha"])
+def test_files_from_elsewhere_bake_through_export(downloads, tmp_path, name):
+    """`customgen export FILE` at SD v1.5 scale, through the stock loader (the kohya LoRA) and through customgen's
+    merge (the LoHa): the single file's layers hold the base plus the file's change (fp16)."""
+    from tests import community_files as cf
+
+    root, files = downloads
+    clear_sessions()
+    gc.collect()
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["export", str(files[name]), "--model", "sd15-random", "--out", str(out), "--scale", "0.8"]) == 0
+    algo, opts = FILES[name]
+    state = load_file(str(files[name]))
+    base = load_pipeline("sd15-random", kind="txt2img", device="cpu").unet
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"
+    key = "lora_unet_" + layer.replace(".", "_")
+    parts = {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".") and not k.endswith(".alpha")}
+    want = cf.comfy_merge(base.get_submodule(layer).weight.detach(), algo, parts, float(state[f"{key}.alpha"]), 0.8)
+    with safe_open(str(out), "pt") as f:
+        got = f.get_tensor("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight").double()
+    # the fp32 merge within γ_n·M of exact, then one rounding to fp16 (relative 2^-11; these values are normal)
+    merge = gamma(cf.chain_length(algo, parts), torch.float32) * cf.merge_magnitude(
+        base.get_submodule(layer).weight.detach(), algo, parts, float(state[f"{key}.alpha"]), 0.8)
+    assert torch.all((got - want).abs() <= unit_roundoff(torch.float16) * (want.abs() + merge) + merge)
+    del base
+    gc.collect()

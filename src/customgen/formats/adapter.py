@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ UNUSABLE = {
     "hypernetwork": "a hypernetwork (AUTOMATIC1111), which customgen does not support; use a LoRA of the style",
     "unknown": "not a LoRA, LyCORIS, DoRA, embedding, checkpoint, ControlNet or IP-Adapter layout customgen knows",
 }
+FEW_STEP = (  # (file-name or ss_output_name pattern, what it is, the schedulers it samples with, its steps)
+    (r"lcm", "an LCM-LoRA", ("lcm",), "4-8"),
+    (r"tcd", "a TCD LoRA", ("tcd",), "4-8"),
+    (r"hyper[-_ ]?sd", "a Hyper-SD LoRA", ("tcd", "ddim"), "1-8"),
+)
 UNSUPPORTED_PARTS = {"oft_blocks": "LyCORIS OFT/BOFT", "oft_diag": "LyCORIS OFT", "on_input": "LyCORIS (IA)³",
                      "a1.weight": "LyCORIS GLoRA", "diff": "LyCORIS full (diff)", "w_norm": "LyCORIS norm layers",
                      "b_norm": "LyCORIS norm layers", "scalar": "LyCORIS scalar"}
@@ -296,6 +302,16 @@ def _summarise(adapter: Adapter, meta: dict) -> None:
     r["embeddings"] = {w: int(v.shape[0]) for w, v in adapter.embeddings.items()}
     r["triggers"] = list(adapter.embeddings) + _kohya_triggers(meta)
     r["parameters"] = adapter.parameters
+    r["sampler"] = few_step(adapter.path.stem + " " + meta.get("ss_output_name", ""))
+
+
+def few_step(name: str) -> dict | None:
+    """A few-step LoRA (LCM, TCD, Hyper-SD), known by its name as these files are published and shared: what it
+    is, the schedulers it samples with, its steps; None for other files."""
+    for pattern, what, schedulers, steps in FEW_STEP:
+        if re.search(pattern, name, re.IGNORECASE):
+            return {"what": what, "schedulers": list(schedulers), "steps": steps}
+    return None
 
 
 def _kohya_triggers(meta: dict, top: int = 10) -> list[str]:

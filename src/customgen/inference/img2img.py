@@ -23,7 +23,7 @@ from customgen.inference import adapters
 from customgen.inference.fit import fit_sampling, use
 from customgen.inference.images import (composite, default_feather, feather_mask, load_content, load_contents,
                                         load_mask, to_original, to_working, with_settings)
-from customgen.inference.library import StyleLibrary, resolve_styles
+from customgen.inference.library import StyleLibrary, resolve_styles, scheduler_notes
 from customgen.inference.nearest import nearest_style
 from customgen.inference.prompts import build_prompt, conditioning
 from customgen.inference.session import Session, get_session, lap
@@ -51,6 +51,7 @@ def stylize(content, styles=None, request: Request | None = None, *, styles_dir=
     contents = load_contents(content)
     library = StyleLibrary(styles_dir)
     job = Job(req, resolve_styles(styles, req.scales, library))  # styles (and files) checked before the model loads
+    scheduler_notes(job.specs, req.scheduler)
     session = get_session(req.model, device=req.device, dtype=req.dtype)
     if req.style_image is not None:
         add_style_image(session, job, load_content(req.style_image), library, embedder)

@@ -162,6 +162,16 @@ def check_compatible(style: Style, comps) -> None:
         warnings.warn(f"style {style.name} was trained on {base}; applying it to {comps.ref}", Notice, stacklevel=2)
 
 
+def scheduler_notes(specs: list[tuple[Style, float]], scheduler: str) -> None:
+    """One Notice per style sampled with a scheduler it was not made for (a few-step LoRA: LCM, TCD, Hyper-SD)."""
+    for style, scale in specs:
+        sampler = style.manifest.training.get("sampler") if float(scale) else None
+        if sampler and scheduler not in sampler["schedulers"]:
+            warnings.warn(f"{style.name} is {sampler['what']}, sampled with --scheduler "
+                          f"{' or '.join(sampler['schedulers'])} in {sampler['steps']} steps; --scheduler {scheduler} "
+                          "will not give its images", Notice, stacklevel=3)
+
+
 def as_list(styles) -> list:
     """None, one style (name, path or Style) or several → a list."""
     return [] if styles is None else [styles] if isinstance(styles, (str, Path, Style)) else list(styles)

@@ -8,7 +8,7 @@ import customgen
 from customgen.errors import UserError
 from customgen.inference.fit import fit_sampling, use
 from customgen.inference.images import with_settings
-from customgen.inference.library import Style, StyleLibrary, resolve_styles
+from customgen.inference.library import Style, StyleLibrary, resolve_styles, scheduler_notes
 from customgen.inference.prompts import build_prompt, conditioning
 from customgen.inference.session import Session, get_session
 from customgen.request import Request, random_seed
@@ -25,6 +25,7 @@ def generate(prompt: str | None = None, styles=None, request: Request | None = N
     `customgen.request.Request` (steps, guidance, scheduler, seed, size, width, height, num_images, ...)."""
     req = as_request(request, {"prompt": prompt, **fields} if prompt is not None else fields).check()
     specs = resolve_styles(styles, req.scales, StyleLibrary(styles_dir))  # checked before the model loads
+    scheduler_notes(specs, req.scheduler)
     session = get_session(req.model, device=req.device, dtype=req.dtype)
     side = req.size or session.native_size
     req = req.replace(seed=random_seed() if req.seed is None else int(req.seed), width=req.width or side,

@@ -55,7 +55,8 @@ def file_manifest(path: str | Path) -> Manifest:
                     token=words[0] if words else "", rank=(r["rank"] or [None])[-1],
                     alpha=(r["alpha"] or [None])[-1], text_encoder=bool(r["modules"].get("text_encoder")),
                     trainable_params=adapter.parameters, file_bytes=path.stat().st_size,
-                    training={"format": r["format"], "triggers": r["triggers"], "metadata": r["metadata"]})
+                    training={"format": r["format"], "triggers": r["triggers"], "metadata": r["metadata"],
+                              "sampler": r["sampler"]})
 
 
 def weights_path(style) -> Path:
