@@ -268,6 +268,18 @@ def _sampling_args(p) -> None:
                    help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
 
 
+def _local_addon_args(p) -> None:
+    """Local ControlNet / IP-Adapter weights (Kaggle inputs with Internet off); stylize and the demo share them."""
+    p.add_argument("--controlnet", default=None, metavar="PATH",
+                   help="local ControlNet for the structure: a diffusers folder or an original single file "
+                        "(.safetensors/.pth), e.g. control_v11p_sd15_canny.pth (default: lllyasviel's from the Hub)")
+    p.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="local ip-adapter_sd15 .safetensors/.bin for the style image (default: h94/IP-Adapter from "
+                        "the Hub)")
+    p.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside the file)")
+
+
 def _add_inference_commands(sub) -> None:
     """`customgen stylize` and `customgen generate` (handlers: customgen.inference.commands)."""
     s = sub.add_parser("stylize", help="stylize content images with library styles (img2img)")
@@ -285,6 +297,7 @@ def _add_inference_commands(sub) -> None:
     s.add_argument("--style-image-scale", type=float, default=DEFAULTS.style_image_scale, help="weight of the style image")
     s.add_argument("--structure", choices=STRUCTURES, default=None, help="keep structure with a ControlNet")
     s.add_argument("--structure-scale", type=float, default=DEFAULTS.structure_scale, help="ControlNet conditioning scale")
+    _local_addon_args(s)
     s.add_argument("--batch", type=int, default=DEFAULTS.batch, metavar="N",
                    help="contents of one working size per pipeline call (faster on a GPU; not pixel-identical to 1)")
     s.set_defaults(func=_cmd_stylize)
