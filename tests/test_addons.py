@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
 
@@ -239,3 +240,95 @@ def test_addons_count_in_the_sampling_prediction_as_a_real_cpu_run_counts_them(f
         sample_once(comps, kind="img2img", size=(64, 80), batch=2, controlnet=net, ip_adapter=ip)
     assert fake == pytest.approx(live.peak, rel=0.05)
     assert sampling_peak(session.comps, **kw, addons=addon_shapes(net, None)) < fake  # each part counts
+
+
+# --- demo -------------------------------------------------------------------------------------------------------------
+def test_demo_uses_the_local_files_as_stylize_does(files, tmp_path):
+    from customgen import demo
+
+    content, style = tmp_path / "c.png", tmp_path / "s.png"
+    content_image(0).save(content)
+    content_image(9).save(style)
+    local = demo.LocalAddons(str(files["canny.safetensors"]), "canny", str(files["ip"]))
+    state = demo.DemoState("tiny", str(tmp_path), "cpu", None, demo.MAX_PIXELS, addons=local)
+    assert "ControlNet (canny)" in state.addons.describe() and "IP-Adapter" in state.addons.describe()
+    path, _, settings = demo.stylize_handler(state, str(content), demo.NONE, None, "auto", None, 0.7, 4, 7, "canny")
+    assert settings["controlnet"] == str(files["canny.safetensors"]) and settings["ip_adapter"] is None
+    same = stylize(str(content), None, model="tiny", stylization=0.7, steps=4, seed=7, structure="canny",
+                   controlnet=str(files["canny.safetensors"]))
+    assert np.array_equal(px(demo.load_content(path)), px(same))
+    path, _, settings = demo.stylize_handler(state, str(content), demo.NONE, str(style), "auto", None, 0.7, 4, 7, "none")
+    assert settings["ip_adapter"] == str(files["ip"]) and settings["style_image"] == "ip-adapter"
+    same = stylize(str(content), None, model="tiny", stylization=0.7, steps=4, seed=7, style_image=str(style),
+                   ip_adapter=str(files["ip"]))
+    assert np.array_equal(px(demo.load_content(path)), px(same))
+
+
+def test_demo_refuses_a_bad_file_in_one_line_before_loading(tmp_path, capsys, no_base_load):
+    sdxl = write_controlnet(tmp_path / "sdxl.safetensors", seeded_controlnet("tiny", cross_attention_dim=2048))
+    for extra, match in ((["--controlnet", str(sdxl)], "for SDXL"),
+                         (["--ip-adapter", str(tmp_path / "none.bin")], "does not exist"),
+                         (["--image-encoder", str(tmp_path)], "only with --ip-adapter")):
+        assert main(["demo", "--model", "tiny", "--styles", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
+
+
+# --- evaluate -----------------------------------------------------------------------------------------------------
+def eval_argv(env, out, *extra):
+    sets = {"eval.styles": env["styles"], "eval.content_root": env["coco"], "eval.style_root": env["wikiart"],
+            "eval.output": out, "eval.steps": 2, "eval.size": 64, "eval.strength": 0.5, "eval.min_size": 32,
+            "eval.methods": "[lora_style]", "eval.max_contents": 2}
+    return ["evaluate", "configs/eval.yaml", "--model", "tiny",
+            *[a for kv in [f"{k}={v}" for k, v in sets.items()] + list(extra) for a in ("--set", kv)]]
+
+
+def test_evaluate_takes_the_local_files_from_its_config(files, tmp_path_factory):
+    """eval.structure + eval.controlnet guide every point (the baseline too); eval.ip_adapter adds an ip-adapter row
+    per reference style (its style image: the style's first reference image), scored like the others."""
+    import pandas as pd
+
+    from tests.eval_fixtures import shared_eval_env
+
+    env, out = shared_eval_env(tmp_path_factory), tmp_path_factory.mktemp("eval_addons") / "results"
+    cn, ip = files["canny_folder"], files["ip"]
+    assert main(eval_argv(env, out, "eval.structure=canny", f"eval.controlnet={cn}", f"eval.ip_adapter={ip}")) == 0
+    rows = pd.read_csv(out / "metrics.csv")
+    assert sorted(rows["model"]) == ["baseline", "ip-adapter@Impressionism", "lora_impressionism"]
+    ip_row = rows[rows["method"] == "ip-adapter"].iloc[0]
+    assert ip_row["style"] == "Impressionism" and ip_row["n_images"] == 2 and np.isfinite(ip_row["clip_style"])
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == 6
+    for png in pngs:
+        s = read_settings(png)
+        assert (s["structure"], s["controlnet"]) == ("canny", str(cn))
+        assert s["ip_adapter"] == (str(ip) if "ip-adapter@" in str(png) else None)
+    # an IP-Adapter image is stylize with the style's first reference image, the evaluation's settings otherwise
+    from customgen.cli import build_parser, load_cli_config
+    from customgen.evaluate.generate import output_names
+    from customgen.evaluate.inputs import load_styles, resolve_inputs
+
+    cfg = load_cli_config(build_parser().parse_args(eval_argv(env, out, "eval.structure=canny",
+                                                              f"eval.controlnet={cn}", f"eval.ip_adapter={ip}")))
+    inputs = resolve_inputs(cfg, load_styles(cfg.eval.styles, cfg.eval.methods))
+    content = inputs.contents[0]
+    png = next((out / "images" / "ip-adapter@Impressionism").rglob(output_names(inputs.contents)[content]))
+    req = cfg.eval.request("tiny").replace(style_image=str(inputs.references["Impressionism"][0]),
+                                           style_image_mode="ip-adapter", ip_adapter=str(ip))
+    assert np.array_equal(px(Image.open(png).convert("RGB")), px(stylize(str(content), None, req)))
+
+
+def test_evaluate_refuses_a_bad_local_file_before_anything_loads(files, tmp_path, capsys, no_base_load,
+                                                                 tmp_path_factory):
+    from tests.eval_fixtures import shared_eval_env
+
+    env = shared_eval_env(tmp_path_factory)
+    cases = ((["eval.structure=canny", f"eval.controlnet={tmp_path / 'nope.pth'}"], "eval.controlnet: ControlNet"),
+             ([f"eval.controlnet={files['canny.pth']}"], "eval.controlnet needs eval.structure"),
+             ([f"eval.ip_adapter={files['canny.pth']}"], "eval.ip_adapter: "),
+             ([f"eval.image_encoder={tmp_path}"], "only with eval.ip_adapter"))
+    for extra, match in cases:
+        assert main(eval_argv(env, tmp_path / "out", *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "out" / "images").exists()

@@ -337,6 +337,9 @@ def _add_demo_command(sub) -> None:
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     d.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
                    help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
+    _local_addon_args(d)
+    d.add_argument("--controlnet-structure", choices=STRUCTURES, default="canny",
+                   help="the structure guidance the local --controlnet serves (default canny; the other uses the Hub)")
     d.set_defaults(func=_cmd_demo)
 
 

@@ -83,9 +83,21 @@ def _pickles_checked(folder: Path, names: tuple) -> list[str]:
 
 
 # --- ControlNet ---------------------------------------------------------------------------------------------------
+def signature(path: Path) -> tuple:
+    """What a check's result depends on: the file's (or the folder's files') names, sizes and modification times."""
+    entries = sorted(path.iterdir()) if path.is_dir() else [path]
+    return tuple((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.is_file())
+
+
 def controlnet_file(path, fam: str) -> ControlNetFile:
-    """Check a local ControlNet (folder or single file) for family `fam` before any model loads."""
+    """Check a local ControlNet (folder or single file) for family `fam` before any model loads (remembered while
+    the file is unchanged: an evaluation stylizes many images with it)."""
     p = existing(path, "ControlNet")
+    return _controlnet_checked(p, fam, signature(p))
+
+
+@functools.lru_cache(maxsize=32)
+def _controlnet_checked(p: Path, fam: str, _signature: tuple) -> ControlNetFile:
     if p.is_dir():
         return _controlnet_folder(p, fam)
     _suffix(p, "a ControlNet file", (SAFETENSORS, *PICKLES))
@@ -183,8 +195,15 @@ def ip_adapter_shapes(fam: str) -> dict[str, tuple]:
 
 
 def ip_adapter_file(path, encoder, fam: str) -> IPAdapterFile:
-    """Check a local ip-adapter_sd15 file and its image-encoder folder for family `fam` before any model loads."""
+    """Check a local ip-adapter_sd15 file and its image-encoder folder for family `fam` before any model loads
+    (remembered while both are unchanged)."""
     p = existing(path, "IP-Adapter")
+    folder = Path(str(encoder)).expanduser() if encoder is not None else p.parent / "image_encoder"
+    return _ip_adapter_checked(p, encoder, fam, signature(p) + (signature(folder) if folder.is_dir() else ()))
+
+
+@functools.lru_cache(maxsize=32)
+def _ip_adapter_checked(p: Path, encoder, fam: str, _signature: tuple) -> IPAdapterFile:
     if p.is_dir():
         raise UserError(f"{p} is a folder: pass the IP-Adapter file itself (e.g. models/ip-adapter_sd15.safetensors)")
     _suffix(p, "an IP-Adapter file", (SAFETENSORS, *PICKLES))
