@@ -17,6 +17,7 @@ import torch
 from diffusers import ControlNetModel
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers.utils import logging as tlog
 
 from customgen.models.builders import CONFIGS
 
@@ -65,7 +66,13 @@ def write_ip_adapter(root: Path, fam: str = "tiny", *, suffix: str = ".safetenso
     else:
         torch.save(state, path)
     encoder = image_encoder(fam, seed=seed + 1)
-    encoder.save_pretrained(models / "image_encoder")
+    bars = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()  # transformers 5 draws a "Writing model shards" bar on stderr
+    try:
+        encoder.save_pretrained(models / "image_encoder")
+    finally:
+        if bars:
+            tlog.enable_progress_bar()
     if encoder_bin:  # the pickled form (transformers 5 writes only safetensors)
         (models / "image_encoder" / "model.safetensors").unlink()
         torch.save(encoder.state_dict(), models / "image_encoder" / "pytorch_model.bin")
