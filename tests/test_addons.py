@@ -136,6 +136,7 @@ def _bad_files(root):
     cn, ip = dict(structure="canny"), dict(style_image=content_image(9))
     return {
         "missing": ({**cn, "controlnet": str(root / "nope.pth")}, "ControlNet .*nope.pth does not exist"),
+        "empty": ({**cn, "controlnet": ""}, "empty ControlNet path"),
         "suffix": ({**cn, "controlnet": str(root / "notes.txt")}, "must be .safetensors or .pth"),
         "corrupt": ({**cn, "controlnet": str(root / "junk.safetensors")}, "not a readable weights file"),
         "sdxl": ({**cn, "controlnet": str(sdxl)}, "ControlNet for SDXL \\(cross-attention width 2048\\)"),

@@ -3,7 +3,8 @@ names, random weights) at 256 px with gradient checkpointing (the subject recipe
 first), each artifact is loaded back through the stock diffusers loaders and stylizes an image, the subject LoRA's
 names equal SD v1.5's (written out below from the architecture, not read from the installed libraries), its
 snapshot loads through stock `load_lora_weights` and `customgen evaluate` scores it and the final step, and a DreamBooth style exported as a single file reads back
-through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
+through diffusers' from_single_file with the same pixels; a local ControlNet (.pth, lllyasviel's layout) and IP-Adapter
+(h94's layout) at SD v1.5 shapes give stock diffusers' pixels. Random weights: plumbing, not quality.
 
 Training runs in bf16 autocast (frozen weights bf16, trainables fp32) where the CPU computes bf16 natively
 (AVX512-BF16 or AMX, as the 2-core machines here do: the tier is faster in bf16 than in fp32 there). Without

@@ -293,7 +293,8 @@ def _add_inference_commands(sub) -> None:
     s.add_argument("--feather", type=int, default=None, metavar="PX", help="mask edge blur radius (default short side/64)")
     s.add_argument("--style-image", default=None, metavar="IMG", help="take the style from this image")
     s.add_argument("--style-image-mode", choices=STYLE_IMAGE_MODES, default=DEFAULTS.style_image_mode,
-                   help="IP-Adapter (needs Hub weights), nearest library style, or auto (IP-Adapter if reachable)")
+                   help="IP-Adapter (Hub weights or --ip-adapter), nearest library style, or auto (IP-Adapter if it "
+                        "can be had)")
     s.add_argument("--style-image-scale", type=float, default=DEFAULTS.style_image_scale, help="weight of the style image")
     s.add_argument("--structure", choices=STRUCTURES, default=None, help="keep structure with a ControlNet")
     s.add_argument("--structure-scale", type=float, default=DEFAULTS.structure_scale, help="ControlNet conditioning scale")

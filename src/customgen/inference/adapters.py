@@ -45,7 +45,7 @@ def _hub_kwargs(repo: str, what: str, alt: str = "", local: str = "") -> dict:
     """local_files_only when cached and offline; one actionable line when neither cached nor reachable."""
     online = hub_reachable()
     if not online and not hub_cached(repo):
-        local = f", pass the weights as a local file ({local})" if local else ""
+        local = f"; or pass the weights as a local file ({local})" if local else ""
         raise UserError(UNREACHABLE.format(what=what, repo=repo, alt=alt, local=local))
     return {"local_files_only": not online}
 
@@ -89,6 +89,7 @@ def tiny_controlnet(unet):
 
 
 def controlnet_key(structure: str, source: ControlNetFile | None) -> str:
+    """The session's key of a ControlNet: the Hub's (or tiny's) per structure, a local one per path."""
     return f"controlnet-{structure}" if source is None else f"controlnet:{source.path}"
 
 

@@ -57,6 +57,8 @@ def check_width(path: Path, what: str, width: int, fam: str) -> None:
 
 def existing(path, what: str) -> Path:
     """`path` as a Path, or one line saying it does not exist."""
+    if not str(path).strip():
+        raise UserError(f"empty {what} path: name the file or folder")
     p = Path(str(path)).expanduser()
     if not p.exists():
         raise UserError(f"{what} {p} does not exist")
