@@ -382,7 +382,8 @@ def test_cli_bad_input_exits_2_with_one_line(extra, lib, tmp_path, capsys):
 
 def test_cli_scheduler_names_match_the_package():
     assert request.SCHEDULERS == tuple(session_mod.SCHEDULERS)
-    assert json.loads(json.dumps(list(session_mod.SCHEDULERS))) == ["dpm++", "ddim", "euler", "pndm", "ddpm"]
+    assert json.loads(json.dumps(list(session_mod.SCHEDULERS))) == ["dpm++", "ddim", "euler", "pndm", "ddpm", "lcm",
+                                                                    "tcd"]
 
 
 def test_an_artifact_written_before_the_kinds_registry_still_loads(tmp_path, content, lib):

@@ -177,6 +177,61 @@ def test_absurd_numbers_are_refused_before_any_model_loads(sb, capfd, monkeypatc
     cli(capfd, sb.root, argv(sb), code=2, match=match)
 
 
+def addon(sb, name: str) -> Path:
+    """Local add-on files for the refusals below (tests/addon_fixtures.py), written once into the sandbox."""
+    from tests.addon_fixtures import Payload, seeded_controlnet, write_controlnet, write_ip_adapter
+
+    folder = sb.root / "addons"
+    folder.mkdir(exist_ok=True)
+    path = {"sdxl_cn": folder / "sdxl_canny.safetensors", "sdxl_ip": folder / "sdxl_ip" / "models" / "ip-adapter_sd15.bin",
+            "evil_cn": folder / "evil.pth", "evil_ip": folder / "evil_ip.bin"}[name]
+    if not path.exists():
+        if name == "sdxl_cn":
+            write_controlnet(path, seeded_controlnet("tiny", cross_attention_dim=2048))
+        elif name == "sdxl_ip":
+            write_ip_adapter(folder / "sdxl_ip", "tiny", suffix=".bin", width=2048)
+        else:  # the payload would write a file into the sandbox: the snapshot check sees it if it ran
+            torch.save({"ip_adapter.1.to_k_ip.weight": torch.zeros(2, 2), "x": Payload(folder / "ran.txt")}, path)
+    return path
+
+
+ADDONS = [  # (case, argv builder, message pattern): local ControlNet / IP-Adapter files
+    ("--controlnet missing file", lambda sb: stylize(sb, "--structure", "canny", "--controlnet", sb.root / "no.pth"),
+     r"ControlNet .+no.pth does not exist"),
+    ("--controlnet not weights", lambda sb: stylize(sb, "--structure", "canny", "--controlnet", sb.bad / "text.png"),
+     r"a ControlNet file must be .safetensors or .pth"),
+    ("--controlnet for SDXL", lambda sb: stylize(sb, "--structure", "canny", "--controlnet", addon(sb, "sdxl_cn")),
+     r"is a ControlNet for SDXL \(cross-attention width 2048\)"),
+    ("--controlnet pickle payload", lambda sb: stylize(sb, "--structure", "canny", "--controlnet", addon(sb, "evil_cn")),
+     r"weights-only unpickler refuses"),
+    ("--controlnet without --structure", lambda sb: stylize(sb, "--controlnet", addon(sb, "sdxl_cn")),
+     r"needs a structure"),
+    ("--ip-adapter missing file", lambda sb: stylize(sb, "--style-image", sb.content, "--ip-adapter",
+                                                     sb.root / "no.bin"), r"IP-Adapter .+no.bin does not exist"),
+    ("--ip-adapter for SDXL", lambda sb: stylize(sb, "--style-image", sb.content, "--ip-adapter", addon(sb, "sdxl_ip")),
+     r"is an IP-Adapter for SDXL \(cross-attention width 2048\)"),
+    ("--ip-adapter pickle payload", lambda sb: stylize(sb, "--style-image", sb.content, "--ip-adapter",
+                                                       addon(sb, "evil_ip")), r"weights-only unpickler refuses"),
+    ("--ip-adapter without --style-image", lambda sb: stylize(sb, "--ip-adapter", addon(sb, "sdxl_ip")),
+     r"needs a style image"),
+    ("--image-encoder without --ip-adapter", lambda sb: stylize(sb, "--image-encoder", sb.root),
+     r"only with a local IP-Adapter"),
+]
+
+
+@pytest.mark.parametrize("case,argv,match", ADDONS, ids=[c[0] for c in ADDONS])
+def test_bad_local_addon_files_are_refused_before_any_model_loads(sb, capfd, monkeypatch, case, argv, match):
+    """Input: a bad --controlnet / --ip-adapter / --image-encoder with no model able to load; expected: exit 2, one
+    `error: ` line, nothing written and nothing from a pickle run (a payload would write into the sandbox)."""
+    from customgen.inference import img2img
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the add-on files were checked")
+
+    monkeypatch.setattr(img2img, "get_session", no_model)
+    cli(capfd, sb.root, argv(sb), code=2, match=match)
+
+
 MISSING_FOLDERS = [  # (command, argv builder for an --out under folders that do not exist, what it writes there)
     ("stylize", lambda sb, out: stylize(sb, "--style", "lora_a", "--out", out / "x.png"), ["x.png"]),
     ("generate", lambda sb, out: generate(sb, "--style", "lora_a", "--out", out / "x.png"), ["x.png"]),

@@ -3,7 +3,8 @@ names, random weights) at 256 px with gradient checkpointing (the subject recipe
 first), each artifact is loaded back through the stock diffusers loaders and stylizes an image, the subject LoRA's
 names equal SD v1.5's (written out below from the architecture, not read from the installed libraries), its
 snapshot loads through stock `load_lora_weights` and `customgen evaluate` scores it and the final step, and a DreamBooth style exported as a single file reads back
-through diffusers' from_single_file with the same pixels. Random weights: plumbing, not quality.
+through diffusers' from_single_file with the same pixels; a local ControlNet (.pth, lllyasviel's layout) and IP-Adapter
+(h94's layout) at SD v1.5 shapes give stock diffusers' pixels. Random weights: plumbing, not quality.
 
 Training runs in bf16 autocast (frozen weights bf16, trainables fp32) where the CPU computes bf16 natively
 (AVX512-BF16 or AMX, as the 2-core machines here do: the tier is faster in bf16 than in fp32 there). Without
@@ -314,4 +315,57 @@ def test_files_from_elsewhere_bake_through_export(downloads, tmp_path, name):
         base.get_submodule(layer).weight.detach(), algo, parts, float(state[f"{key}.alpha"]), 0.8)
     assert torch.all((got - want).abs() <= unit_roundoff(torch.float16) * (want.abs() + merge) + merge)
     del base
+
+
+# --- local ControlNet and IP-Adapter files at SD v1.5 shapes (tests/addon_fixtures.py) ---------------------------------
+def test_local_controlnet_and_ip_adapter_at_sd15_shapes_equal_stock(tmp_path):
+    """lllyasviel's original layout (.pth, fp16, weights-only read) and h94's ip-adapter_sd15 layout at SD v1.5's
+    shapes (a small image encoder projecting to ViT-H's 1024): one denoising step at 64 px through customgen equals
+    the stock pipelines on the same files and modules; the ControlNet's weights are in the memory prediction."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionImg2ImgPipeline
+
+    from customgen.inference import get_session
+    from customgen.inference.images import canny_edges
+    from customgen.models.builders import CONFIGS
+    from customgen.models.footprint import addon_shapes, sampling_peak
+    from tests.addon_fixtures import seeded_controlnet, write_controlnet, write_ip_adapter
+
+    clear_sessions()
+    gc.collect()
+    net = seeded_controlnet("sd15", seed=1)
+    n_params = sum(p.numel() for p in net.parameters())
+    cn = write_controlnet(tmp_path / "control_v11p_sd15_canny.pth", net, dtype=torch.float16)
+    del net
+    gc.collect()
+    ip = write_ip_adapter(tmp_path / "h94", "sd15", seed=2)
+    content, style = content_image(0, (64, 64)), content_image(9, (64, 64))
+    run = dict(model="sd15-random", steps=2, strength=0.5, size=64, seed=0, prompt="")
+    ours_cn = stylize(content, None, structure="canny", controlnet=str(cn), **run)
+    ours_ip = stylize(content, None, style_image=style, style_image_mode="ip-adapter", ip_adapter=str(ip), **run)
+    c = get_session("sd15-random").comps  # the stock pipelines share the session's base modules
+    common = dict(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, safety_checker=None,
+                  feature_extractor=None, requires_safety_checker=False)
+    call = dict(prompt="", image=content, strength=0.5, num_inference_steps=2, guidance_scale=7.5)
+    stock = ControlNetModel.from_single_file(str(cn), config=str(CONFIGS / "sd15" / "controlnet")).to(torch.float32)
+    pipe = StableDiffusionControlNetImg2ImgPipeline(controlnet=stock,
+                                                    scheduler=make_scheduler("dpm++", c.scheduler.config), **common)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(**call, control_image=canny_edges(content), controlnet_conditioning_scale=1.0,  # its default is 0.8
+               generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(ours_cn), np.asarray(ref))
+    plain = sampling_peak(c, kind="img2img", size=(512, 512), batch=1, dtype=torch.float16)
+    guided = sampling_peak(c, kind="img2img", size=(512, 512), batch=1, dtype=torch.float16, addons=addon_shapes(stock))
+    assert guided - plain >= 2 * n_params  # fp16 weights, at least
+    del pipe, stock
+    gc.collect()
+    pipe = StableDiffusionImg2ImgPipeline(scheduler=make_scheduler("dpm++", c.scheduler.config), image_encoder=None,
+                                          **common)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(ip.parents[1]), subfolder="models", weight_name=ip.name)
+    pipe.set_ip_adapter_scale({"up": {"block_1": 1.0}})
+    ref = pipe(**call, ip_adapter_image=style, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    pipe.unload_ip_adapter()
+    assert np.array_equal(np.asarray(ours_ip), np.asarray(ref))
+    assert np.abs(np.asarray(ours_ip, dtype=np.int16) - np.asarray(ours_cn, dtype=np.int16)).max() > 0
+    clear_sessions()
     gc.collect()

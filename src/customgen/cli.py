@@ -275,6 +275,18 @@ def _sampling_args(p) -> None:
                    help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
 
 
+def _local_addon_args(p) -> None:
+    """Local ControlNet / IP-Adapter weights (Kaggle inputs with Internet off); stylize and the demo share them."""
+    p.add_argument("--controlnet", default=None, metavar="PATH",
+                   help="local ControlNet for the structure: a diffusers folder or an original single file "
+                        "(.safetensors/.pth), e.g. control_v11p_sd15_canny.pth (default: lllyasviel's from the Hub)")
+    p.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="local ip-adapter_sd15 .safetensors/.bin for the style image (default: h94/IP-Adapter from "
+                        "the Hub)")
+    p.add_argument("--image-encoder", default=None, metavar="DIR",
+                   help="the IP-Adapter's CLIP image encoder folder (default: image_encoder/ beside the file)")
+
+
 def _add_inference_commands(sub) -> None:
     """`customgen stylize` and `customgen generate` (handlers: customgen.inference.commands)."""
     s = sub.add_parser("stylize", help="stylize content images with library styles (img2img)")
@@ -288,10 +300,12 @@ def _add_inference_commands(sub) -> None:
     s.add_argument("--feather", type=int, default=None, metavar="PX", help="mask edge blur radius (default short side/64)")
     s.add_argument("--style-image", default=None, metavar="IMG", help="take the style from this image")
     s.add_argument("--style-image-mode", choices=STYLE_IMAGE_MODES, default=DEFAULTS.style_image_mode,
-                   help="IP-Adapter (needs Hub weights), nearest library style, or auto (IP-Adapter if reachable)")
+                   help="IP-Adapter (Hub weights or --ip-adapter), nearest library style, or auto (IP-Adapter if it "
+                        "can be had)")
     s.add_argument("--style-image-scale", type=float, default=DEFAULTS.style_image_scale, help="weight of the style image")
     s.add_argument("--structure", choices=STRUCTURES, default=None, help="keep structure with a ControlNet")
     s.add_argument("--structure-scale", type=float, default=DEFAULTS.structure_scale, help="ControlNet conditioning scale")
+    _local_addon_args(s)
     s.add_argument("--batch", type=int, default=DEFAULTS.batch, metavar="N",
                    help="contents of one working size per pipeline call (faster on a GPU; not pixel-identical to 1)")
     s.set_defaults(func=_cmd_stylize)
@@ -331,6 +345,9 @@ def _add_demo_command(sub) -> None:
     d.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     d.add_argument("--cap-gib", type=float, default=None, metavar="GiB",
                    help="plan batch and VAE slicing/tiling for this much GPU memory (default: the GPU in use)")
+    _local_addon_args(d)
+    d.add_argument("--controlnet-structure", choices=STRUCTURES, default="canny",
+                   help="the structure guidance the local --controlnet serves (default canny; the other uses the Hub)")
     d.set_defaults(func=_cmd_demo)
 
 

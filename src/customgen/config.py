@@ -163,10 +163,16 @@ class EvalConfig:
     style_scale: float = DEFAULT_SCALE  # adapter scale of kinds that have one (LoRA); others run at 1
     steps: int = DEFAULTS.steps  # inference steps
     guidance: float = DEFAULTS.guidance  # classifier-free guidance scale
-    scheduler: str = DEFAULTS.scheduler  # dpm++ | ddim | euler | pndm | ddpm
+    scheduler: str = DEFAULTS.scheduler  # dpm++ | ddim | euler | pndm | ddpm | lcm | tcd
     size: int = 512  # working resolution (short side); fixed so every method and the baseline match
     seed: int = 0  # the same seed for every method and the baseline
     cap_gib: float | None = None  # plan VAE slicing/tiling for this much GPU memory (None: the GPU in use)
+    structure: str = ""  # ControlNet structure guidance for every point, the baseline too: "" (none) | canny | depth
+    structure_scale: float = DEFAULTS.structure_scale  # ControlNet conditioning scale
+    controlnet: str = ""  # a local ControlNet for eval.structure: diffusers folder or single file ("": the Hub's)
+    ip_adapter: str = ""  # a local ip-adapter_sd15 file: adds an ip-adapter row per reference style ("": none)
+    image_encoder: str = ""  # the IP-Adapter's image encoder folder ("": image_encoder/ beside the file)
+    style_image_scale: float = DEFAULTS.style_image_scale  # IP-Adapter scale of the ip-adapter rows
     clip_model: str = "ViT-B-32"  # open_clip model for CLIP-content / CLIP-style
     clip_pretrained: str = "openai"  # open_clip weights tag (or a local checkpoint path)
     lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS backbone
@@ -189,7 +195,9 @@ class EvalConfig:
         """The sampling request of one evaluation point (strength and scale default to this config's)."""
         return Request(model=model, strength=self.strength if strength is None else strength,
                        scales=scale, steps=self.steps, guidance=self.guidance, scheduler=self.scheduler,
-                       seed=self.seed, size=self.size, dtype=dtype, cap_gib=self.cap_gib)
+                       seed=self.seed, size=self.size, dtype=dtype, cap_gib=self.cap_gib,
+                       structure=self.structure or None, structure_scale=self.structure_scale,
+                       controlnet=self.controlnet or None)
 
 
 @dataclasses.dataclass

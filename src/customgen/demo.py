@@ -10,6 +10,7 @@ import os
 import tempfile
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from customgen.inference.img2img import stylize  # noqa: E402
 from customgen.inference.library import StyleLibrary  # noqa: E402
 from customgen.inference.session import get_session  # noqa: E402
 from customgen.inference.txt2img import generate  # noqa: E402
+from customgen.models.addons import controlnet_file, ip_adapter_file  # noqa: E402
+from customgen.models.weightfile import family  # noqa: E402
 from customgen.request import (DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STYLIZATION, DEFAULTS, MAX_IMAGES,  # noqa: E402
                                MAX_SEED, STYLE_IMAGE_MODES, Request, STRUCTURES as STRUCTURE_NAMES)
 
@@ -140,10 +143,41 @@ def editor_mask(value) -> np.ndarray | None:
     return np.where(np.maximum.reduce(alphas) > 0, 255, 0).astype(np.uint8)  # (H, W)
 
 
-class DemoState:
-    """What the handlers share: the model reference, the style library and the output folder."""
+@dataclass(frozen=True)
+class LocalAddons:
+    """Local add-on weights the demo uses (Kaggle inputs with Internet off): a ControlNet for one structure, an
+    IP-Adapter (+ its image encoder folder) for style images. None: the Hub's."""
 
-    def __init__(self, model, styles_dir, device, dtype, max_pixels: int, cap_gib: float | None = None):
+    controlnet: str | None = None
+    controlnet_structure: str = "canny"  # the conditioning the local ControlNet was trained on
+    ip_adapter: str | None = None
+    image_encoder: str | None = None
+
+    def checked(self, model) -> "LocalAddons":
+        """The files checked against the model's family (one line each), before the base model loads."""
+        if self.image_encoder is not None and self.ip_adapter is None:
+            raise UserError("--image-encoder is used only with --ip-adapter")
+        if self.controlnet_structure not in STRUCTURE_NAMES:
+            raise UserError(f"unknown ControlNet structure {self.controlnet_structure!r}; choose from "
+                            f"{', '.join(STRUCTURE_NAMES)}")
+        fam = family(model)
+        net = controlnet_file(self.controlnet, fam) if self.controlnet is not None else None
+        ip = ip_adapter_file(self.ip_adapter, self.image_encoder, fam) if self.ip_adapter is not None else None
+        return LocalAddons(net, self.controlnet_structure, ip, None)
+
+    def describe(self) -> str:
+        """The local files as the page header names them ('' when none)."""
+        parts = ([f"ControlNet ({self.controlnet_structure}): `{self.controlnet}`"] if self.controlnet else []) + \
+            ([f"IP-Adapter: `{self.ip_adapter}`"] if self.ip_adapter else [])
+        return "".join(f" · {p}" for p in parts)
+
+
+class DemoState:
+    """What the handlers share: the model reference, the style library, local add-ons and the output folder."""
+
+    def __init__(self, model, styles_dir, device, dtype, max_pixels: int, cap_gib: float | None = None,
+                 addons: LocalAddons | None = None):
+        self.addons = (addons or LocalAddons()).checked(model)  # before the base model loads
         self.session = get_session(model, device=device, dtype=dtype)  # load now: errors show before the UI
         self.cap_gib = cap_gib  # batch and VAE slicing/tiling planned for this much GPU memory (None: the GPU)
         self.library = StyleLibrary(styles_dir)
@@ -194,10 +228,13 @@ def stylize_handler(state: DemoState, content, style, style_image, mode, mask_va
     if style_image:
         load_content(style_image, max_pixels=state.max_pixels)  # same limits for the style image
     styles = [state.styles[style]] if style and style != NONE else []
+    structure = None if structure == "none" else structure
+    local = state.addons
     request = request.replace(stylization=float(stylization), steps=int(steps), seed=_int(request.seed),
                               model=state.session, cap_gib=state.cap_gib, mask=editor_mask(mask_value),
-                              style_image=style_image or None,
-                              style_image_mode=mode, structure=None if structure == "none" else structure)
+                              style_image=style_image or None, style_image_mode=mode, structure=structure,
+                              controlnet=local.controlnet if structure == local.controlnet_structure else None,
+                              ip_adapter=local.ip_adapter if style_image and mode != "nearest" else None)
     out = stylize(image, styles, request, styles_dir=state.library.root)
     path = state.save(out, "stylized")
     return path, path, read_settings(out)
@@ -266,11 +303,12 @@ def _generate_tab(gr, state: DemoState) -> None:
 
 
 def create_app(*, model=DEFAULT_MODEL, styles_dir=None, device=None, dtype=None,
-               max_pixels: int = MAX_PIXELS, cap_gib: float | None = None):
+               max_pixels: int = MAX_PIXELS, cap_gib: float | None = None, addons: LocalAddons | None = None):
     """Build the Gradio Blocks app (loads the base model once; does not launch)."""
-    state = DemoState(model, styles_dir, device, dtype, max_pixels, cap_gib)
+    state = DemoState(model, styles_dir, device, dtype, max_pixels, cap_gib, addons)
     with gr.Blocks(title="customgen", analytics_enabled=False) as app:
-        gr.Markdown(f"# customgen\n{HELP}\n\nModel: `{state.session.comps.ref}` · styles: `{state.library.root}`")
+        gr.Markdown(f"# customgen\n{HELP}\n\nModel: `{state.session.comps.ref}` · styles: `{state.library.root}`"
+                    + state.addons.describe())
         with gr.Tab("Stylize"):
             _stylize_tab(gr, state)
         with gr.Tab("Text to image"):
@@ -299,7 +337,8 @@ def cmd_demo(args) -> int:
         raise UserError(f"--styles {args.styles} is not a folder (the style library: one artifact folder per style)")
     if args.cap_gib is not None and not 0 < args.cap_gib <= 4096:
         raise UserError(f"--cap-gib {args.cap_gib}: give a memory size in GiB between 0 and 4096")
+    addons = LocalAddons(args.controlnet, args.controlnet_structure, args.ip_adapter, args.image_encoder)
     app = create_app(model=args.model, styles_dir=args.styles, device=args.device, dtype=args.dtype,
-                     cap_gib=args.cap_gib)
+                     cap_gib=args.cap_gib, addons=addons)
     launch(app, host=args.host, port=args.port, share=args.share)
     return 0

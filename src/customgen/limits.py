@@ -35,7 +35,7 @@ LIMITS: dict[str, tuple] = {
     "eval.strength": (0, 1), "eval.style_scale": (0, MAX_SCALE), "eval.steps": (1, MAX_STEPS),
     "eval.guidance": (0, MAX_GUIDANCE), "eval.size": (SIZE_MULTIPLE, MAX_SIDE), "eval.seed": (0, MAX_SEED),
     "eval.kid_subset": (1, MILLION), "eval.cap_gib": (0.01, 4096), "eval.sweep_strengths": (0, 1),
-    "eval.sweep_scales": (0, MAX_SCALE),
+    "eval.sweep_scales": (0, MAX_SCALE), "eval.structure_scale": (0, MAX_SCALE), "eval.style_image_scale": (0, MAX_SCALE),
     "eval.samples_per_prompt": (1, MAX_IMAGES), "eval.fidelity_margin": (0, 2),  # one batch; cosines span 2
 }
 POSITIVE = ("train.lr", "lora.alpha", "lora.text_encoder_lr")  # the lowest value itself is refused (0 learns nothing)

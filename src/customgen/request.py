@@ -18,7 +18,10 @@ from typing import Any
 from customgen.errors import UserError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the Hub id (runwayml/... was deleted)
-SCHEDULERS = ("dpm++", "ddim", "euler", "pndm", "ddpm")  # names customgen.inference.session builds
+SCHEDULERS = ("dpm++", "ddim", "euler", "pndm", "ddpm", "lcm", "tcd")  # names customgen.inference.session builds
+# Few-step schedulers pick their steps from a 50-step distillation schedule (LCMScheduler/TCDScheduler
+# original_inference_steps): more steps than that is a ValueError in diffusers.
+FEW_STEP_SCHEDULERS, FEW_STEP_MAX = ("lcm", "tcd"), 50
 STYLE_IMAGE_MODES = ("auto", "ip-adapter", "nearest")
 STRUCTURES = ("canny", "depth")
 SIZE_MULTIPLE = 8  # the VAE downsamples by 8: working sizes are multiples of it
@@ -52,6 +55,9 @@ class Request:
     style_image_scale: float = 1.0
     structure: str | None = None  # ControlNet structure guidance: canny | depth
     structure_scale: float = 1.0
+    controlnet: Any = None  # a local ControlNet for `structure` (diffusers folder or single file); None: the Hub's
+    ip_adapter: Any = None  # a local ip-adapter_sd15 file (.safetensors/.bin) for the style image; None: the Hub's
+    image_encoder: Any = None  # the IP-Adapter's CLIP image encoder folder; None: image_encoder/ beside the file
     num_images: int = 1  # txt2img batch
     batch: int = 1  # img2img: content images of one working size per pipeline call (faster on a GPU, more memory)
     width: int | None = None  # txt2img; None: `size` or the model's own
@@ -69,6 +75,9 @@ class Request:
         _int_in("steps", self.steps, 1, MAX_STEPS)
         _float_in("guidance", self.guidance, 0.0, MAX_GUIDANCE)
         _choice("scheduler", self.scheduler, SCHEDULERS)
+        if self.scheduler in FEW_STEP_SCHEDULERS and int(self.steps) > FEW_STEP_MAX:
+            raise UserError(f"scheduler {self.scheduler} takes at most {FEW_STEP_MAX} steps (its distillation "
+                            f"schedule), got {self.steps}; few-step LoRAs use 4 to 8")
         if self.strength is not None:
             _float_in("strength", self.strength, 0.0, 1.0)
         if self.stylization is not None:
@@ -91,12 +100,25 @@ class Request:
         if self.structure is not None:
             _choice("structure", self.structure, STRUCTURES)
         _float_in("style image scale", self.style_image_scale, 0.0, MAX_SCALE)
+        self._check_local_addons()
         _float_in("structure scale", self.structure_scale, 0.0, MAX_SCALE)
         _int_in("num_images", self.num_images, 1, MAX_IMAGES)
         _int_in("batch", self.batch, 1, MAX_IMAGES)
         if self.cap_gib is not None:
             _float_in("cap_gib", self.cap_gib, 0.01, 4096.0)
         return self
+
+    def _check_local_addons(self) -> None:
+        """Local ControlNet / IP-Adapter files only where they are used (the files are checked by the inference
+        stack before the base model loads)."""
+        if self.controlnet is not None and self.structure is None:
+            raise UserError("a local ControlNet needs a structure (--structure canny|depth): the conditioning image "
+                            "it was trained on")
+        if self.ip_adapter is not None and (self.style_image is None or self.style_image_mode == "nearest"):
+            raise UserError("a local IP-Adapter needs a style image (--style-image) and style image mode auto or "
+                            "ip-adapter")
+        if self.image_encoder is not None and self.ip_adapter is None:
+            raise UserError("an image encoder folder is used only with a local IP-Adapter (--ip-adapter)")
 
     def knobs(self) -> tuple[float, Any]:
         """(strength, scales) from the explicit values or the `stylization` knob."""

@@ -22,7 +22,7 @@ from customgen.config import Config, load_config
 from customgen.errors import UserError
 from customgen.limits import check_limits
 from customgen.lock import output_lock
-from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, merge, style_point
+from customgen.evaluate.generate import BASELINE, Point, baseline_point, generate, ip_point, merge, style_point
 from customgen.evaluate.inputs import EvalInputs, EvalStyle, is_subject, load_styles, resolve_inputs
 from customgen.evaluate.plots import save_result_plots
 from customgen.evaluate.report import (COLUMNS, SMOKE_NOTE, Results, best_per_style, load_results, ordered, run_info,
@@ -31,6 +31,8 @@ from customgen.evaluate.score import aggregate, image_rows, per_image_table
 from customgen.evaluate.subjects import evaluate_subjects, has_subject_results, load_subject_results, resolve_subjects
 from customgen.evaluate.sweep import describe_front, pareto_front, sweep_points, sweep_table
 from customgen.metrics import MetricNetworks
+from customgen.models.addons import controlnet_file, ip_adapter_file
+from customgen.models.weightfile import family
 
 __all__ = ["evaluate", "pareto_front", "load_results", "describe_front", "best_per_style", "Results", "EvalInputs",
            "EvalStyle", "resolve_inputs", "Point", "BASELINE", "COLUMNS", "SMOKE_NOTE", "load_subject_results",
@@ -47,12 +49,32 @@ def check_settings(e) -> None:
             raise UserError(f"eval strength {s} × {e.steps} steps runs no denoising step: raise eval.steps")
     if e.sweep and not (e.sweep_strengths and e.sweep_scales):
         raise UserError("eval.sweep needs eval.sweep_strengths and eval.sweep_scales (non-empty lists)")
+    if e.controlnet and not e.structure:
+        raise UserError("eval.controlnet needs eval.structure (canny or depth): the conditioning it was trained on")
+    if e.image_encoder and not e.ip_adapter:
+        raise UserError("eval.image_encoder is used only with eval.ip_adapter")
     e.request("").replace(num_images=e.samples_per_prompt).check()  # before any model or image loads
 
 
-def grid_points(styles, e) -> list[Point]:
-    """The baseline and every style at eval.strength (LoRA at eval.style_scale)."""
-    return [baseline_point(e.strength)] + [style_point(s, e.strength, e.style_scale) for s in styles]
+def check_addon_files(cfg: Config) -> None:
+    """eval.controlnet and eval.ip_adapter (+ eval.image_encoder) checked against the model's family, one line,
+    before any model or image loads."""
+    e = cfg.eval
+    fam = family(cfg.model.ref) if e.controlnet or e.ip_adapter else None
+    for key, check in (("controlnet", lambda: controlnet_file(e.controlnet, fam)),
+                       ("ip_adapter", lambda: ip_adapter_file(e.ip_adapter, e.image_encoder or None, fam))):
+        if getattr(e, key):
+            try:
+                check()
+            except UserError as err:
+                raise UserError(f"eval.{key}: {err}") from None
+
+
+def grid_points(styles, e, references: list[str] = ()) -> list[Point]:
+    """The baseline and every style at eval.strength (LoRA at eval.style_scale); with eval.ip_adapter, the IP-Adapter
+    on each reference style's first reference image."""
+    ip = [ip_point(r, e.strength, e.style_image_scale) for r in references] if e.ip_adapter else []
+    return [baseline_point(e.strength)] + [style_point(s, e.strength, e.style_scale) for s in styles] + ip
 
 
 def _key(model: str, strength: float, scale: float) -> tuple:
@@ -71,6 +93,7 @@ def evaluate(config, *, overwrite: bool = False, progress: bool = True, command:
     the main process's lock)."""
     cfg = check_limits(config if isinstance(config, Config) else load_config(config))
     check_settings(cfg.eval)
+    check_addon_files(cfg)
     with output_lock(Path(cfg.eval.output).expanduser(), command="evaluate"):
         return run_evaluation(cfg, overwrite=overwrite, progress=progress, command=command, plots=plots)
 
@@ -101,7 +124,7 @@ def evaluate_styles(cfg: Config, inputs: EvalInputs, nets, *, out: Path, state, 
     """The style grid (and sweep): this process's share of the images, then on the main process the metrics, the
     files and the plots; returns the metrics table there (None on the other processes)."""
     e = cfg.eval
-    grid = grid_points(inputs.styles, e)
+    grid = grid_points(inputs.styles, e, inputs.reference_styles)
     sweep = sweep_points(inputs.styles, e) if e.sweep else []
     points = list({_key(p.model, p.strength, p.scale): p for p in grid + sweep}.values())
     mine = generate(points, inputs, cfg, out, overwrite=overwrite, progress=progress and state.is_main_process,

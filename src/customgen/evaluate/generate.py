@@ -26,6 +26,7 @@ from customgen.memory import peak_memory, sync
 from customgen.models import resolve_ref
 
 BASELINE = "baseline"  # model and method name of plain SD img2img (no style)
+IP_ADAPTER = "ip-adapter"  # method of the IP-Adapter rows: no trained weights, a reference image as style image
 EVAL_KEY = "eval"  # key in the PNG settings holding seconds / peak memory of the generation
 RANKS = ".ranks"  # OUT/.ranks/<rank>.json: each process's outputs while a multi-process evaluation merges them
 
@@ -63,6 +64,16 @@ def baseline_point(strength: float) -> Point:
     return Point(BASELINE, BASELINE, BASELINE, float(strength), math.nan)
 
 
+def ip_point(reference: str, strength: float, scale: float) -> Point:
+    """The IP-Adapter on one reference style's first reference image (model `ip-adapter@<style>`)."""
+    return Point(f"{IP_ADAPTER}@{reference}", IP_ADAPTER, IP_ADAPTER, float(strength), float(scale))
+
+
+def ip_reference(point: Point) -> str | None:
+    """The reference style of an IP-Adapter point (None for other points)."""
+    return point.model.split("@", 1)[1] if point.method == IP_ADAPTER else None
+
+
 def style_point(style, strength: float, scale: float) -> Point:
     """A style at (strength, scale); the scale applies to kinds that have one (LoRA), the others run at 1."""
     kind = style.kind
@@ -82,11 +93,15 @@ def output_names(contents: list[Path]) -> dict[Path, str]:
 
 def expected_settings(point: Point, content: Path, e, model_ref: str) -> dict:
     """The settings an output for (point, content) must have been made with."""
-    styles = [] if point.model == BASELINE else [{"name": point.model, "scale": point.scale}]
+    trained = point.model != BASELINE and point.method != IP_ADAPTER
+    styles = [{"name": point.model, "scale": point.scale}] if trained else []
     model = resolve_ref(model_ref).value  # as the session records it (aliases, local paths resolved)
+    local = lambda p: str(Path(p).expanduser()) if p else None  # noqa: E731 - as stylize records the files
     return {"model": model, "strength": point.strength, "seed": e.seed, "steps": e.steps,
             "scheduler": e.scheduler, "guidance": e.guidance, "size": e.size, "content": content.name,
-            "styles": styles}
+            "styles": styles, "structure": e.structure or None,
+            "controlnet": local(e.controlnet) if e.structure else None,
+            "ip_adapter": local(e.ip_adapter) if point.method == IP_ADAPTER else None}
 
 
 def found_settings(s: dict) -> dict:
@@ -94,7 +109,8 @@ def found_settings(s: dict) -> dict:
     return {"model": s.get("model"), "strength": s.get("strength"), "seed": s.get("seed"), "steps": s.get("steps"),
             "scheduler": s.get("scheduler"), "guidance": s.get("guidance"),
             "size": min(s.get("working_size") or [0]), "content": Path(s.get("content") or "").name,
-            "styles": [{"name": x.get("name"), "scale": x.get("scale")} for x in s.get("styles", [])]}
+            "styles": [{"name": x.get("name"), "scale": x.get("scale")} for x in s.get("styles", [])],
+            "structure": s.get("structure"), "controlnet": s.get("controlnet"), "ip_adapter": s.get("ip_adapter")}
 
 
 def reuse(path: Path, want: dict, *, found=found_settings) -> dict | None:
@@ -121,13 +137,18 @@ def reuse(path: Path, want: dict, *, found=found_settings) -> dict | None:
     return stored
 
 
-def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg, *, device=None):
+def stylize_one(point: Point, content: Path, style_folder: Path | None, cfg, *, device=None,
+                style_image: Path | None = None):
     """One output through customgen.inference.stylize (looked up at call time, so tests can count calls);
-    `style_folder`: the artifact folder or style file."""
+    `style_folder`: the artifact folder or style file; an IP-Adapter point takes `style_image` through
+    eval.ip_adapter."""
     e = cfg.eval
     styles = None if style_folder is None else [str(style_folder)]
     scale = None if style_folder is None else point.scale
     request = e.request(cfg.model.ref, strength=point.strength, scale=scale, dtype=cfg.model.dtype).replace(device=device)
+    if point.method == IP_ADAPTER:
+        request = request.replace(style_image=str(style_image), style_image_mode="ip-adapter", ip_adapter=e.ip_adapter,
+                                  image_encoder=e.image_encoder or None, style_image_scale=point.scale)
     with peak_memory() as mem:
         sync()
         t0 = time.perf_counter()
@@ -159,7 +180,9 @@ def generate(points: list[Point], inputs, cfg, out: Path, *, overwrite: bool = F
                                   cost.get("peak_memory_bytes"), True))
             continue
         bar.set_postfix_str(f"{point.model} s={point.strength:g}", refresh=False)
-        img, seconds, peak = stylize_one(point, content, folders.get(point.model), cfg, device=device)
+        ref = ip_reference(point)
+        img, seconds, peak = stylize_one(point, content, folders.get(point.model), cfg, device=device,
+                                         style_image=inputs.references[ref][0] if ref else None)
         settings = json.loads(img.info.get("customgen", "{}"))
         settings[EVAL_KEY] = {"seconds": seconds, "peak_memory_bytes": peak}
         save_image(with_settings(img, settings), path, overwrite=True)

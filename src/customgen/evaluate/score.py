@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from customgen import metrics as M
-from customgen.evaluate.generate import BASELINE, Output
+from customgen.evaluate.generate import BASELINE, Output, ip_reference
 from customgen.formats import sha256
 
 PAIR_METRICS = ("clip_content", "clip_style", "style_strength", "ssim", "lpips")  # per image
@@ -60,6 +60,7 @@ def image_rows(outputs: list[Output], inputs, nets, *, lpips_net: str, progress:
     lp = nets.lpips(lpips_net)
     refs = reference_features(inputs, nets, batch_size=batch_size)
     ref_of = {s.name: s.reference for s in inputs.styles}
+    ref_of |= {o.point.model: ip_reference(o.point) for o in outputs if ip_reference(o.point)}
     by_content: dict = defaultdict(list)
     for i, o in enumerate(outputs):
         by_content[o.content].append(i)

@@ -1,8 +1,10 @@
-"""Add-ons from the Hub: ControlNet structure guidance and the IP-Adapter for style images.
+"""Add-ons: ControlNet structure guidance and the IP-Adapter for style images, from local files or the Hub.
 
-Real models use lllyasviel's SD v1.5 ControlNets and h94/IP-Adapter (weights from the Hugging Face Hub, one
-actionable line when they cannot be had). The reserved `tiny` model gets seeded random tiny versions built
-here, so the same code paths run offline in tests; their outputs mean nothing.
+A request's local files (`controlnet`, `ip_adapter` + `image_encoder`: Kaggle inputs with Internet off) are checked
+by `local_addons` before the base model loads (customgen.models.addons) and loaded once per session. Without them,
+real models use lllyasviel's SD v1.5 ControlNets and h94/IP-Adapter from the Hugging Face Hub (one actionable line
+when they cannot be had), and the reserved `tiny` model gets seeded random tiny versions built here, so the same
+code paths run offline in tests; their outputs mean nothing.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from customgen.inference.images import canny_edges
 from customgen.inference.session import quiet_diffusers
 from customgen.memory import seeded
 from customgen.models import build_reserved
+from customgen.models.addons import (ControlNetFile, IPAdapterFile, controlnet_file, ip_adapter_file,
+                                     load_controlnet_file, load_ip_adapter_file)
 from customgen.models.loading import hub_cached, hub_reachable
+from customgen.models.weightfile import family
 
 CONTROLNETS = {"canny": "lllyasviel/control_v11p_sd15_canny", "depth": "lllyasviel/control_v11f1p_sd15_depth"}
 DEPTH_ESTIMATOR = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -29,19 +34,47 @@ IP_ADAPTER = ("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors", "models/im
 STYLE_BLOCKS = {"up": {"block_1": 1.0}}
 TINY_SEED = 1234
 UNREACHABLE = ("{what} needs {repo} from the Hugging Face Hub, which is not cached here and cannot be reached: "
-               "turn on Internet (Kaggle: notebook settings → Internet) or run once online to cache it{alt}")
+               "turn on Internet (Kaggle: notebook settings → Internet) or run once online to cache it{local}{alt}")
 
 
 def _is_tiny(session) -> bool:
     return session.comps.kind == "tiny"
 
 
-def _hub_kwargs(repo: str, what: str, alt: str = "") -> dict:
+def _hub_kwargs(repo: str, what: str, alt: str = "", local: str = "") -> dict:
     """local_files_only when cached and offline; one actionable line when neither cached nor reachable."""
     online = hub_reachable()
     if not online and not hub_cached(repo):
-        raise UserError(UNREACHABLE.format(what=what, repo=repo, alt=alt))
+        local = f"; or pass the weights as a local file ({local})" if local else ""
+        raise UserError(UNREACHABLE.format(what=what, repo=repo, alt=alt, local=local))
     return {"local_files_only": not online}
+
+
+def local_addons(req) -> tuple[ControlNetFile | None, IPAdapterFile | None]:
+    """The request's local ControlNet and IP-Adapter, checked against the base model's family before it loads
+    (already checked ones pass through: the demo checks its files once)."""
+    net, ip = req.controlnet, req.ip_adapter
+    if net is None and ip is None:
+        return None, None
+    fam = family(req.model)
+    if net is not None and not isinstance(net, ControlNetFile):
+        net = controlnet_file(net, fam)
+    if ip is not None and not isinstance(ip, IPAdapterFile):
+        ip = ip_adapter_file(ip, req.image_encoder, fam)
+    return net, ip
+
+
+def _placed(module, unet):
+    """`module` on the UNet's device and dtype (a no-op dtype .to() still warns)."""
+    module.to(unet.device)
+    return module if module.dtype == unet.dtype else module.to(unet.dtype)
+
+
+def _same_width(source, width: int, unet) -> None:
+    """A local add-on was checked against the family; a base model of another width (an SD 2 model) is refused here."""
+    if width != unet.config.cross_attention_dim:
+        raise UserError(f"{source} has cross-attention width {width}, this base model's UNet "
+                        f"{unet.config.cross_attention_dim}: use an add-on made for this base model")
 
 
 # --- ControlNet ---------------------------------------------------------------------------------------
@@ -52,34 +85,46 @@ def tiny_controlnet(unet):
         zero_convs = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
         for conv in zero_convs:
             torch.nn.init.normal_(conv.weight, std=0.05)
-    net.to(unet.device)
-    return net if net.dtype == unet.dtype else net.to(unet.dtype)  # a no-op dtype .to() still warns
+    return _placed(net, unet)
 
 
-def load_controlnet(session, structure: str):
-    """The ControlNet for `structure` (canny | depth), loaded once per session."""
+def controlnet_key(structure: str, source: ControlNetFile | None) -> str:
+    """The session's key of a ControlNet: the Hub's (or tiny's) per structure, a local one per path."""
+    return f"controlnet-{structure}" if source is None else f"controlnet:{source.path}"
+
+
+def load_controlnet(session, structure: str, source: ControlNetFile | None = None):
+    """The ControlNet for `structure` (canny | depth): the local one when given, loaded once per session."""
     if structure not in CONTROLNETS:
         raise UserError(f"unknown structure {structure!r}; choose from {', '.join(CONTROLNETS)}")
-    key = f"controlnet-{structure}"
+    key = controlnet_key(structure, source)
     if key not in session.extra:
         unet = session.comps.unet
-        if _is_tiny(session):
+        if source is not None:
+            with quiet_diffusers():
+                net = load_controlnet_file(source)
+            _same_width(source, net.config.cross_attention_dim, unet)
+            session.extra[key] = _placed(net, unet)
+        elif _is_tiny(session):
             session.extra[key] = tiny_controlnet(unet)
         else:
             repo = CONTROLNETS[structure]
-            kwargs = _hub_kwargs(repo, f"--structure {structure}", "; or leave out --structure")
+            kwargs = _hub_kwargs(repo, f"--structure {structure}", "; or leave out --structure", "--controlnet PATH")
             with quiet_diffusers():
                 session.extra[key] = ControlNetModel.from_pretrained(repo, dtype=unet.dtype, **kwargs).to(unet.device)
     return session.extra[key]
 
 
-def controlnet_pipeline(session, structure: str):
-    """StableDiffusionControlNetImg2ImgPipeline sharing the session's modules (built once per structure)."""
+def controlnet_pipeline(session, structure: str, source: ControlNetFile | None = None):
+    """StableDiffusionControlNetImg2ImgPipeline sharing the session's modules (built once per ControlNet)."""
     c = session.comps
-    return session.pipeline(f"controlnet-img2img-{structure}", lambda: StableDiffusionControlNetImg2ImgPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-        controlnet=load_controlnet(session, structure), scheduler=c.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False))
+
+    def build():
+        return StableDiffusionControlNetImg2ImgPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+            controlnet=load_controlnet(session, structure, source), scheduler=c.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    return session.pipeline(f"img2img-{controlnet_key(structure, source)}", build)
 
 
 def depth_map(session, img: Image.Image) -> Image.Image:
@@ -128,7 +173,8 @@ def hub_ip_adapter(unet) -> tuple[dict, object, object]:
     repo, weights, encoder_dir = IP_ADAPTER
     if unet.config.cross_attention_dim != 768:
         raise UserError("--style-image with the IP-Adapter needs an SD v1.5 model (cross-attention width 768)")
-    kwargs = _hub_kwargs(repo, "--style-image (IP-Adapter)", "; or use --style-image-mode nearest")
+    kwargs = _hub_kwargs(repo, "--style-image (IP-Adapter)", "; or use --style-image-mode nearest",
+                         "--ip-adapter FILE")
     root = snapshot_download(repo, allow_patterns=[weights, f"{encoder_dir}/*"], **kwargs)
     flat = load_file(f"{root}/{weights}")
     state = {part: {k[len(part) + 1:]: v for k, v in flat.items() if k.startswith(part + ".")}
@@ -137,21 +183,27 @@ def hub_ip_adapter(unet) -> tuple[dict, object, object]:
     return state, encoder, CLIPImageProcessor()
 
 
-def ip_adapter_weights(session) -> tuple[dict, object, object]:
-    """The IP-Adapter (state dict, image encoder, processor) on the UNet's device and dtype, loaded once."""
-    if "ip-adapter" not in session.extra:
+def ip_adapter_weights(session, source: IPAdapterFile | None = None) -> tuple[dict, object, object]:
+    """The IP-Adapter (state dict, image encoder, processor) on the UNet's device and dtype, loaded once: the local
+    file when given, else the Hub's (tiny: a seeded random one)."""
+    key = "ip-adapter" if source is None else f"ip-adapter:{source.path}:{source.encoder}"
+    if key not in session.extra:
         unet = session.comps.unet
-        state, encoder, processor = (tiny_ip_adapter if _is_tiny(session) else hub_ip_adapter)(unet)
+        if source is not None:
+            with quiet_diffusers():
+                state, encoder, processor = load_ip_adapter_file(source)
+            _same_width(source, state["ip_adapter"]["1.to_k_ip.weight"].shape[1], unet)
+        else:
+            state, encoder, processor = (tiny_ip_adapter if _is_tiny(session) else hub_ip_adapter)(unet)
         state = {part: {k: v.to(unet.device, unet.dtype) for k, v in d.items()} for part, d in state.items()}
-        encoder.to(unet.device)
-        session.extra["ip-adapter"] = (state, encoder if encoder.dtype == unet.dtype else encoder.to(unet.dtype), processor)
-    return session.extra["ip-adapter"]
+        session.extra[key] = (state, _placed(encoder, unet), processor)
+    return session.extra[key]
 
 
 @contextlib.contextmanager
-def ip_adapter(session, pipe, scale: float):
+def ip_adapter(session, pipe, scale: float, source: IPAdapterFile | None = None):
     """IP-Adapter loaded into `pipe` for one call, style blocks only (InstantStyle); unloaded afterwards."""
-    state, encoder, processor = ip_adapter_weights(session)
+    state, encoder, processor = ip_adapter_weights(session, source)
     pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
     with quiet_diffusers():
         pipe.load_ip_adapter(state, subfolder=None, weight_name="ip-adapter.safetensors", image_encoder_folder=None)
@@ -163,9 +215,10 @@ def ip_adapter(session, pipe, scale: float):
         pipe.register_modules(image_encoder=None, feature_extractor=None)
 
 
-def ip_adapter_available(session) -> bool:
-    """Whether the IP-Adapter can be had without error (tiny: always; else cached or Hub reachable)."""
-    if _is_tiny(session) or "ip-adapter" in session.extra:
+def ip_adapter_available(session, source: IPAdapterFile | None = None) -> bool:
+    """Whether the IP-Adapter can be had without error (a local file or tiny: always; else cached or Hub
+    reachable)."""
+    if source is not None or _is_tiny(session) or "ip-adapter" in session.extra:
         return True
     return session.comps.unet.config.cross_attention_dim == 768 and (hub_cached(IP_ADAPTER[0]) or hub_reachable())
 

@@ -53,7 +53,8 @@ def output_paths(out: Path | None, command: str, stems: list[str], *, overwrite:
 def cmd_stylize(args) -> int:
     """Handler of `customgen stylize`."""
     req = request_from_args(args, "stylization", "strength", "mask", "feather", "style_image", "style_image_mode",
-                            "style_image_scale", "structure", "structure_scale", "batch")
+                            "style_image_scale", "structure", "structure_scale", "batch", "controlnet", "ip_adapter",
+                            "image_encoder")
     items = content_paths(args.content)
     label = "+".join(Path(s).name for s in args.style) if args.style else "base"
     stems = [f"{Path(str(p)).stem}_{_slug(label)}_s{req.seed}" for p in items]

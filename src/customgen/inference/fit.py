@@ -5,7 +5,8 @@ The prediction is customgen.models.footprint's (the model's architecture on a fa
 architecture, size, batch, dtype and VAE mode) plus customgen.budget's fixed costs. The ladder, cheapest first:
 as asked, VAE slicing (decodes one image at a time, the same pixels), a smaller batch (stylize only: generate's
 images share one generator), VAE tiling (changes pixels slightly at tile seams). On a CPU without a cap nothing is
-predicted and the call runs as asked. ControlNet and IP-Adapter weights are not in the prediction.
+predicted and the call runs as asked. A ControlNet or an IP-Adapter the call uses is in the prediction (its weights
+and what it allocates: models.footprint.Addons).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from customgen.budget import GIB, total_bytes
 from customgen.errors import UserError
-from customgen.models.footprint import sampling_peak
+from customgen.models.footprint import Addons, sampling_peak
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def candidates(batch: int, split: bool) -> list[tuple[int, bool, bool]]:
 
 
 def fit_sampling(session, *, kind: str, size: tuple[int, int], batch: int, cap_gib: float | None = None,
-                 split: bool = True) -> SamplingFit:
+                 split: bool = True, addons: Addons | None = None) -> SamplingFit:
     """The first (batch, slicing, tiling) predicted to fit; one line when nothing does."""
     cap = card_bytes(session, cap_gib)
     if cap is None:
@@ -60,7 +61,7 @@ def fit_sampling(session, *, kind: str, size: tuple[int, int], batch: int, cap_g
     need = 0
     for b, slicing, tiling in candidates(batch, split):
         need = total_bytes(sampling_peak(session.comps, kind=kind, size=size, batch=b, dtype=dtype, slicing=slicing,
-                                         tiling=tiling))
+                                         tiling=tiling, addons=addons))
         if need <= cap:
             return SamplingFit(b, slicing, tiling, need, cap)
     raise UserError(f"one {kind} call of {size[1]}x{size[0]} px needs {need / GIB:.2f} GiB on the GPU (predicted, VAE "

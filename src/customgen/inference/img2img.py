@@ -13,6 +13,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -28,6 +29,7 @@ from customgen.inference.nearest import nearest_style
 from customgen.inference.prompts import build_prompt, conditioning
 from customgen.inference.session import Session, get_session, lap
 from customgen.inference.txt2img import as_request, preview
+from customgen.models.footprint import addon_shapes
 from customgen.request import Request
 
 
@@ -39,6 +41,8 @@ class Job:
     specs: list  # (Style, scale) pairs
     style_image: Image.Image | None = None  # for the IP-Adapter
     notes: dict = field(default_factory=dict)
+    controlnet: Any = None  # the request's local ControlNet (models.addons.ControlNetFile), checked
+    ip_adapter: Any = None  # the request's local IP-Adapter (models.addons.IPAdapterFile), checked
 
 
 def stylize(content, styles=None, request: Request | None = None, *, styles_dir=None, embedder=None, **fields):
@@ -48,9 +52,11 @@ def stylize(content, styles=None, request: Request | None = None, *, styles_dir=
     scheduler, seed, size, prompt, mask, style_image, structure, model, ...). One knob instead of
     strength/scales: stylization s → strength 0.2 + 0.6·s, scale min(1, 2·s)."""
     req = as_request(request, fields).resolved()
+    controlnet, ip = adapters.local_addons(req)  # local add-on files checked before the base model loads
     contents = load_contents(content)
     library = StyleLibrary(styles_dir)
-    job = Job(req, resolve_styles(styles, req.scales, library))  # styles (and files) checked before the model loads
+    job = Job(req, resolve_styles(styles, req.scales, library), controlnet=controlnet, ip_adapter=ip)  # styles (and
+    # files) checked before the model loads
     scheduler_notes(job.specs, req.scheduler)
     session = get_session(req.model, device=req.device, dtype=req.dtype)
     if req.style_image is not None:
@@ -75,12 +81,12 @@ def add_style_image(session: Session, job: Job, image: Image.Image, library: Sty
     """IP-Adapter on the image when its weights can be had (auto), else the nearest library style."""
     mode, req = job.request.style_image_mode, job.request
     if mode == "auto":
-        mode = "ip-adapter" if adapters.ip_adapter_available(session) else "nearest"
+        mode = "ip-adapter" if adapters.ip_adapter_available(session, job.ip_adapter) else "nearest"
         if mode == "nearest":
             warnings.warn("IP-Adapter weights (h94/IP-Adapter) are not cached and the Hub is unreachable: "
-                          "using the nearest library style instead", Notice, stacklevel=3)
+                          "using the nearest library style instead (or pass --ip-adapter FILE)", Notice, stacklevel=3)
     if mode == "ip-adapter":
-        adapters.ip_adapter_weights(session)  # fail now, before any content is processed
+        adapters.ip_adapter_weights(session, job.ip_adapter)  # fail now, before any content is processed
         job.style_image, job.notes["style_image"] = image, "ip-adapter"
         return
     chosen, distances = nearest_style(image, library.styles(), embedder=embedder,
@@ -108,7 +114,7 @@ def stylize_all(session: Session, contents: list[Image.Image], job: Job) -> list
     for group in batches([w.size for w in works], len(works)):
         w, h = works[group[0]].size
         plan = fit_sampling(session, kind="img2img", size=(h, w), batch=min(job.request.batch, len(group)),
-                            cap_gib=job.request.cap_gib)
+                            cap_gib=job.request.cap_gib, addons=job_addons(session, job))
         use(session, plan)
         for i in range(0, len(group), plan.batch):
             idx = group[i:i + plan.batch]
@@ -117,12 +123,21 @@ def stylize_all(session: Session, contents: list[Image.Image], job: Job) -> list
     return outputs
 
 
+def job_addons(session: Session, job: Job):
+    """The add-ons this job's calls use, by shape (for the memory prediction); they load here if not loaded yet."""
+    req = job.request
+    net = adapters.load_controlnet(session, req.structure, job.controlnet) if req.structure else None
+    ip = adapters.ip_adapter_weights(session, job.ip_adapter) if job.style_image is not None else None
+    return addon_shapes(net, ip)
+
+
 def stylize_batch(session: Session, contents: list[Image.Image], works: list[Image.Image], job: Job) -> list:
     """Content images of one working size through one (ControlNet) img2img call; back at their sizes, masks
     composited."""
     req, n = job.request, len(works)
     with lap(session, "prepare"):
-        pipe = adapters.controlnet_pipeline(session, req.structure) if req.structure else session.pipeline("img2img")
+        pipe = (adapters.controlnet_pipeline(session, req.structure, job.controlnet) if req.structure
+                else session.pipeline("img2img"))
         if pipe.scheduler is not session.scheduler(req.scheduler):
             pipe.scheduler = session.scheduler(req.scheduler)
         prompt = build_prompt(session, job.specs, req.prompt)
@@ -137,8 +152,8 @@ def stylize_batch(session: Session, contents: list[Image.Image], works: list[Ima
                           controlnet_conditioning_scale=float(req.structure_scale))
         if job.style_image is not None:
             kwargs["ip_adapter_image"] = job.style_image
-    ip = (adapters.ip_adapter(session, pipe, float(req.style_image_scale)) if job.style_image is not None
-          else contextlib.nullcontext())
+    ip = (adapters.ip_adapter(session, pipe, float(req.style_image_scale), job.ip_adapter)
+          if job.style_image is not None else contextlib.nullcontext())
     with lap(session, "pipeline"), ip, torch.inference_mode():
         images = pipe(**kwargs).images
     with lap(session, "finish"):
@@ -168,4 +183,6 @@ def settings(session: Session, job: Job, prompt: str, content: Image.Image, work
         "structure": req.structure, "structure_scale": float(req.structure_scale) if req.structure else None,
         "style_image": job.notes.get("style_image"), "style_image_scale": float(req.style_image_scale)
         if job.style_image is not None else None,
+        "controlnet": str(job.controlnet) if req.structure and job.controlnet is not None else None,
+        "ip_adapter": str(job.ip_adapter) if job.style_image is not None and job.ip_adapter is not None else None,
     }

@@ -26,13 +26,16 @@ from customgen.kinds import KINDS, Kind
 from customgen.memory import sync
 from customgen.request import DEFAULT_MODEL, SCHEDULERS as SCHEDULER_NAMES
 
-# One scheduler per name, all built from the model's own scheduler config.
+# One scheduler per name, all built from the model's own scheduler config (as diffusers' LCM/TCD docs build theirs:
+# `LCMScheduler.from_config(pipe.scheduler.config)`).
 SCHEDULERS = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),  # DPM-Solver++(2M), Lu et al. 2022
     "ddim": ("DDIMScheduler", {}),  # Song et al. 2021
     "euler": ("EulerDiscreteScheduler", {}),  # Karras et al. 2022
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # Liu et al. 2022; SD v1.5's published default
     "ddpm": ("DDPMScheduler", {}),  # Ho et al. 2020 (slow: ancestral, many steps)
+    "lcm": ("LCMScheduler", {}),  # Latent Consistency Models, Luo et al. 2023: LCM-LoRA, 4-8 steps
+    "tcd": ("TCDScheduler", {}),  # Trajectory Consistency Distillation, Zheng et al. 2024: TCD/Hyper-SD LoRAs
 }
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "customgen.request.SCHEDULERS names the schedulers built here"
 MAX_SESSIONS = 1  # a T4 holds one SD v1.5 in fp16 comfortably; a new model reference replaces the old one
