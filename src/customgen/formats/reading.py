@@ -8,8 +8,6 @@ Nested pickled dictionaries (AUTOMATIC1111 embeddings: `string_to_param: {"*": t
 """
 from __future__ import annotations
 
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from customgen.errors import UserError
+from customgen.models import weightfile
+from customgen.models.weightfile import load_pickle
 
-SAFETENSORS = (".safetensors",)
-PICKLES = (".pt", ".pth", ".bin", ".ckpt")
+SAFETENSORS = (weightfile.SAFETENSORS,)
+PICKLES = weightfile.PICKLES
 SUFFIXES = SAFETENSORS + PICKLES
 MAX_DETAIL = 160  # characters of a library's message quoted in ours
 
@@ -53,13 +53,6 @@ class Contents:
             return {k: f.get_tensor(k) for k in keys}
 
 
-def _unpickler_line(err: BaseException) -> str:
-    """The line of torch's weights-only message that says what it met (its first lines are general advice)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    hit = next((ln for ln in lines if re.search(r"GLOBAL|[Gg]lobal|Unsupported|operand|invalid", ln)), None)
-    return _clause(ValueError(hit)) if hit else _clause(err)
-
-
 def _clause(err: BaseException) -> str:
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL].rsplit(" ", 1)[0] + " …"
@@ -91,18 +84,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 def _open_pickle(path: Path) -> Contents:
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        why = _unpickler_line(err)
-        if "GLOBAL" in why or "global" in why:  # an object to build: code the file would run
-            raise UserError(f"{path}: a pickle that torch's weights-only unpickler refuses ({why}); customgen never "
-                            "runs code from a file: use a .safetensors version of it") from err
-        raise UserError(f"{path}: not readable as a weights-only pickle ({why}); the file may be truncated or of "
-                        "another format: download it again") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"{path}: not readable as a weights-only pickle ({_clause(err)}); the file may be "
-                        "truncated or of another format: download it again") from err
+    data = load_pickle(path)
     tensors, metadata = {}, {}
     _flatten(data, "", tensors, metadata)
     return Contents(path, {k: tuple(v.shape) for k, v in tensors.items()}, {k: v.dtype for k, v in tensors.items()},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -67,10 +68,31 @@ def existing(path, what: str) -> Path:
 
 def _refused(path: Path, err: Exception) -> UserError:
     detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-        return UserError(f"{path} holds Python objects that torch's weights-only unpickler refuses ({detail}); "
-                         "customgen never runs code from a weights file: use a .safetensors copy")
     return UserError(f"{path} is not a readable weights file ({detail}); re-download or re-copy it")
+
+
+def _unpickler_line(err: BaseException) -> str:
+    """The line of torch's weights-only message that says what it met (its first lines are general advice)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+    line = next((ln for ln in lines if re.search(r"GLOBAL|[Gg]lobal|Unsupported|operand|invalid", ln)), lines[0])
+    return line if len(line) <= 160 else line[:160].rsplit(" ", 1)[0] + " …"
+
+
+def load_pickle(path: Path):
+    """A pickle's contents through torch's weights-only unpickler (mapped lazily in torch's zip format): one line
+    when it holds objects to build (code it would run; never run) or is no weights pickle at all."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        why = _unpickler_line(err)
+        if "global" in why.lower():
+            raise UserError(f"{path}: a pickle that torch's weights-only unpickler refuses ({why}); customgen never "
+                            "runs code from a file: use a .safetensors copy") from err
+        raise UserError(f"{path}: not readable as a weights-only pickle ({why}); the file may be truncated or of "
+                        "another format: download it again") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not readable as a weights-only pickle ({_unpickler_line(err)}); the file may be "
+                        "truncated or of another format: download it again") from err
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -93,8 +115,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if suffix == SAFETENSORS:
             return load_file(str(path))
         if suffix in PICKLES:
-            mmap = zipfile.is_zipfile(path)  # torch's zip format maps lazily; the legacy format cannot
-            tree = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            tree = load_pickle(path)
         else:
             raise UserError(f"{path}: weights must be a .safetensors file or a weights-only pickle "
                             f"({', '.join(PICKLES)}), got {suffix or 'no suffix'!r}")
