@@ -57,7 +57,7 @@ def test_stylize_pairs_cover_every_kind_and_equal_where_they_must(report):
 
 def test_overhead_breakdown_adds_up(report):
     over = report[0]["overhead"]
-    assert [r["styles"] for r in over["customgen"]][0] == [] and len(over["customgen"]) == 1 + len(KINDS)
+    assert [r["styles"] for r in over["customgen"]][0] == [] and len(over["customgen"]) == 1 + len(fixtures.style_recipes())
     for r in over["customgen"]:
         assert r["model_ms"] > 0 and r["unet_ms"] > 0 and r["vae_decoder_ms"] > 0
         # medians of 2 rows: (Σ total − Σ model)/2 vs Σ(total − model)/2, ≤ 2 float64 roundings a side
@@ -140,3 +140,13 @@ def test_memory_job_records_predicted_and_measured_on_the_cpu_counter(tmp_path):
     assert abs(row["ratio_allocated"] - 1) < 0.05
     md = (tmp_path / "mem.md").read_text()
     assert "## Peak memory: predicted vs measured (64 px)" in md and "cpu counter" in md
+
+
+def test_fewstep_job_times_a_4_step_lcm_lora_against_25_step_stock(report):
+    """The fewstep job: customgen with an LCM-named LoRA file, its scheduler and 4 steps, against the stock pipeline
+    at the bench's steps; the 4-step side does fewer FLOPs (fewer UNet calls, no classifier-free guidance)."""
+    rep, md = report
+    (row,) = rep["fewstep"]
+    assert row["status"] == "ok" and row["scheduler"] == "lcm" and row["steps"] == 4 and row["stock_steps"] == 4
+    assert row["file"].endswith("lcm-lora-random.safetensors") and "## Few-step LoRA" in md
+    assert row["ours"]["flops"] < row["stock"]["flops"] and row["median_ratio"] > 0

@@ -429,3 +429,33 @@ def test_export_puts_an_embedding_into_a_diffusers_folder_with_stock_token_names
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "folder"), safety_checker=None)
     ids = pipe.tokenizer.convert_tokens_to_ids(["ink-wash", "ink-wash_1", "ink-wash_2"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], vecs)
+
+
+# --- few-step files: LCM-LoRA, TCD, Hyper-SD with their schedulers -------------------------------------------------
+@pytest.mark.parametrize("name,scheduler", [("lcm-lora-sdv1-5", "lcm"), ("TCD-SD15-LoRA", "tcd")])
+def test_few_step_lora_with_its_scheduler_draws_stock_pixels(name, scheduler, tiny, tmp_path, recwarn):
+    """A few-step LoRA (published as a kohya LoCon over the attention, ResNet and sampler layers) stylizes in 4 steps
+    with its scheduler, pixel for pixel as a stock pipeline given the same file and scheduler; `inspect` names its
+    schedulers, and another scheduler is a note, not a refusal."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    te = stock_reads_kohya_text_encoder(tiny.text_encoder)
+    path = cf.write(tmp_path / f"{name}.safetensors", cf.kohya_state(tiny, "locon", seed=31, alpha=4.0, rank=4,
+                                                                     std=0.1, text_encoder=te))
+    report, _ = examine(path)
+    assert report["sampler"]["schedulers"] == [scheduler] and report["sampler"]["steps"] == "4-8"
+    image = content_image(4, (64, 64))
+    run = dict(model="tiny", steps=4, strength=0.8, guidance=1.5, seed=7, size=64)
+    ours = stylize(image, [str(path)], scheduler=scheduler, **run)
+    assert not [w for w in recwarn if issubclass(w.category, Notice) and name in str(w.message)]
+    pipe = build_pipeline(load_components("tiny", device="cpu"), kind="img2img")
+    pipe.scheduler = {"lcm": LCMScheduler, "tcd": TCDScheduler}[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path), adapter_name="fast")
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    theirs = pipe("", image=image, strength=0.8, num_inference_steps=4, guidance_scale=1.5,
+                  generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    stylize(image, [str(path)], scheduler="dpm++", **run)
+    notes = [str(w.message) for w in recwarn if issubclass(w.category, Notice) and name in str(w.message)]
+    assert len(notes) == 1 and f"--scheduler {scheduler}" in notes[0] and "dpm++" in notes[0]

@@ -119,6 +119,7 @@ def _cmd_bench(args) -> int:
         train_resolution=args.train_resolution, repeats=args.repeats, overhead_images=args.overhead_images,
         flops=not args.no_flops, cap_gib=args.cap_gib, device=args.device, dtype=args.dtype, out=str(args.out),
         name=args.name, overwrite=args.overwrite, command=command, pairs=[p for p in args.pairs.split(",") if p],
+        fewstep_file=args.fewstep_file, fewstep_steps=args.fewstep_steps,
         **({"recipes": args.recipes.split(",")} if args.recipes else {}))
     _, paths = run_bench(settings)
     print(f"bench results: {paths[0]} and {paths[1]}")
@@ -231,14 +232,17 @@ def _add_bench_command(sub) -> None:
     """`customgen bench` (handler: customgen.bench)."""
     b = sub.add_parser("bench", help="time customgen against stock diffusers on the same weights (JSON + markdown)")
     b.add_argument("--model", default="sd15-random", help="model reference (sd15-random: SD v1.5 shapes, random weights)")
-    b.add_argument("--jobs", default="stylize,overhead,train,perceptual",
-                   help="comma-separated jobs: stylize, overhead, train, perceptual, memory (not by default)")
+    b.add_argument("--jobs", default="stylize,overhead,fewstep,train,perceptual",
+                   help="comma-separated jobs: stylize, overhead, fewstep, train, perceptual, memory (not by default)")
     b.add_argument("--size", type=int, default=512, help="stylize working size in px")
     b.add_argument("--steps", type=int, default=DEFAULTS.steps, help="stylize scheduler steps")
     b.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="img2img strength")
     b.add_argument("--train-resolution", type=int, default=256, help="training-step resolution in px")
     b.add_argument("--recipes", default=None, help="comma-separated recipes for the train and memory jobs (default: all)")
     b.add_argument("--pairs", default="", help="only stylize pairs whose label contains one of these (comma-separated)")
+    b.add_argument("--fewstep-file", default="", metavar="FILE",
+                   help="the fewstep job's LoRA (LCM/TCD/Hyper-SD; default: a random LCM-shaped one)")
+    b.add_argument("--fewstep-steps", type=int, default=4, help="its steps (default 4)")
     b.add_argument("--repeats", type=int, default=4, help="timed runs per side, alternating (A B, B A, ...)")
     b.add_argument("--overhead-images", type=int, default=5, help="images timed for the overhead breakdown")
     b.add_argument("--no-flops", action="store_true", help="skip counting FLOPs (one run less per side)")

@@ -26,7 +26,7 @@ from customgen.bench import fixtures
 from customgen.bench.memory import memory_job
 from customgen.bench.perceptual import perceptual_job
 from customgen.bench.report import with_rates, write_report
-from customgen.bench.stylize import StylizeBench, stock_overhead
+from customgen.bench.stylize import StylizeBench, fewstep_pair, stock_overhead
 from customgen.bench.timing import device_peak
 from customgen.bench.train import train_pair
 from customgen.errors import UserError
@@ -35,8 +35,8 @@ from customgen.kinds import RECIPES, package_versions
 from customgen.memory import probe
 from customgen.request import DEFAULT_STRENGTH, DEFAULTS
 
-JOBS = ("stylize", "overhead", "train", "perceptual", "memory")
-DEFAULT_JOBS = ("stylize", "overhead", "train", "perceptual")  # memory trains every recipe at --size: ask for it
+JOBS = ("stylize", "overhead", "fewstep", "train", "perceptual", "memory")
+DEFAULT_JOBS = ("stylize", "overhead", "fewstep", "train", "perceptual")  # memory trains every recipe at --size
 
 
 @dataclass
@@ -52,6 +52,8 @@ class BenchSettings:
     train_resolution: int = 256  # training-step resolution (px)
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     pairs: list[str] = field(default_factory=list)  # stylize pairs whose label contains one of these ([]: all)
+    fewstep_file: str = ""  # the few-step LoRA of the fewstep job (LCM/TCD/Hyper-SD); "": a random LCM-shaped one
+    fewstep_steps: int = 4  # its steps
     repeats: int = 4  # timed runs per side, alternating (A B, B A, ...), after one warm-up each
     overhead_images: int = 5
     flops: bool = True  # count each job's FLOPs (one more run per side)
@@ -131,6 +133,10 @@ def stylize_jobs(s: BenchSettings, info, data: dict, work: Path, report: Report)
     if "stylize" in s.jobs:
         for pair in (p for p in bench.pairs() if not s.pairs or any(k in p[0] for k in s.pairs)):
             report.add("stylize", {"pair": pair[0]}, lambda p=pair: bench.run_pair(*p, repeats=s.repeats, flops=s.flops))
+    if "fewstep" in s.jobs:
+        path = Path(s.fewstep_file) if s.fewstep_file else fixtures.fewstep_file(lib / "lora_style", work / "lcm")
+        report.add("fewstep", {"pair": path.name}, lambda: fewstep_pair(bench, path, steps=s.fewstep_steps,
+                                                                        repeats=s.repeats, flops=s.flops))
     if "overhead" in s.jobs:
         styles = [[]] + [[name] for name in sorted(p.name for p in lib.iterdir())]
         report.rep["overhead"] = {"customgen": [bench.overhead(st, images=s.overhead_images) for st in styles],
@@ -151,7 +157,7 @@ def run_bench(settings: BenchSettings) -> tuple[dict, tuple[Path, Path]]:
     with tempfile.TemporaryDirectory(prefix="customgen-bench-") as tmp:
         work = Path(tmp)
         data = fixtures.write_data(work / "data", size=max(s.size, s.train_resolution))
-        if {"stylize", "overhead"} & set(s.jobs):
+        if {"stylize", "overhead", "fewstep"} & set(s.jobs):
             stylize_jobs(s, info, data, work, report)
         for r in s.recipes if "train" in s.jobs else []:
             report.add("training", {"recipe": r}, lambda r=r: train_pair(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from customgen.config import Config, find_config, load_config
 from customgen.data.samples import write_samples
-from customgen.kinds import RECIPES, Manifest, make_method, training_facts, write_manifest
+from customgen.kinds import RECIPES, Manifest, make_method, read_manifest, training_facts, write_manifest
 from customgen.memory import seeded
 from customgen.models import load_components
 
@@ -81,6 +81,15 @@ def make_style(recipe: str, model: str, folder: Path, *, seed: int = 0) -> Path:
                                     prompt=method.default_prompt(), token=fields.pop("token", ""),
                                     resolution=cfg.data.resolution, **fields))
     return folder
+
+
+def fewstep_file(artifact: Path, folder: Path) -> Path:
+    """A random-weight stand-in for an LCM-LoRA (the published file is a kohya LoRA, found by its name): the kohya
+    export of a random LoRA artifact, named as LCM-LoRA files are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "lcm-lora-random.safetensors"
+    shutil.copyfile(artifact / read_manifest(artifact).exports[0], path)
+    return path
 
 
 def content_image(data: dict[str, Path], size: int) -> Image.Image:

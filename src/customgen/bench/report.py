@@ -73,6 +73,13 @@ def stylize_section(rep: dict) -> list[str]:
     return lines
 
 
+def fewstep_section(rep: dict) -> list[str]:
+    s = rep["settings"]
+    lines = [f"## Few-step LoRA: stylize at {s['size']} px × strength {s['strength']} against stock without it", "",
+             PAIR_HEADER.format(what="pair", stock="stock")]
+    return lines + [_pair_line(r["pair"], r, "different job") for r in rep["fewstep"]] + [""]
+
+
 def overhead_section(rep: dict) -> list[str]:
     o = rep["overhead"]
     keys = ["total_ms", "model_ms", "overhead_ms", "pipeline_internal_ms", "customgen_own_ms", "call_outside_laps_ms",
@@ -146,7 +153,8 @@ def markdown(rep: dict) -> str:
             "Ratios are customgen ÷ the other side per alternating repeat (A B, B A, A B, ...), median [min–max]; "
             "below 1 customgen is faster. Peak memory is the CUDA peak on a GPU, the peak resident set on a CPU "
             "(both sides' models stay resident, so compare the growth over the resident figure).", ""]
-    sections = [("stylize", stylize_section), ("overhead", overhead_section), ("training", training_section),
+    sections = [("stylize", stylize_section), ("fewstep", fewstep_section), ("overhead", overhead_section),
+                ("training", training_section),
                 ("perceptual", perceptual_section), ("memory", memory_section)]
     for key, section in sections:
         if rep.get(key):

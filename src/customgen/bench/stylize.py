@@ -112,6 +112,24 @@ class StylizeBench:
                 **{k: statistics.median(r[k] for r in rows) for k in rows[0]}}
 
 
+def fewstep_pair(bench: StylizeBench, path, *, steps: int, repeats: int, flops: bool) -> dict:
+    """customgen with a few-step LoRA file (its own scheduler, `steps` steps, guidance 1 as LCM-LoRA and TCD are
+    sampled) against the stock pipeline without it at the bench's steps and scheduler: what the file saves."""
+    style = StyleLibrary(bench.library).resolve(str(path))
+    sampler = style.manifest.training.get("sampler") or {"schedulers": [bench.request.scheduler]}
+    request = bench.request.replace(steps=steps, scheduler=sampler["schedulers"][0], guidance=1.0)
+    ours = Side("customgen", lambda: stylize(bench.content, [str(path)], request, styles_dir=bench.library))
+    pipe = stock_pipeline(bench.model, device=bench.device, dtype=bench.dtype, scheduler=bench.request.scheduler)
+    stock = Side("stock", bench.stock(pipe, ""))
+    result = alternate(ours, stock, repeats=repeats, flops=flops)
+    del pipe, stock
+    gc.collect()
+    return {"pair": f"{style.name} ({request.scheduler}, {steps} steps, guidance 1) vs stock "
+                    f"({bench.request.scheduler}, {bench.request.steps} steps, guidance {bench.request.guidance})",
+            "file": str(path), "steps": steps, "scheduler": request.scheduler, "stock_steps": bench.request.steps,
+            **result}
+
+
 def _overhead_row(total: float, model: dict, laps: dict) -> dict:
     """One image's overhead breakdown in milliseconds."""
     ms = {k: 1000 * sum(v) for k, v in laps.items()}
