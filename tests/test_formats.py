@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from customgen.cli import main
-from customgen.demo import triggers
+from customgen.demo import DemoState, triggers
 from customgen.errors import Notice, UserError
 from customgen.formats import examine, read_adapter
 from customgen.inference.library import StyleLibrary, load_file_style
 from customgen.inference import stylize
 from customgen.inference.session import Session, make_scheduler
+from customgen.kinds import KINDS
 from customgen.formats.names import layer_paths
 from customgen.models import build_pipeline, load_components
 from customgen.models.loading import config_dir
@@ -395,6 +396,9 @@ def test_library_lists_loose_files_with_their_triggers(tiny, tmp_path):
     assert set(styles) == {"own", "ink", "watercolor"}
     assert styles["watercolor"].default_prompt == "watercolor" and triggers(styles["watercolor"]) == "watercolor"
     assert triggers(styles["ink"]).startswith("ink_v1, paper cut") and styles["ink"].manifest.method == "file"
+    rows = {r[0]: r for r in DemoState("tiny", tmp_path, None, None, 10**6).table()}  # the demo's library tab
+    assert rows["watercolor"][1:3] == ["file", "merged"] and rows["watercolor"][5] == "watercolor"
+    assert rows["own"][1] == "lora_style" and rows["ink"][5].startswith("ink_v1")
 
 
 # --- export: a file baked into a checkpoint; an embedding into a diffusers folder -------------------------------
@@ -459,3 +463,24 @@ def test_few_step_lora_with_its_scheduler_draws_stock_pixels(name, scheduler, ti
     stylize(image, [str(path)], scheduler="dpm++", **run)
     notes = [str(w.message) for w in recwarn if issubclass(w.category, Notice) and name in str(w.message)]
     assert len(notes) == 1 and f"--scheduler {scheduler}" in notes[0] and "dpm++" in notes[0]
+
+
+def test_styles_in_the_sampling_prediction_and_two_files_of_one_folder(tiny, tmp_path):
+    """Two kohya LoRA files in one folder are two adapters; the sampling prediction adds exactly the active styles'
+    own tensors (each LoRA adapter's lora_A/lora_B bytes, an embedding's rows; a merged LoHa nothing)."""
+    from customgen.inference.fit import styles_bytes
+
+    te = stock_reads_kohya_text_encoder(tiny.text_encoder)
+    a = cf.write(tmp_path / "a.safetensors", cf.kohya_state(tiny, "locon", conv=False, seed=1, rank=4, text_encoder=te))
+    b = cf.write(tmp_path / "b.safetensors", cf.kohya_state(tiny, "locon", conv=False, seed=2, rank=2, text_encoder=te))
+    h = cf.write(tmp_path / "h.safetensors", cf.kohya_state(tiny, "loha", seed=3, rank=2))
+    e = cf.write_embedding(tmp_path / "e.pt", cf.embedding(32, 3, seed=4), "a1111-pt")
+    session = Session(load_components("tiny", device="cpu"))
+    styles = [load_file_style(p) for p in (a, b, h, e)]
+    session.activate([(s, 0.5) for s in styles])
+    adapters = session.state(KINDS["lora"]).adapters
+    assert len(set(adapters.values())) == 2 and set(adapters) == {a.resolve(), b.resolve()}
+    layers = [(c, p) for c, p, _ in cf.target_layers(tiny, conv=False, text_encoder=te)]
+    lora_bytes = {r: 4 * r * sum(sum(cf.dims(m)[:2]) for _, _, m in cf.target_layers(tiny, conv=False, text_encoder=te))
+                  for r in (4, 2)}  # fp32 lora_A (r × in) and lora_B (out × r) per layer (1×1 convs likewise)
+    assert len(layers) > 0 and styles_bytes(session) == lora_bytes[4] + lora_bytes[2] + 3 * 32 * 4

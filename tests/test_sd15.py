@@ -369,3 +369,30 @@ def test_local_controlnet_and_ip_adapter_at_sd15_shapes_equal_stock(tmp_path):
     assert np.abs(np.asarray(ours_ip, dtype=np.int16) - np.asarray(ours_cn, dtype=np.int16)).max() > 0
     clear_sessions()
     gc.collect()
+
+
+def test_lcm_lora_stylizes_in_4_steps_with_stock_pixels(tmp_path):
+    """An LCM-LoRA (published as a kohya LoCon over the UNet's attention, ResNet and sampler layers) at SD v1.5's
+    names and shapes stylizes in 4 steps with --scheduler lcm, pixel for pixel as a stock pipeline with the same
+    file and LCMScheduler."""
+    from diffusers import LCMScheduler
+    from tests import community_files as cf
+
+    comps = get_session("sd15-random").comps
+    path = cf.write(tmp_path / "lcm-lora-sdv1-5.safetensors",
+                    cf.kohya_state(comps, "locon", seed=41, alpha=8.0, rank=8, std=0.02, text_encoder=False))
+    image = content_image(1, (64, 64))
+    ours = stylize(image, [str(path)], model="sd15-random", scheduler="lcm", steps=4, strength=0.8, guidance=1.0,
+                   seed=2, size=64)
+    clear_sessions()
+    gc.collect()
+    pipe = load_pipeline("sd15-random", kind="img2img", device="cpu")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path), adapter_name="lcm")
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+    theirs = pipe("", image=image, strength=0.8, num_inference_steps=4, guidance_scale=1.0,
+                  generator=torch.Generator("cpu").manual_seed(2)).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    del pipe
+    gc.collect()

@@ -60,9 +60,10 @@ class Delta:
         rank = self.rank
         return 1.0 if self.alpha is None or rank is None else float(self.alpha) / rank
 
-    def diff(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW in `dtype` (float32 unless a float64 weight asks for more), shaped like the layer's weight."""
-        p = {k: v.to(dtype) for k, v in self.parts.items()}
+    def diff(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """ΔW in `dtype` (float32 unless a float64 weight asks for more) on `device` (the parts' own by default),
+        shaped like the layer's weight."""
+        p = {k: v.to(device=device, dtype=dtype) for k, v in self.parts.items()}
         get = p.get
         if self.algo == "locon":
             out = locon.diff_weight(get("lora_down.weight"), get("lora_up.weight"), get("lora_mid.weight"),
@@ -93,7 +94,7 @@ class Delta:
         """The layer's weight with this change at `strength`, computed in float32 (float64 for a float64 weight),
         returned in the weight's dtype."""
         w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-        diff = self.diff(tuple(w.shape), w.dtype).to(w.device)
+        diff = self.diff(tuple(w.shape), w.dtype, w.device)  # computed where the weight is (the GPU in a session)
         axis = self.dora_axis(tuple(w.shape))
         if axis is None:
             return (w + strength * diff).to(weight.dtype)

@@ -5,7 +5,9 @@ The prediction is customgen.models.footprint's (the model's architecture on a fa
 architecture, size, batch, dtype and VAE mode) plus customgen.budget's fixed costs. The ladder, cheapest first:
 as asked, VAE slicing (decodes one image at a time, the same pixels), a smaller batch (stylize only: generate's
 images share one generator), VAE tiling (changes pixels slightly at tile seams). On a CPU without a cap nothing is
-predicted and the call runs as asked. A ControlNet or an IP-Adapter the call uses is in the prediction (its weights
+predicted and the call runs as asked. The active styles' own tensors are in it (a LoRA adapter, whether an artifact or
+a file; new embedding rows; a file merged into the weights adds nothing). A ControlNet or an IP-Adapter the call
+uses is in the prediction (its weights
 and what it allocates: models.footprint.Addons).
 """
 from __future__ import annotations
@@ -40,6 +42,14 @@ def card_bytes(session, cap_gib: float | None) -> int | None:
     return None
 
 
+def styles_bytes(session) -> int:
+    """What the active styles keep on the device beside the base weights (their kinds say: LoRA adapters, new
+    embedding rows; a merged file nothing)."""
+    active = session.active or ()
+    return sum(session.loaded[key].kind.resident_bytes(session, session.loaded[key]) for key, _ in active
+               if key in session.loaded)
+
+
 def candidates(batch: int, split: bool) -> list[tuple[int, bool, bool]]:
     """(batch, slicing, tiling) from the fastest to the smallest footprint."""
     out = [(batch, False, False)] + ([(batch, True, False)] if batch > 1 else [])
@@ -58,10 +68,10 @@ def fit_sampling(session, *, kind: str, size: tuple[int, int], batch: int, cap_g
     if cap is None:
         return SamplingFit(batch)
     dtype = session.comps.unet.dtype
-    need = 0
+    need, styles = 0, styles_bytes(session)
     for b, slicing, tiling in candidates(batch, split):
         need = total_bytes(sampling_peak(session.comps, kind=kind, size=size, batch=b, dtype=dtype, slicing=slicing,
-                                         tiling=tiling, addons=addons))
+                                         tiling=tiling, addons=addons) + styles)
         if need <= cap:
             return SamplingFit(b, slicing, tiling, need, cap)
     raise UserError(f"one {kind} call of {size[1]}x{size[0]} px needs {need / GIB:.2f} GiB on the GPU (predicted, VAE "

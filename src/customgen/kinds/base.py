@@ -165,3 +165,9 @@ class Kind:
     def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
         """(token, weight) pairs whose prompt embeddings are interpolated by weight (TI's scale); [] for none."""
         return []
+
+    # --- memory ------------------------------------------------------------------------------------------------
+    def resident_bytes(self, session, style) -> int:
+        """Bytes a loaded style keeps on the model's device beside the base weights while sampling (LoRA: its
+        adapter; Textual Inversion: its embedding rows); what the sampling prediction adds (inference.fit)."""
+        return 0

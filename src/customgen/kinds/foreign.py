@@ -166,6 +166,15 @@ class MergedKind(Kind):
                 layer.weight.copy_(weight)
         state.saved = None
 
+    def resident_bytes(self, session, style) -> int:
+        """Its embeddings' rows; its layer changes are merged into the weights (nothing beside them), computed layer
+        by layer on the device before sampling starts (at most three float32 copies of its largest layer)."""
+        loaded = session.state(self).adapters.get(style.key)
+        if loaded is None:
+            return 0
+        emb = session.comps.text_encoder.get_input_embeddings().weight
+        return sum(v.shape[0] for v in loaded[0].embeddings.values()) * emb.shape[1] * emb.element_size()
+
     def default_prompt(self, style) -> str:
         return style.manifest.prompt
 

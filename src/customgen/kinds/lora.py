@@ -194,7 +194,8 @@ LORA_COMPONENTS = ("unet", "text_encoder")  # pipeline components LoRA styles ad
 
 @dataclass
 class LoraState:
-    """LoRA styles loaded into one session: artifact folder → peft adapter name, and what is active now."""
+    """LoRA styles loaded into one session: style key (artifact folder or file) → peft adapter name, and what is
+    active now."""
 
     adapters: dict = field(default_factory=dict)
     active: tuple | None = None  # ((adapter, weight), ...) last set; None: nothing set yet
@@ -252,9 +253,9 @@ class LoraKind(Kind):
                 load_lora(session.pipeline("img2img"), style.folder, adapter_name=name,
                           weights=style.manifest.weights)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"cannot load LoRA style {style.name} from {style.folder} ({first_line(err)}); "
+            raise UserError(f"cannot load LoRA style {style.name} from {style.key} ({first_line(err)}); "
                             f"{RETRAIN}") from err
-        state.adapters[style.folder] = name
+        state.adapters[style.key] = name  # the artifact folder, or the file (two files may share a folder)
         state.active = None  # peft activates a newly loaded adapter: set the active set again
 
     def activate(self, session, active: list[tuple]) -> None:
@@ -262,7 +263,7 @@ class LoraKind(Kind):
         if not state.adapters:
             return
         # An adapter at weight 0 adds exactly nothing: leaving it out lets a single remaining style fuse.
-        weighted = tuple((state.adapters[s.folder], float(w)) for s, w in active if float(w) != 0.0)
+        weighted = tuple((state.adapters[s.key], float(w)) for s, w in active if float(w) != 0.0)
         if weighted == state.active:
             return  # nothing changed: set_adapters walks every module of the UNet
         pipe = session.pipeline("img2img")
@@ -272,6 +273,16 @@ class LoraKind(Kind):
             pipe.enable_lora()
             pipe.set_adapters([n for n, _ in weighted], adapter_weights=[w for _, w in weighted])
         state.active = weighted
+
+    def resident_bytes(self, session, style) -> int:
+        """The adapter's tensors (lora_A, lora_B, a DoRA magnitude): peft keeps them on the device, fused or not."""
+        name = session.state(self).adapters.get(style.key)
+        if name is None:
+            return 0
+        tensors = [t for layer in lora_layers(session.pipeline("img2img"), name)
+                   for holder in (layer.lora_A, layer.lora_B, getattr(layer, "lora_magnitude_vector", {}))
+                   if name in holder for t in holder[name].parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def stock_variants(self) -> dict[str, bool]:
         return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style

@@ -191,3 +191,10 @@ class TextualInversionKind(Kind):
 
     def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
         return [(self.loaded_token(session, style), float(scale))]
+
+    def resident_bytes(self, session, style) -> int:
+        """The embedding rows its tokens added to the text encoder."""
+        emb = session.comps.text_encoder.get_input_embeddings().weight
+        token = self.loaded_token(session, style)
+        rows = sum(1 for t in session.comps.tokenizer.get_vocab() if t == token or t.startswith(f"{token}_"))
+        return rows * emb.shape[1] * emb.element_size()
