@@ -48,6 +48,13 @@ def notebook(title: str, intro: str, recipe: str, study: str, data_lines: list[s
             "if MAX_STEPS is not None:\n    cfg.train.steps, cfg.train.epochs = MAX_STEPS, 0\n"
             "artifact_dir = Path(OUTPUT_DIR) / (cfg.name or f\"{cfg.method}-{cfg.data.style or Path(cfg.data.root).name}\")\n"
             "{k: v for k, v in to_dict(cfg).items() if k in ('method', 'data', 'train', 'lora', 'prompt')}"),
+        nbf.v4.new_markdown_cell("## Buckets and captions\nWith `data.buckets` (on for the style recipes) each "
+                                 "image trains whole at the aspect-ratio bucket closest to its own, as kohya's "
+                                 "sd-scripts do; the table gives each bucket's images and the pixels kept against a "
+                                 "square crop. Captions: kohya's `data.caption_dropout`, `data.shuffle_caption`, "
+                                 "`data.keep_tokens`; the first steps' captions go to `captions.jsonl` "
+                                 "(docs/training_guide.md)."),
+        nbf.v4.new_code_cell("from customgen.train.data import describe_data\n\nprint(describe_data(cfg))"),
         nbf.v4.new_markdown_cell("## Train\nOne loop for every method; checkpoints every `train.checkpoint_every` steps "
                                  "and every `train.checkpoint_minutes`, so re-running this cell after a session ends "
                                  "resumes (`resume='auto'`)."),

@@ -26,9 +26,10 @@ from tests.artifact_fixtures import content_image, make_contents, make_library, 
 from tests.image_fixtures import make_wikiart_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SETS = ["data.resolution=64", "data.min_size=32", "train.batch_size=1", "validation.steps=2",
-              "validation.num_images=1", "train.validate_every=0", "loss.lpips=0", "loss.gram=0", "data.style=Cubism",
-              "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.steps=6"]
+TRAIN_SETS = ["data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.batch_size=1",
+              "validation.steps=2", "validation.num_images=1", "train.validate_every=0", "loss.lpips=0", "loss.gram=0",
+              "data.style=Cubism", "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+              "train.steps=6"]
 
 
 # --- checks -------------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from tests.image_fixtures import make_wikiart_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("lora_style", "dreambooth_style", "textual_inversion", "dreambooth_lora_subject", "lora_anime_kohya")
-TINY = ["model.ref=tiny", "data.resolution=64", "train.batch_size=2", "loss.perceptual_max_timestep=1000",
-        "loss.gram=0", "loss.lpips_net=alex"]  # perceptual terms on every sample: the same step on both sides
+TINY = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "train.batch_size=2",
+        "loss.perceptual_max_timestep=1000", "loss.gram=0", "loss.lpips_net=alex"]  # perceptual terms on every sample: the same step on both sides
 
 
 def tiny_cfg(recipe: str, *extra: str):
@@ -179,7 +179,7 @@ def test_nothing_fits_is_refused_in_one_line_before_any_weight_loads(tmp_path, m
     out = tmp_path / "out"
     code = main(["train", str(ROOT / "configs" / "dreambooth_style.yaml"), "--model", "tiny", "--output", str(out),
                  "--set", f"data.root={wikiart}", "--set", "data.style=Cubism", "--set", "data.resolution=64",
-                 "--set", "train.gradient_checkpointing=true"])
+                 "--set", "data.min_bucket=64", "--set", "train.gradient_checkpointing=true"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: nothing fits Tiny GPU (0.30 GiB): the smallest predicted peak is ")
@@ -207,7 +207,8 @@ def test_cuda_out_of_memory_becomes_one_line_naming_step_and_peaks(tmp_path, mon
     wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 2}, size=(72, 72))
     code = main(["train", str(ROOT / "configs" / "lora_style.yaml"), "--model", "tiny", "--output",
                  str(tmp_path / "out"), "--set", f"data.root={wikiart}", "--set", "data.style=Cubism",
-                 "--set", "data.resolution=64", "--set", "loss.lpips=0", "--set", "loss.gram=0", "--max-steps", "3"])
+                 "--set", "data.resolution=64", "--set", "data.min_bucket=64", "--set", "loss.lpips=0", "--set",
+                 "loss.gram=0", "--max-steps", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and calls == [0, 1]
     assert err[-1].startswith("error: CUDA out of memory at step 1 (training step): predicted peak 1.50 GiB, real peak ")
@@ -217,7 +218,7 @@ def test_cuda_out_of_memory_becomes_one_line_naming_step_and_peaks(tmp_path, mon
 # --- customgen plan --------------------------------------------------------------------------------------------------------
 def test_plan_prints_the_table_and_json_whose_parts_add_up(capsys):
     argv = ["plan", str(ROOT / "configs" / "dreambooth_style.yaml"), "--model", "tiny", "--gpu", "t4",
-            "--set", "data.resolution=64"]
+            "--set", "data.resolution=64", "--set", "data.min_bucket=64"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     for row in ("weights", "gradients", "optimizer state", "activations peak", "validation peak", "CUDA context",

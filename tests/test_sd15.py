@@ -38,9 +38,10 @@ from customgen.kinds import lora
 from customgen.models import load_pipeline
 from customgen.models.loading import sd15_config_dir
 from customgen.train import train
+from customgen.train.captions import read_captions
 from tests.artifact_fixtures import content_image
+from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree, save, textured_image
 from tests.tolerance import gamma, unit_roundoff
-from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,3 +397,22 @@ def test_lcm_lora_stylizes_in_4_steps_with_stock_pixels(tmp_path):
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     del pipe
     gc.collect()
+
+
+def test_a_bucketed_style_trains_on_sd15_at_two_aspect_ratios(tmp_path):
+    """Aspect-ratio buckets at SD v1.5 scale: 128 px (data.min_bucket 64), a 3:1 and a 1:3 painting, two steps of
+    batch 1, each in its own bucket (192×64, then 64×192 or the other way round: the seeded order), style.json's
+    table counts the images."""
+    folder = tmp_path / "wikiart" / "Cubism"
+    for i, size in enumerate([(300, 100), (100, 300)]):
+        save(textured_image(60 + i, size), folder / f"p{i}.png")
+    cfg = load_config(ROOT / "configs" / "lora_style.yaml", SD15 + [
+        f"data.root={folder.parent}", "data.style=Cubism", "data.resolution=128", "data.min_bucket=64",
+        "data.max_images=2", "train.steps=2", "loss.lpips=0", "loss.gram=0"])
+    out = train(cfg, output=tmp_path / "out", progress=False)
+    training = kinds.read_manifest(out).training
+    assert training["buckets"] == [{"bucket": [64, 192], "count": 1}, {"bucket": [192, 64], "count": 1}]
+    rows = read_captions(out)
+    assert [r["step"] for r in rows] == [1, 2] and {Path(r["image"]).name for r in rows} == {"p0.png", "p1.png"}
+    loss = np.loadtxt(out / "logs" / "loss.csv", delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    assert len(loss) == 2 and np.isfinite(loss).all()

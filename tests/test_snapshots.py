@@ -31,9 +31,9 @@ from customgen.train.checkpoint import checkpoints
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "train.batch_size=1", "validation.steps=2",
-         "validation.num_images=1", "prompt.num_class_images=2", "prompt.class_steps=2", "train.checkpoint_every=0",
-         "train.validate_every=0", "loss.lpips=0", "loss.gram=0", "train.log_every=1",
+SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.batch_size=1",
+         "validation.steps=2", "validation.num_images=1", "prompt.num_class_images=2", "prompt.class_steps=2",
+         "train.checkpoint_every=0", "train.validate_every=0", "loss.lpips=0", "loss.gram=0", "train.log_every=1",
          "train.lr_scheduler=constant",  # the LR of step N does not depend on train.steps: a shorter run is a reference
          "train.lr=0.02", "lora.text_encoder_lr=0.02"]  # weights move visibly in a few steps
 PHOTOS_RECIPES = ("dreambooth_lora_subject",)

@@ -26,7 +26,7 @@ from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wik
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `tiny` needs and nothing more: the model, 64 px, two class images made in two steps, fast validation images.
-TINY = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "prompt.num_class_images=2",
+TINY = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "prompt.num_class_images=2",
         "prompt.class_steps=2", "validation.steps=2", "train.checkpoint_every=0"]
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Each study's settings as issue 23's table states them: what style.json's `training` must show after the run.

@@ -23,9 +23,10 @@ from tests.launch import launch_two_processes
 from tests.tolerance import PIXEL_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "train.steps=3", "train.batch_size=1",
-         "validation.steps=2", "prompt.num_class_images=2", "prompt.class_steps=2", "train.checkpoint_every=0",
-         "train.validate_every=0", "loss.perceptual_every=1", "loss.perceptual_max_timestep=1000", "train.log_every=1"]
+SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.steps=3",
+         "train.batch_size=1", "validation.steps=2", "prompt.num_class_images=2", "prompt.class_steps=2",
+         "train.checkpoint_every=0", "train.validate_every=0", "loss.perceptual_every=1",
+         "loss.perceptual_max_timestep=1000", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from customgen import kinds
 from customgen.kinds import dreambooth, lora, textual_inversion
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
-from tests.notebook_harness import run_notebook
+from tests.notebook_harness import cell_outputs_text, run_notebook
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -23,7 +23,13 @@ def test_training_notebook_smoke(name, method, tmp_path):
     else:
         params |= {"WIKIART_ROOT": str(make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 3}, size=(80, 72))),
                    "STYLE": "Cubism"}
-    run_notebook(NOTEBOOKS / name, params, cwd=tmp_path)
+    nb = run_notebook(NOTEBOOKS / name, params, cwd=tmp_path)
     (folder,) = (tmp_path / "styles").iterdir()
     manifest = kinds.read_manifest(folder)
     assert manifest.method == method and manifest.base_model == "tiny" and manifest.steps == 2
+    text = cell_outputs_text(nb)  # the bucket settings: on for the styles (SMOKE: 64 px, data.min_bucket 64)
+    if method == "dreambooth_lora_subject":
+        assert "buckets: off (64×64 center crops" in text and "buckets" not in manifest.training
+    else:
+        assert "buckets: on (64–1024 px sides, step 64, at most 64² pixels; center crops)" in text
+        assert manifest.training["buckets"] == [{"bucket": [64, 64], "count": 3}]

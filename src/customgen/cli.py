@@ -46,10 +46,16 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_data_scan(args) -> int:
     from customgen.data import format_summary, scan_report  # lazy
+    from customgen.data.buckets import bucket_spec  # lazy
 
+    names = {"resolution": "--buckets", "min_bucket": "--min-bucket", "max_bucket": "--max-bucket",
+             "step": "--bucket-step"}
+    spec = None if args.buckets is None else bucket_spec(
+        args.buckets, min_bucket=args.min_bucket, max_bucket=args.max_bucket, step=args.bucket_step,
+        no_upscale=args.bucket_no_upscale, names=names)
     report = scan_report(
         args.root, layout=args.layout, out=args.out, seed=args.seed, overwrite=args.overwrite,
-        min_size=args.min_size,
+        min_size=args.min_size, buckets=spec,
     )
     print(format_summary(report))
     return 0
@@ -184,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--min-size", type=int, default=None, help="shorter side below this is listed as small (default per layout)")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_bucket_args(s)
     s.set_defaults(func=_cmd_data_scan)
 
     s = sub.add_parser("train", help="train a style or subject (LoRA, DreamBooth, Textual Inversion)")
@@ -216,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_command(sub)
     _add_bench_command(sub)
     return p
+
+
+def _add_bucket_args(s) -> None:
+    """`data scan --buckets RES ...`: kohya's bucket settings, named as the data.* keys."""
+    s.add_argument("--buckets", type=int, default=None, metavar="RES",
+                   help="also the aspect-ratio bucket table at this resolution (kohya's buckets; data.buckets)")
+    for flag, default in (("--min-bucket", 256), ("--max-bucket", 1024), ("--bucket-step", 64)):
+        s.add_argument(flag, type=int, default=default,
+                       help=f"as data.{flag[2:].replace('-', '_')} (default {default})")
+    s.add_argument("--bucket-no-upscale", action="store_true", help="as data.bucket_no_upscale")
 
 
 def _add_plan_command(sub) -> None:

@@ -37,8 +37,20 @@ class DataConfig:
     layout: Literal["wikiart", "coco", "folder", "kohya"] = "wikiart"  # how data.root is organised
     style: str = ""  # WikiArt style folder to learn, e.g. Analytical_Cubism ("" for folder/kohya layouts)
     max_images: int = 100  # at most this many training images (seeded choice)
-    resolution: int = 512  # training resolution (square crops)
-    center_crop: bool = True  # center crop (False: random crop)
+    resolution: int = 512  # training resolution: square crops of this side, or buckets of at most its square in pixels
+    center_crop: bool = True  # center crop (False: random crop; turns train.cache_latents off, as kohya does)
+    # Aspect-ratio buckets, kohya's sd-scripts' options (customgen.data.buckets; docs/training_guide.md "Buckets and
+    # captions"): each image is trained whole at the bucket closest to its aspect ratio instead of a square crop
+    buckets: bool = False  # kohya's enable_bucket (the style recipes turn it on)
+    min_bucket: int = 256  # kohya's min_bucket_reso: shortest bucket side (a 128-px run sets 64)
+    max_bucket: int = 1024  # kohya's max_bucket_reso: longest bucket side
+    bucket_step: int = 64  # kohya's bucket_reso_steps: bucket sides are multiples of it (a multiple of 64)
+    bucket_no_upscale: bool = False  # kohya's bucket_no_upscale: the bucket is the image's own size, shrunk to fit
+    # Captions, kohya's options with kohya's meaning, seeded per example (exact under resume)
+    caption_extension: Literal["", ".txt", ".caption"] = ""  # the sidecar caption file to read ("": either, .txt first)
+    caption_dropout: float = 0.0  # kohya's caption_dropout_rate: an empty caption at this rate
+    shuffle_caption: bool = False  # kohya's shuffle_caption: shuffle the comma-separated tags ...
+    keep_tokens: int = 0  # ... except the first N, kept in place (kohya's keep_tokens)
     random_flip: bool | None = None  # horizontal flip; None: on for styles, off for subjects (a mirrored face differs)
     min_size: int = 64  # images with a shorter side below this are listed as small and skipped
     max_pixels: int = 89_478_485  # decompression-bomb cap (PIL's default limit)
@@ -220,8 +232,8 @@ class Config:
 
 
 SMOKE_OVERRIDES = (  # notebooks' SMOKE mode: a few tiny steps so every cell runs in seconds on a CPU
-    "data.resolution=64", "data.min_size=32", "data.max_images=8", "train.steps=2", "train.epochs=0",
-    "train.batch_size=1", "train.checkpoint_every=0", "train.validate_every=0", "train.validate_every_epochs=0",
+    "data.resolution=64", "data.min_size=32", "data.min_bucket=64", "data.max_images=8", "train.steps=2",
+    "train.epochs=0", "train.batch_size=1", "train.checkpoint_every=0", "train.validate_every=0", "train.validate_every_epochs=0",
     "validation.steps=2", "prompt.num_class_images=2", "prompt.class_steps=2", "loss.perceptual_every=1",
     "loss.decode_crop=0", "eval.smoke=true", "eval.size=64", "eval.steps=4", "eval.min_size=32", "eval.max_contents=4",
     "eval.max_references=4",

@@ -16,7 +16,9 @@ MILLION = 1_000_000
 # limits; lists are checked item by item.
 LIMITS: dict[str, tuple] = {
     "data.max_images": (1, MILLION), "data.resolution": (SIZE_MULTIPLE, MAX_SIDE), "data.min_size": (0, MILLION),
-    "data.max_pixels": (1, 2**40), "data.seed": (0, 2**32 - 1),
+    "data.max_pixels": (1, 2**40), "data.seed": (0, 2**32 - 1), "data.min_bucket": (0, MAX_SIDE),
+    "data.max_bucket": (0, 2 * MAX_SIDE), "data.bucket_step": (0, MAX_SIDE), "data.caption_dropout": (0, 1),
+    "data.keep_tokens": (0, 1000),
     "train.steps": (1, MILLION), "train.epochs": (0, 100_000), "train.batch_size": (1, 1024),
     "train.grad_accum": (1, 1024), "train.validate_every_epochs": (0, MILLION),
     "train.lr": (0, 1), "train.warmup_steps": (0, MILLION), "train.weight_decay": (0, 1),

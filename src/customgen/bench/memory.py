@@ -31,10 +31,11 @@ from customgen.train.fit import fit
 def memory_config(recipe: str, model: str, data: dict, *, resolution: int) -> Config:
     """The recipe on the synthetic data at `resolution`: two class images, steps up to the first perceptual step
     with optimizer state, no checkpoints, the final validation only; perceptual terms on every sample (the
-    prediction's worst case)."""
+    prediction's worst case); square crops (the plan predicts a bucketed run at its largest bucket, the square one
+    where buckets tie in pixels: customgen.data.buckets.BucketSpec.largest)."""
     layout = recipe_config(recipe, model).data.layout
     cfg = recipe_config(recipe, model, [
-        *data_overrides(layout, data), f"data.resolution={resolution}", "data.min_size=32",
+        *data_overrides(layout, data), f"data.resolution={resolution}", "data.min_size=32", "data.buckets=false",
         "prompt.num_class_images=2", "prompt.class_steps=2", "validation.steps=2", "train.checkpoint_every=0",
         "train.checkpoint_minutes=0", "train.validate_every=0", "loss.perceptual_max_timestep=1000"])
     perceptual = cfg.loss.lpips > 0 or cfg.loss.gram > 0

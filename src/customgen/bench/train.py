@@ -31,10 +31,11 @@ from customgen.train.loop import optimizer_step
 
 def bench_config(recipe: str, model: str, data: dict, *, resolution: int, extra: list[str] = ()):
     """The recipe's config on the synthetic data: L2 only (the perceptual job times those terms), two class
-    images for prior preservation, no checkpoints or validation."""
+    images for prior preservation, no checkpoints or validation, square crops (the diffusers peer crops square)."""
     layout = recipe_config(recipe, model).data.layout
     return recipe_config(recipe, model, [
-        *data_overrides(layout, data), f"data.resolution={resolution}", "data.min_size=32", "loss.lpips=0",
+        *data_overrides(layout, data), f"data.resolution={resolution}", "data.min_size=32", "data.buckets=false",
+        "loss.lpips=0",
         "loss.gram=0", "prompt.num_class_images=2", "prompt.class_steps=2", "train.checkpoint_every=0",
         "train.validate_every=0", "train.checkpoint_minutes=0", *extra])
 

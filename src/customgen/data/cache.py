@@ -3,7 +3,9 @@
 Re-encoding the same 5-50 images every step dominates small-dataset training, so we store each image's
 latent *distribution* (mean and std, already scaled by `vae.config.scaling_factor`) and draw
 `mean + std * eps` per step: the behaviour of diffusers' `--cache_latents`, deterministic under a
-torch.Generator. Only deterministic preprocessing can be cached (center crop, no random flip).
+torch.Generator. Only deterministic preprocessing can be cached (center crop, no random flip). With aspect-ratio
+buckets each image is encoded at its own bucket (the key holds the bucket and the resize, so an image that keeps its
+bucket when the settings change is not encoded again) and the rows have their buckets' shapes.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from customgen.data.buckets import Placement
 from customgen.data.io import DEFAULT_MAX_PIXELS, load_image
 from customgen.data.scan import ImageRecord
-from customgen.data.transforms import ImageDataset, as_records, build_transform
+from customgen.data.transforms import ImageDataset, as_records, bucket_pixels, build_transform
 from customgen.errors import UserError
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning; old files are then simply not found
@@ -27,10 +30,11 @@ CACHE_FORMAT = 1  # bump when the stored tensors change meaning; old files are t
 
 @dataclass
 class CachedLatents:
-    """Scaled latent distributions of N images, in the order asked for: mean and std (N, 4, R/8, R/8)."""
+    """Scaled latent distributions of N images, in the order asked for: mean and std (N, 4, R/8, R/8), or with
+    buckets N tensors (4, h/8, w/8) each (a batch takes rows of one bucket)."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: torch.Tensor | list[torch.Tensor]
+    std: torch.Tensor | list[torch.Tensor]
     paths: list[str]
 
     def __len__(self) -> int:
@@ -40,13 +44,18 @@ class CachedLatents:
                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
         """Latents mean + std * eps for `indices` (all when None), eps drawn from `generator`, or row i's from
         generator[i] (one generator per example: its latent does not depend on the batch it is in)."""
-        mean = self.mean if indices is None else self.mean[torch.as_tensor(indices, dtype=torch.long)]
-        std = self.std if indices is None else self.std[torch.as_tensor(indices, dtype=torch.long)]
+        mean, std = self._rows(self.mean, indices), self._rows(self.std, indices)
         if isinstance(generator, Sequence):
             eps = randn_rows(generator, mean.shape[1:]).to(mean.device, mean.dtype)
         else:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + std * eps
+
+    @staticmethod
+    def _rows(rows: torch.Tensor | list[torch.Tensor], indices) -> torch.Tensor:
+        if isinstance(rows, list):
+            return torch.stack([rows[int(i)] for i in (range(len(rows)) if indices is None else indices)])
+        return rows if indices is None else rows[torch.as_tensor(indices, dtype=torch.long)]
 
 
 def randn_rows(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
@@ -79,10 +88,12 @@ class LatentCache:
         self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoded = 0  # images this instance sent through the VAE encoder
 
-    def key(self, path: str, *, resolution: int) -> str:
-        """Cache key: file path, mtime, size, resolution, crop, VAE and dtype (any change → re-encode)."""
+    def key(self, path: str, *, resolution: int, placement: Placement | None = None) -> str:
+        """Cache key: file path, mtime, size, resolution (or bucket and resize), crop, VAE and dtype (any change →
+        re-encode)."""
         st = os.stat(path)
-        raw = [CACHE_FORMAT, os.path.abspath(path), st.st_mtime_ns, st.st_size, resolution, "center",
+        size = resolution if placement is None else ["bucket", *placement.bucket, *placement.resized]
+        raw = [CACHE_FORMAT, os.path.abspath(path), st.st_mtime_ns, st.st_size, size, "center",
                self.vae_key, str(self.dtype)]
         return hashlib.sha256(json.dumps(raw).encode()).hexdigest()[:32]
 
@@ -104,36 +115,51 @@ class LatentCache:
         os.replace(tmp, self.cache_dir / f"{key}.safetensors")
 
     @torch.no_grad()
-    def _encode(self, records: Sequence[ImageRecord], *, resolution: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Scaled (mean, std) per record on CPU in float32, encoded in batches."""
+    def _encode(self, records: Sequence[ImageRecord], *, resolution: int,
+                placements: Sequence[Placement] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Scaled (mean, std) per record on CPU in float32, encoded in batches (of one bucket each, with
+        `placements`: centred crops)."""
         transform = build_transform(resolution=resolution, center_crop=True, random_flip=False)
-        out = []
-        for start in range(0, len(records), self.batch_size):
-            batch = records[start:start + self.batch_size]
-            pixels = torch.stack([transform(load_image(r.path, max_pixels=self.max_pixels)) for r in batch])
-            dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist  # (B, 4, R/8, R/8)
-            mean = ((dist.mean - self.shift) * self.scaling).float().cpu()
-            std = (dist.std * self.scaling).float().cpu()
-            out += list(zip(mean, std))
-            self.encoded += len(batch)
-        return out
+        pixels_of = lambda i: transform(load_image(records[i].path, max_pixels=self.max_pixels)) if placements is None \
+            else bucket_pixels(load_image(records[i].path, max_pixels=self.max_pixels), placements[i])  # noqa: E731
+        groups: dict = {}
+        for i in range(len(records)):
+            groups.setdefault(None if placements is None else placements[i].bucket, []).append(i)
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for rows in groups.values():
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start:start + self.batch_size]
+                pixels = torch.stack([pixels_of(i) for i in batch])
+                dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist  # (B, 4, h/8, w/8)
+                mean = ((dist.mean - self.shift) * self.scaling).float().cpu()
+                std = (dist.std * self.scaling).float().cpu()
+                out |= dict(zip(batch, zip(mean, std)))
+                self.encoded += len(batch)
+        return [out[i] for i in range(len(records))]
 
     def get(self, items: ImageDataset | Sequence[ImageRecord | str | Path], *,
             resolution: int | None = None) -> CachedLatents:
-        """Latent distributions of every record (dataset records, or records/paths at `resolution`)."""
+        """Latent distributions of every record (dataset records, or records/paths at `resolution`); a dataset with
+        buckets gives rows of their buckets' shapes."""
         records, resolution = _records_and_resolution(items, resolution)
+        placements = getattr(items, "placements", None)
         if not records:
             raise UserError("no images to encode for the latent cache; check the data folder and its scan report")
-        keys = [self.key(r.path, resolution=resolution) for r in records]
+        keys = [self.key(r.path, resolution=resolution, placement=None if placements is None else placements[i])
+                for i, r in enumerate(records)]
         for key in keys:
             if key not in self.memory and (hit := self._from_disk(key)) is not None:
                 self.memory[key] = hit
-        todo = [(k, r) for k, r in dict(zip(keys, records)).items() if k not in self.memory]
-        for (key, rec), (mean, std) in zip(todo, self._encode([r for _, r in todo], resolution=resolution)):
+        todo = {k: i for i, k in enumerate(keys) if k not in self.memory}  # the first record of each missing key
+        encoded = self._encode([records[i] for i in todo.values()], resolution=resolution,
+                               placements=None if placements is None else [placements[i] for i in todo.values()])
+        for (key, i), (mean, std) in zip(todo.items(), encoded):
             self.memory[key] = (mean, std)
-            self._to_disk(key, mean, std, rec.path)
-        return CachedLatents(torch.stack([self.memory[k][0] for k in keys]),
-                             torch.stack([self.memory[k][1] for k in keys]), [r.path for r in records])
+            self._to_disk(key, mean, std, records[i].path)
+        means, stds = [self.memory[k][0] for k in keys], [self.memory[k][1] for k in keys]
+        if placements is not None:
+            return CachedLatents(means, stds, [r.path for r in records])
+        return CachedLatents(torch.stack(means), torch.stack(stds), [r.path for r in records])
 
 
 def _records_and_resolution(items, resolution: int | None) -> tuple[list[ImageRecord], int]:

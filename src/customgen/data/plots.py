@@ -92,3 +92,29 @@ def skipped_table(report: dict, *, examples: int = 2) -> pd.DataFrame:
         names = "; ".join(Path(s["path"]).name for s in report["small"][:examples])
         rows.append({"reason": "small", "count": report["n_small"], "examples": names})
     return pd.DataFrame(rows, columns=["reason", "count", "examples"])
+
+
+def plot_aspect_ratios(sizes: Sequence[tuple[int, int]], rows: Sequence[dict], *, title: str = "") -> Figure:
+    """Aspect-ratio histogram (width / height, log scale) with the buckets used marked, and images per bucket with the
+    share of pixels kept against a square center crop (`rows`: customgen.data.buckets.bucket_rows)."""
+    ratios = np.array([w / h for w, h in sizes], dtype=float)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_hist, ax_bars = fig.subplots(1, 2)
+    bins = np.geomspace(min(ratios.min(), 0.25), max(ratios.max(), 4.0), 30) if len(ratios) else 10
+    ax_hist.hist(ratios, bins=bins, color="tab:blue")
+    for r in rows:
+        ax_hist.axvline(r["bucket"][0] / r["bucket"][1], color="tab:red", linestyle=":", linewidth=1)
+    ax_hist.set_xscale("log")
+    ax_hist.axvline(1.0, color="black", linewidth=1, label="square")
+    ax_hist.set(xlabel="aspect ratio width / height (dotted: buckets used)", ylabel="images",
+                title=f"Aspect ratios{f' of {title}' if title else ''} (n={len(ratios)})")
+    ax_hist.legend()
+    labels = [f"{r['bucket'][0]}×{r['bucket'][1]}" for r in rows]
+    ax_bars.bar(labels, [r["count"] for r in rows], color="tab:green")
+    for i, r in enumerate(rows):
+        ax_bars.text(i, r["count"], f"{r['kept']:.0%} vs {r['square_kept']:.0%}", ha="center", va="bottom",
+                     fontsize=7)
+    ax_bars.set(xlabel="bucket (width × height)", ylabel="images",
+                title="Images per bucket (pixels kept: bucket vs square crop)")
+    ax_bars.tick_params(axis="x", labelrotation=45)
+    return fig

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 
+from customgen.data.buckets import BucketSpec, bucket_report, format_buckets
 from customgen.data.io import DEFAULT_MAX_PIXELS
 from customgen.data.scan import ImageRecord, ScanResult, scan_images
 from customgen.errors import UserError
@@ -31,10 +32,13 @@ def _size_stats(records: Sequence[ImageRecord]) -> dict:
     return stats
 
 
-def build_report(scan: ScanResult) -> dict:
-    """A JSON-ready report of a scan; `images` lists every decodable image (usable and small) for plots."""
+def build_report(scan: ScanResult, buckets: BucketSpec | None = None) -> dict:
+    """A JSON-ready report of a scan; `images` lists every decodable image (usable and small) for plots. With `buckets`
+    each usable image's record gets its `bucket` [w, h] and the report a `buckets` table (customgen.data.buckets);
+    under no_upscale an image with no bucket moves to the small ones."""
+    extra = _bucketed(scan, buckets) if buckets is not None else {}
     decodable = scan.records + scan.small
-    return {
+    report = {
         "root": str(scan.root), "layout": scan.layout, "min_size": scan.min_size, "max_pixels": scan.max_pixels,
         "n_usable": len(scan.records), "n_small": len(scan.small), "n_skipped": len(scan.skipped),
         "n_ignored": len(scan.ignored),
@@ -49,18 +53,36 @@ def build_report(scan: ScanResult) -> dict:
         "images": [{"path": r.path, "label": r.label, "width": r.width, "height": r.height, "small": small}
                    for rs, small in ((scan.records, False), (scan.small, True)) for r in rs],
     }
+    if buckets is not None:
+        where = extra.pop("where")
+        for image in report["images"]:
+            image["bucket"] = where.get(image["path"])
+        report |= extra
+    return report
+
+
+def _bucketed(scan: ScanResult, spec: BucketSpec) -> dict:
+    """Place the usable images in buckets (moving no_upscale's bucketless ones to scan.small): path → bucket, the
+    table rows and the settings."""
+    rep = bucket_report([(r.width, r.height) for r in scan.records], spec)
+    placed = list(zip(scan.records, rep["placements"]))
+    scan.records = [r for r, p in placed if p is not None]
+    scan.small += [r for r, p in placed if p is None]
+    return {"where": {r.path: list(p.bucket) for r, p in placed if p is not None}, "buckets": rep["rows"],
+            "bucket_settings": rep["settings"], "n_bucket_small": sum(p is None for _, p in placed)}
 
 
 def scan_report(root: str | Path, *, layout: str | None = None, out: str | Path | None = None, seed: int = 0,
                 n_content: int | None = DEFAULT_N_CONTENT, n_styles: int = DEFAULT_N_STYLES,
                 per_style: int | None = DEFAULT_PER_STYLE, styles: Sequence[str] | None = None,
                 min_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                decode: bool = True, overwrite: bool = False) -> dict:
-    """Scan ROOT and report; with `out`, also write the selection JSON and scan_report_<layout>.json there."""
+                decode: bool = True, overwrite: bool = False, buckets: BucketSpec | None = None) -> dict:
+    """Scan ROOT and report (with `buckets`: each image's bucket and the table); with `out`, also write the selection
+    JSON and scan_report_<layout>.json there."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"output {out} is a file; pass a folder for --out")
     scan = scan_images(root, layout=layout, min_size=min_size, max_pixels=max_pixels, decode=decode)
-    report = build_report(scan)
+    report = build_report(scan, buckets)
     if out is None:
         return report
     selection = build_selection(scan, seed=seed, n_content=n_content, styles=styles, n_styles=n_styles,
@@ -142,6 +164,8 @@ def format_summary(report: dict, *, top: int = 5, max_skipped: int = 50) -> str:
         lines.append(f"  skipped {item['path']}: {item['reason']}" + (f" ({item['detail']})" if item.get("detail") else ""))
     if len(skipped) > max_skipped:
         lines.append(f"  ... and {len(skipped) - max_skipped} more skipped files (all listed in the report JSON)")
+    if "buckets" in report:
+        lines.append(format_buckets(report["buckets"], report["bucket_settings"], small=report["n_bucket_small"]))
     if report.get("written"):
         lines.append("wrote " + ", ".join(report["written"]))
     return "\n".join(lines)

@@ -149,9 +149,10 @@ def _walk(folder: Path, errors: list[dict], *, recursive: bool = True) -> tuple[
     return images, others
 
 
-def read_caption(image: Path) -> str | None:
-    """Text of a kohya sidecar caption (image.txt or image.caption), whitespace collapsed; None if absent."""
-    for ext in CAPTION_EXTENSIONS:
+def read_caption(image: Path, extension: str = "") -> str | None:
+    """Text of a kohya sidecar caption (image.txt or image.caption, or only `extension`), whitespace collapsed; None if
+    absent."""
+    for ext in (extension,) if extension else CAPTION_EXTENSIONS:
         side = image.with_suffix(ext)
         if side.is_file():
             text = " ".join(side.read_text(encoding="utf-8", errors="replace").split())
@@ -176,7 +177,7 @@ def read_csv_info(root: Path) -> dict:
 _Candidate = tuple[Path, str | None, str | None, int]  # path, label, caption, repeats
 
 
-def _kohya_candidates(root: Path, errors: list[dict]) -> tuple[list[_Candidate], list[Path]]:
+def _kohya_candidates(root: Path, errors: list[dict], ext: str = "") -> tuple[list[_Candidate], list[Path]]:
     """Images of every 'N_token class' folder (root itself may be one); other folders are ignored."""
     dirs = [root] if parse_kohya_name(root.name) else subdirs(root)
     cands: list[_Candidate] = []
@@ -189,7 +190,7 @@ def _kohya_candidates(root: Path, errors: list[dict]) -> tuple[list[_Candidate],
         repeats, token, cls = parsed
         label = f"{token} {cls}" if cls else token
         images, rest = _walk(d, errors)
-        cands += [(p, label, read_caption(p) or label, repeats) for p in images]
+        cands += [(p, label, read_caption(p, ext) or label, repeats) for p in images]
         others += rest
     if not any(parse_kohya_name(d.name) for d in dirs):
         raise UserError(f"no kohya folders like '10_sks person' under {root}; rename them or pass another --layout")
@@ -210,15 +211,16 @@ def _wikiart_candidates(root: Path, errors: list[dict]) -> tuple[list[_Candidate
     return cands, others
 
 
-def _candidates(root: Path, layout: str, errors: list[dict]) -> tuple[list[_Candidate], list[Path]]:
-    """Candidate images and ignored files of a layout; sidecar captions are not reported as ignored."""
+def _candidates(root: Path, layout: str, errors: list[dict], ext: str = "") -> tuple[list[_Candidate], list[Path]]:
+    """Candidate images and ignored files of a layout (captions from `ext` sidecars, "" either); sidecar captions are
+    not reported as ignored."""
     if layout == "kohya":
-        cands, others = _kohya_candidates(root, errors)
+        cands, others = _kohya_candidates(root, errors, ext)
     elif layout == "wikiart":
         cands, others = _wikiart_candidates(root, errors)
     else:  # coco / folder: every image under the root, labelled with the folder name
         images, others = _walk(root, errors)
-        cands = [(p, root.name, read_caption(p) if layout == "folder" else None, 1) for p in images]
+        cands = [(p, root.name, read_caption(p, ext) if layout == "folder" else None, 1) for p in images]
     stems = {p.with_suffix("") for p, *_ in cands}
     others = [p for p in others if not (p.suffix.lower() in CAPTION_EXTENSIONS and p.with_suffix("") in stems)]
     return cands, others
@@ -244,12 +246,13 @@ def _layout_and_root(root: Path, layout: str | None) -> tuple[str, Path]:
 
 def scan_images(root: str | Path, *, layout: str | None = None, min_size: int | None = None,
                 max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: bool = True,
-                workers: int | None = None) -> ScanResult:
-    """Scan a data root: every candidate image is checked (header, then a draft decode unless decode=False)."""
+                workers: int | None = None, caption_extension: str = "") -> ScanResult:
+    """Scan a data root: every candidate image is checked (header, then a draft decode unless decode=False); captions
+    come from `caption_extension` sidecars (".txt" or ".caption"; "": either, .txt first)."""
     layout, root = _layout_and_root(check_root(root), layout)
     min_size = DEFAULT_MIN_SIZE[layout] if min_size is None else int(min_size)
     errors: list[dict] = []
-    cands, others = _candidates(root, layout, errors)
+    cands, others = _candidates(root, layout, errors, caption_extension)
     if not cands:
         raise UserError(f"no image files under {root} (layout {layout}); check the path or --layout")
     result = ScanResult(root, layout, min_size, max_pixels, skipped=errors, ignored=[str(p) for p in others],

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from customgen.config import Config, config_hash, read_yaml, save_config, to_dict
+from customgen.data.buckets import bucket_counts
 from customgen.errors import Notice, UserError
 from customgen.kinds import Manifest, list_snapshots, snapshot_folder, training_facts, write_manifest
 from customgen.train.build import Run
@@ -62,8 +63,20 @@ def training_settings(run: Run) -> dict:
             "center_crop": cfg.data.center_crop, "random_flip": cfg.data.random_flip, "prior": cfg.prompt.prior}
     if cfg.prompt.prior:
         out |= {"prior_weight": cfg.prompt.prior_weight, "class_images": len(run.classes)}
+    out |= data_settings(run)
     return out | {"loss": {"l2": cfg.loss.l2, "lpips": cfg.loss.lpips, "gram": cfg.loss.gram,
                            "snr_gamma": cfg.loss.snr_gamma}, "seed": t.seed} | run.method.settings()
+
+
+def data_settings(run: Run) -> dict:
+    """The bucket and caption settings of `training`: with data.buckets the table the run used, images (not repeats)
+    per bucket, empty buckets left out; kohya's caption options."""
+    d, out = run.cfg.data, {}
+    if d.buckets:
+        out |= {"buckets": bucket_counts(run.images.dataset.placements), "min_bucket": d.min_bucket,
+                "max_bucket": d.max_bucket, "bucket_step": d.bucket_step, "bucket_no_upscale": d.bucket_no_upscale}
+    return out | {"caption_dropout": d.caption_dropout, "shuffle_caption": d.shuffle_caption,
+                  "keep_tokens": d.keep_tokens}
 
 
 def trigger_word(cfg: Config) -> str:

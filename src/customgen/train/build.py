@@ -21,7 +21,8 @@ from customgen.limits import check_limits
 from customgen.memory import MemoryPlan, make_optimizer, plan_memory, probe
 from customgen.models import Components, load_components
 from customgen.models.loading import place
-from customgen.train.data import ImageSet, ensure_class_images, image_set, training_records
+from customgen.train.data import (ImageSet, bucket_examples, ensure_class_images, image_set, placements_of, settle_data,
+                                  training_records)
 from customgen.train.perceptual import Perceptual
 from customgen.train.schedule import Schedule, make_schedule, resolved
 from customgen.train.snapshots import check_space, kept_snapshots
@@ -50,6 +51,7 @@ class Run:
     schedule: Schedule | None = None  # steps, epochs, effective batch (None: an estimate's run, which never loops)
     weight_dtype: torch.dtype = torch.float32
     prompt_cache: dict = field(default_factory=dict)
+    caption_log: object | None = None  # CaptionLog while the loop runs (customgen.train.captions); None in estimates
     started: float = field(default_factory=time.time)  # wall-clock start (kohya's ss_training_started_at)
 
     @property
@@ -64,11 +66,13 @@ def build_run(cfg: Config, out: Path, *, plan: MemoryPlan | None = None) -> Run:
     torch.manual_seed(cfg.train.seed)  # adapter initialisation is seeded too
     method, info = make_method(cfg), probe(dtype=cfg.model.dtype)
     plan = plan or plan_memory(cfg.train, info)
-    cfg = plan.apply(cfg)  # the run uses (and saves) concrete settings: checkpointing, optimizer, micro-batch
+    cfg = settle_data(plan.apply(cfg))  # concrete settings: checkpointing, optimizer, micro-batch, buckets, cache
     acc = make_accelerator(cfg, out, method, plan)
     acc.print(plan.describe(info))
     records = training_records(cfg)
-    schedule = make_schedule(cfg, examples=sum(r.repeats for r in records), processes=acc.num_processes)
+    placements = placements_of(records, cfg)
+    schedule = make_schedule(cfg, examples=sum(r.repeats for r in records), processes=acc.num_processes,
+                             buckets=bucket_examples(records, placements))
     cfg = check_limits(resolved(cfg, schedule))
     acc.print(schedule.describe())
     comps = load_components(cfg.model.ref, device="cpu", dtype=torch.float32)
@@ -83,7 +87,7 @@ def build_run(cfg: Config, out: Path, *, plan: MemoryPlan | None = None) -> Run:
             ensure_class_images(comps, cfg, folder, is_main=acc.is_main_process)
         acc.wait_for_everyone()
         classes = image_set(ensure_class_images(comps, cfg, folder, is_main=False), cfg, comps.vae)
-    images = image_set(records, cfg, comps.vae, cache_dir=cfg.train.latent_cache_dir)
+    images = image_set(records, cfg, comps.vae, cache_dir=cfg.train.latent_cache_dir, placements=placements)
     return assemble(cfg, out, acc, comps, method, plan, images=images, classes=classes,
                     contents=content_set(cfg, comps.vae), schedule=schedule)
 
@@ -196,7 +200,12 @@ def content_set(cfg: Config, vae) -> ImageSet | None:
 STYLE_LIMIT = 64  # the Gram targets are the mean Gram matrices of up to this many style images
 
 
-def style_pixels(images: ImageSet, limit: int = STYLE_LIMIT) -> torch.Tensor:
-    """Pixels (N, 3, R, R) of up to `limit` style images, for the Gram targets."""
+def style_pixels(images: ImageSet, limit: int = STYLE_LIMIT) -> list[torch.Tensor]:
+    """Pixels of up to `limit` style images, for the Gram targets: one (n, 3, H, W) tensor per image shape (one
+    shape without buckets), in the order of their first image."""
     n = min(limit, len(images.dataset.records))
-    return torch.stack([images.dataset[images.dataset.order.index(i)]["pixel_values"] for i in range(n)])
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for i in range(n):
+        x = images.dataset[images.dataset.order.index(i)]["pixel_values"]
+        groups.setdefault(tuple(x.shape), []).append(x)
+    return [torch.stack(g) for g in groups.values()]

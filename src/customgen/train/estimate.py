@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from customgen.config import Config
+from customgen.data import ImageRecord
 from customgen.data.cache import CachedLatents
 from customgen.kinds import make_method
 from customgen.memory import MemoryPlan, make_optimizer, moved
@@ -31,7 +32,7 @@ from customgen.models.loading import place, resolve_ref
 from customgen.peak import LiveBytes, blocks, fake_cuda, materialize
 from customgen.request import DEFAULT_MODEL
 from customgen.train.build import STYLE_LIMIT, WEIGHT_DTYPES, Run, assemble, memory_helpers, place_weights
-from customgen.train.data import ImageSet
+from customgen.train.data import ImageSet, run_shape
 from customgen.train.loop import offload_unused, optimizer_step
 from customgen.train.validation import eval_mode, validation_content
 
@@ -163,11 +164,13 @@ def counted_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: flo
 
 
 class ShapeImages:
-    """What the loop reads of an ImageDataset, at the run's resolution: `n` black images with one caption."""
+    """What the loop reads of an ImageDataset, at one image size (width, height): `n` black images with one caption."""
 
-    def __init__(self, n: int, resolution: int, caption: str = ""):
-        self.records, self.order = [None] * n, list(range(n))
-        self.resolution, self.caption = resolution, caption
+    placements = None  # one shape: the loop's plain order
+
+    def __init__(self, n: int, size: tuple[int, int], caption: str = ""):
+        self.records, self.order = [ImageRecord(f"image-{i}") for i in range(n)], list(range(n))
+        self.size, self.caption = size, caption
 
     def __len__(self) -> int:
         return len(self.order)
@@ -175,18 +178,22 @@ class ShapeImages:
     def caption_of(self, index: int) -> str:
         return self.caption
 
+    def pixels(self, index: int, generator=None) -> torch.Tensor:
+        return torch.zeros(3, self.size[1], self.size[0])
+
     def __getitem__(self, position: int) -> dict:
-        return {"pixel_values": torch.zeros(3, self.resolution, self.resolution)}
+        return {"pixel_values": self.pixels(position)}
 
 
-def shape_set(cfg: Config, n: int, caption: str = "") -> ImageSet:
-    """An ImageSet of `n` stand-in images, with cached latent distributions when train.cache_latents."""
-    r = cfg.data.resolution
+def shape_set(cfg: Config, n: int, caption: str = "", *, size: tuple[int, int] | None = None) -> ImageSet:
+    """An ImageSet of `n` stand-in images of `size` (default: the square resolution), with cached latent
+    distributions when train.cache_latents."""
+    w, h = size or (cfg.data.resolution, cfg.data.resolution)
     latents = None
     if cfg.train.cache_latents:
-        zeros = torch.zeros(n, 4, r // 8, r // 8)
+        zeros = torch.zeros(n, 4, h // 8, w // 8)
         latents = CachedLatents(zeros, zeros.clone(), [f"image-{i}" for i in range(n)])
-    return ImageSet(ShapeImages(n, r, caption), latents)
+    return ImageSet(ShapeImages(n, (w, h), caption), latents)
 
 
 def architecture(ref: str) -> Components:
@@ -241,13 +248,13 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
         if cfg.prompt.prior:  # class images come from the base model, batch 1, at the training resolution
             with acc.autocast():
                 sample_once(comps, kind="txt2img", size=cfg.data.resolution, batch=1)
-        if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch, without autocast
-            pixels = torch.zeros(4, 3, cfg.data.resolution, cfg.data.resolution)
+        if cfg.train.cache_latents:  # customgen.data.cache encodes 4 images per batch (of a bucket), without autocast
+            pixels = torch.zeros(4, 3, run_shape(cfg)[1], run_shape(cfg)[0])
             comps.vae.encode(pixels.to(acc.device, comps.vae.dtype)).latent_dist.sample()
     setup_peak, _ = live.peak, live.reset_peak()
     n = cfg.train.batch_size
     styles = min(STYLE_LIMIT, cfg.data.max_images) if cfg.loss.gram > 0 else n  # the Gram targets' image set
-    run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, max(n, styles)),
+    run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, max(n, styles), size=run_shape(cfg)),
                    classes=shape_set(cfg, n, cfg.prompt.class_prompt) if cfg.prompt.prior else None,
                    contents=shape_set(cfg, n) if cfg.loss.content_root else None, optimizer=counted_optimizer)
     return run, setup_peak, live.peak
@@ -305,6 +312,7 @@ def settings(cfg: Config, plan: MemoryPlan) -> dict:
     """What an estimate was made for (the plan's table and JSON show it)."""
     t = cfg.train
     return {"model": cfg.model.ref, "method": cfg.method, "resolution": cfg.data.resolution,
+            "image": list(run_shape(cfg)),  # (width, height): the largest bucket with data.buckets
             "batch_size": t.batch_size, "grad_accum": t.grad_accum, "prior": cfg.prompt.prior,
             "mixed_precision": plan.mixed_precision, "gradient_checkpointing": plan.gradient_checkpointing,
             "optimizer": plan.optimizer, "offload": plan.offload, "cache_latents": t.cache_latents,

@@ -141,7 +141,9 @@ def savers(cfg: Config) -> list[str]:
 
 def describe(settings: dict) -> str:
     """A plan's settings in words."""
-    parts = [f"{settings['resolution']} px", f"batch {settings['batch_size']} x {settings['grad_accum']}",
+    w, h = settings.get("image") or (settings["resolution"],) * 2
+    size = f"{settings['resolution']} px" if w == h == settings["resolution"] else f"{w}×{h} px bucket"
+    parts = [size, f"batch {settings['batch_size']} x {settings['grad_accum']}",
              settings["mixed_precision"], "checkpointing" if settings["gradient_checkpointing"] else "no checkpointing",
              settings["optimizer"]]
     if settings.get("prior"):

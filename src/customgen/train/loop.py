@@ -15,17 +15,21 @@ from tqdm.auto import tqdm
 
 from customgen.config import config_hash, to_dict
 from customgen.data.cache import randn_rows
+from customgen.data.captions import CaptionRules
 from customgen.errors import UserError
 from customgen.memory import out_of_memory
 from customgen.train.artifact import snapshot
 from customgen.train.build import Run
 from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
+from customgen.train.captions import CaptionLog
 from customgen.train.data import batch_positions, flip_mask, sample_generators, sample_ids
 from customgen.train.losses import combine, noise_l2
 from customgen.train.schedule import validation_steps
 
 LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
-INSTANCE, CLASS, CONTENT = 0, 1, 2  # random streams of the examples (customgen.train.data.sample_generators)
+# random streams of the examples (customgen.train.data.sample_generators): instance, class and content images, an
+# instance image's random crop in its bucket, its caption's dropout and shuffle
+INSTANCE, CLASS, CONTENT, CROP, CAPTION = 0, 1, 2, 3, 4
 
 
 class TrainingDiverged(UserError):
@@ -33,29 +37,32 @@ class TrainingDiverged(UserError):
 
 
 def encode_prompts(run: Run, captions: list[str]) -> torch.Tensor:
-    """Text embeddings (B, 77, D); cached per caption while the text encoder is frozen."""
+    """Text embeddings (B, 77, D); cached per caption while the text encoder is frozen (shuffled captions are too many
+    to keep: those are encoded each time)."""
     tok = run.comps.tokenizer
     ids = lambda texts: tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,  # noqa: E731
                             return_tensors="pt").input_ids.to(run.accelerator.device)
     if run.method.trains_text_encoder:
         return run.text_encoder(ids(captions))[0]
-    missing = sorted({c for c in captions if c not in run.prompt_cache})
+    missing, new = sorted({c for c in captions if c not in run.prompt_cache}), {}
     if missing:
         with torch.no_grad():
-            for c, e in zip(missing, run.comps.text_encoder(ids(missing))[0]):
-                run.prompt_cache[c] = e
-    return torch.stack([run.prompt_cache[c] for c in captions])
+            new = dict(zip(missing, run.comps.text_encoder(ids(missing))[0]))
+        if not run.cfg.data.shuffle_caption:
+            run.prompt_cache |= new
+    return torch.stack([run.prompt_cache[c] if c in run.prompt_cache else new[c] for c in captions])
 
 
 def offload_unused(run: Run) -> None:
     """Cache every fixed prompt, then (when the plan says so) move the VAE and text encoder off the GPU when
-    nothing needs them."""
+    nothing needs them (the text encoder stays for shuffled captions)."""
     if not run.method.trains_text_encoder:
         captions = {run.method.caption(run.images.dataset.caption_of(i), torch.Generator())
                     for i in range(len(run.images.dataset.records))}
         captions |= {run.cfg.prompt.class_prompt} if run.classes is not None else set()
+        captions |= {""} if run.cfg.data.caption_dropout > 0 else set()
         encode_prompts(run, sorted(captions))
-        if run.accelerator.device.type == "cuda" and run.plan.offload:
+        if run.accelerator.device.type == "cuda" and run.plan.offload and not run.cfg.data.shuffle_caption:
             run.comps.text_encoder.to("cpu")
     cached = run.images.latents is not None and (run.classes is None or run.classes.latents is not None)
     if cached and run.perceptual is None and run.contents is None and run.accelerator.device.type == "cuda" \
@@ -100,26 +107,29 @@ def _weighted_l2(run: Run, pred, target, t) -> torch.Tensor:
 
 
 def step_losses(run: Run, step: int) -> dict[str, torch.Tensor]:
-    """Losses of micro-step `step`. Each example's flip, latent sample, caption template, timestep and noise come
-    from its own generator (seed, run-wide example index), the rest from the (seed, step, rank) seed."""
+    """Losses of micro-step `step`. Each example's flip, latent sample, crop, caption (template, dropout, shuffle),
+    timestep and noise come from its own generators (seed, run-wide example index), the rest from the (seed, step,
+    rank) seed. With buckets the micro-batch is one bucket's (customgen.train.data.bucket_epoch)."""
     cfg, acc = run.cfg, run.accelerator
     torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + acc.process_index)
     where = dict(step=step, batch_size=cfg.train.batch_size, rank=acc.process_index, world=acc.num_processes)
-    pos = batch_positions(len(run.images), seed=cfg.train.seed, **where)
-    gens = sample_generators(cfg.train.seed, sample_ids(**where), stream=INSTANCE)
+    chunk = cfg.train.batch_size * (cfg.train.grad_accum or 1) * acc.num_processes  # an optimizer step's examples
+    pos = run.images.positions(seed=cfg.train.seed, chunk=chunk, **where)
+    ids = sample_ids(**where)
+    gens = sample_generators(cfg.train.seed, ids, stream=INSTANCE)
+    crops = None if cfg.data.center_crop else sample_generators(cfg.train.seed, ids, stream=CROP)
     perceptual = run.perceptual is not None and run.perceptual.active(step) and run.contents is None
     batch = run.images.batch(pos, vae=run.comps.vae, flip=flip_mask(gens, on=cfg.data.random_flip), generators=gens,
-                             need_pixels=perceptual and run.needs_pixels)
-    captions = [run.method.caption(c, g) for c, g in zip(batch["captions"], gens)]
-    latents, n_inst = batch["latents"], len(pos)
-    if run.classes is not None:  # prior preservation: class images join the batch, one per instance image
-        cpos = batch_positions(len(run.classes), seed=cfg.train.seed + 1, **where)
-        cgens = sample_generators(cfg.train.seed, sample_ids(**where), stream=CLASS)
-        cb = run.classes.batch(cpos, vae=run.comps.vae, flip=flip_mask(cgens, on=False), need_pixels=False,
-                               generators=cgens)
-        latents, captions, gens = torch.cat([latents, cb["latents"]]), captions + cb["captions"], gens + cgens
-    noisy, pred, target, t = _denoise(run, latents, captions, gens)
-    l2 = _weighted_l2(run, pred, target, t)
+                             need_pixels=perceptual and run.needs_pixels, crops=crops)
+    captions = example_captions(run, step, batch, gens, ids)
+    n_inst, parts = len(pos), [(batch["latents"], captions, gens)]
+    if run.classes is not None:  # prior preservation: one class image per instance image
+        parts.append(class_part(run, where))
+    if len(parts) == 2 and parts[0][0].shape[1:] == parts[1][0].shape[1:]:  # one UNet call for both (square images)
+        parts = [(torch.cat([parts[0][0], parts[1][0]]), parts[0][1] + parts[1][1], parts[0][2] + parts[1][2])]
+    calls = [_denoise(run, *part) for part in parts]  # a non-square bucket's batch and the square class images: two
+    l2 = torch.cat([_weighted_l2(run, pred, target, t) for _, pred, target, t in calls])
+    noisy, pred, _, t = calls[0]
     terms = {}
     if perceptual:
         terms = run.perceptual.terms(run.comps.vae, noisy[:n_inst], pred[:n_inst], t[:n_inst],
@@ -129,6 +139,30 @@ def step_losses(run: Run, step: int) -> dict[str, torch.Tensor]:
     prior = l2[n_inst:] if run.classes is not None else None
     return combine(l2=l2[:n_inst], weights=cfg.loss, lpips=terms.get("lpips"), gram=terms.get("gram"),
                    prior=prior, prior_weight=cfg.prompt.prior_weight)
+
+
+def class_part(run: Run, where: dict) -> tuple[torch.Tensor, list[str], list[torch.Generator]]:
+    """Latents, captions and generators of the class images of micro-step `where` (square: they stay as the base
+    model made them)."""
+    seed = run.cfg.train.seed
+    cpos = batch_positions(len(run.classes), seed=seed + 1, **where)
+    cgens = sample_generators(seed, sample_ids(**where), stream=CLASS)
+    cb = run.classes.batch(cpos, vae=run.comps.vae, flip=flip_mask(cgens, on=False), need_pixels=False,
+                           generators=cgens)
+    return cb["latents"], cb["captions"], cgens
+
+
+def example_captions(run: Run, step: int, batch: dict, gens: list[torch.Generator], ids: list[int]) -> list[str]:
+    """The captions the examples train with: the method's (instance prompt, record caption, TI template), then kohya's
+    dropout and shuffle from each example's CAPTION generator; the first steps' go to captions.jsonl."""
+    captions = [run.method.caption(c, g) for c, g in zip(batch["captions"], gens)]
+    rules = CaptionRules.of(run.cfg.data)
+    if rules.active:
+        captions = [rules.apply(c, g) for c, g in zip(captions, sample_generators(run.cfg.train.seed, ids,
+                                                                                  stream=CAPTION))]
+    if run.caption_log is not None:
+        run.caption_log.add(step // (run.cfg.train.grad_accum or 1) + 1, batch["paths"], captions)
+    return captions
 
 
 def content_pair_terms(run: Run, step: int, captions: list[str]) -> dict:
@@ -229,6 +263,7 @@ def run_loop(run: Run, *, start: int, progress: bool = True, validate=None) -> d
     """Steps `start`..train.steps with logging, snapshots, checkpoints (every N steps / T minutes) and validation."""
     cfg = run.cfg
     log, t0 = LossLog(run, start), time.monotonic()
+    run.caption_log = CaptionLog(run.out, start, main=run.accelerator.is_main_process)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and run.accelerator.is_local_main_process),
                desc="train")
     try:  # the bar is closed before an error propagates, so the error stays the last line of the output

@@ -82,13 +82,15 @@ class VGGFeatures(torch.nn.Module):
 
 
 @torch.no_grad()
-def style_grams(vgg: VGGFeatures, images: torch.Tensor, *, batch: int = 8) -> list[torch.Tensor]:
-    """Mean Gram matrix per layer over a style reference set (N, 3, H, W) in [-1, 1] → [(1, C, C)]."""
+def style_grams(vgg: VGGFeatures, images: torch.Tensor | list[torch.Tensor], *, batch: int = 8) -> list[torch.Tensor]:
+    """Mean Gram matrix per layer over a style reference set (N, 3, H, W) in [-1, 1], or several such tensors of
+    different shapes (aspect-ratio buckets; a Gram matrix is C × C whatever the shape) → [(1, C, C)]."""
+    groups = [images] if isinstance(images, torch.Tensor) else images
     sums = None
-    for chunk in images.split(batch):
+    for chunk in (c for g in groups for c in g.split(batch)):
         grams = [gram_matrix(f).sum(0, keepdim=True) for f in vgg(chunk)]
         sums = grams if sums is None else [s + g for s, g in zip(sums, grams)]
-    return [s / len(images) for s in sums]
+    return [s / sum(len(g) for g in groups) for s in sums]
 
 
 def predicted_x0(noisy: torch.Tensor, eps: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,26 +17,29 @@ from customgen.train.losses import VGGFeatures, gram_loss, lpips_loss, predicted
 class Perceptual:
     """LPIPS and Gram terms on decoded x0 predictions (weights from cfg.loss)."""
 
-    def __init__(self, cfg, style_pixels: torch.Tensor, device):
+    def __init__(self, cfg, style_pixels: torch.Tensor | list[torch.Tensor], device):
         self.cfg = cfg.loss
         self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device)).model if self.cfg.lpips > 0 else None
         self.vgg = VGGFeatures().to(device) if self.cfg.gram > 0 else None
         for net in filter(None, (self.lpips, self.vgg)):
             net.requires_grad_(False).eval()  # LPIPS' linear heads train by default: no weight gradients, only x's
-        self.grams = style_grams(self.vgg, style_pixels.to(device)) if self.vgg is not None else None
+        groups = [style_pixels] if isinstance(style_pixels, torch.Tensor) else style_pixels  # one per image shape
+        self.grams = style_grams(self.vgg, [g.to(device) for g in groups]) if self.vgg is not None else None
         self.smoke = bool(getattr(self.vgg, "smoke", False))
 
     def active(self, step: int) -> bool:
         return step % max(1, self.cfg.perceptual_every) == 0
 
     def _crop(self, x0: torch.Tensor, pixels: torch.Tensor | None):
-        """A random latent crop of `decode_crop` (and the matching pixel crop): decode less."""
-        c = self.cfg.decode_crop
-        if not c or c >= x0.shape[-1]:
+        """A random latent crop of `decode_crop` (at most the latent's height and width; and the matching pixel crop):
+        decode less."""
+        c, (h, w) = self.cfg.decode_crop, x0.shape[-2:]
+        if not c or (c >= h and c >= w):
             return x0, pixels
-        i, j = (int(torch.randint(0, x0.shape[-1] - c + 1, (1,))) for _ in range(2))
-        x0 = x0[..., i:i + c, j:j + c]
-        return x0, None if pixels is None else pixels[..., 8 * i:8 * (i + c), 8 * j:8 * (j + c)]
+        ch, cw = min(c, h), min(c, w)
+        i, j = int(torch.randint(0, h - ch + 1, (1,))), int(torch.randint(0, w - cw + 1, (1,)))
+        x0 = x0[..., i:i + ch, j:j + cw]
+        return x0, None if pixels is None else pixels[..., 8 * i:8 * (i + ch), 8 * j:8 * (j + cw)]
 
     def terms(self, vae, noisy, eps, t, alphas_cumprod, pixels, *, threshold: bool = True) -> dict[str, torch.Tensor]:
         """{'lpips': (b,), 'gram': (b,)} on the samples with t below the threshold (maybe none)."""

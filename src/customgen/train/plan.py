@@ -16,6 +16,7 @@ from customgen.budget import GIB, GPUS, Gpu, device_gpu, fixed_costs, parse_gpu
 from customgen.config import Config
 from customgen.errors import UserError
 from customgen.memory import bnb_works, probe
+from customgen.train.data import settle_data
 from customgen.train.fit import Fitted, describe, plan_for, refusal
 
 CAVEAT = ("a prediction (fake CUDA tensors, the run's own code) until `customgen bench --jobs memory` has measured "
@@ -77,6 +78,7 @@ def format_report(rep: dict) -> str:
 def plan_command(cfg: Config, *, gpu: str | None, as_json: bool, command: str = "") -> int:
     """The handler's work: print the plan; a card nothing fits is one `error:` line (exit 2) after the table."""
     chosen = parse_gpu(gpu) if gpu else default_gpu()
+    cfg = settle_data(cfg)  # as train() does before its plan: buckets checked, no latent cache under random crops
     fitted = plan_for(cfg, chosen)
     rep = report(cfg, fitted, command=command)
     print(json.dumps(rep, indent=2) if as_json else format_report(rep), flush=True)

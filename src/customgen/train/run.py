@@ -14,11 +14,13 @@ from customgen.lock import output_lock
 from customgen.memory import MemoryPlan, out_of_memory, peak_memory, probe
 from customgen.train.artifact import artifact_manifest, drop_stale_snapshots, save_weights
 from customgen.train.build import Run, build_run
+from customgen.train.captions import CAPTION_FILE
+from customgen.train.data import settle_data
 from customgen.train.fit import fit_memory
 from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
 from customgen.train.validation import validate
 
-RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
+RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", CAPTION_FILE, "config.yaml", MANIFEST)  # besides weights
 WEIGHT_FILES = tuple(dict.fromkeys(k.weights for k in KINDS.values()))  # every kind's main file
 
 
@@ -67,7 +69,7 @@ def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto"
     """Train `cfg.method` on `cfg.data` and return the artifact folder (see customgen.kinds). The output folder
     is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md).
     `plan`: memory settings chosen elsewhere (customgen bench), else train.memory decides (customgen.train.fit)."""
-    check_limits(cfg)
+    cfg = settle_data(check_limits(cfg))  # bucket settings checked, cache off for random crops: before the plan
     out = out_path(cfg, output)
     plan = plan or fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before weights load
     with output_lock(out, command="train"):

@@ -26,6 +26,7 @@ class Schedule:
     processes: int  # data-parallel processes (GPUs)
     steps: int  # optimizer steps of the run
     epochs: int  # train.epochs as given (0: the run was given in steps)
+    buckets: tuple[int, ...] = ()  # examples per aspect-ratio bucket (data.buckets; () when images are cropped square)
 
     @property
     def effective_batch(self) -> int:
@@ -34,7 +35,11 @@ class Schedule:
     @property
     def epoch_steps(self) -> int:
         """Optimizer steps per epoch as kohya-ss/sd-scripts' train_network.py (@48d368f) counts them: ceil(batches /
-        processes / accumulation), batches = ceil(examples / batch_size) (one bucket: customgen crops square)."""
+        processes / accumulation), batches = ceil(examples / batch_size). With buckets an optimizer step's examples
+        share a bucket (customgen.train.data.bucket_epoch): Σ over buckets of ceil(examples / effective batch), kohya's
+        count when accumulation and processes are 1 (kohya's batches are Σ ceil(examples / batch_size))."""
+        if self.buckets:
+            return sum(-(-n // self.effective_batch) for n in self.buckets)
         batches = -(-self.examples // self.batch_size)
         return -(-batches // (self.processes * self.grad_accum))
 
@@ -42,19 +47,20 @@ class Schedule:
         """The line printed at the start of training."""
         batch = (f"effective batch {self.effective_batch} (batch {self.batch_size} × accumulation {self.grad_accum} × "
                  f"{self.processes} process{'es' if self.processes > 1 else ''})")
+        where = f" in {len(self.buckets)} aspect-ratio buckets" if self.buckets else ""
         if self.epochs:
             return (f"schedule: {self.epochs} epochs × {self.epoch_steps:,} optimizer steps = {self.steps:,} steps of "
-                    f"{batch}; an epoch is {self.examples:,} examples (images × repeats)")
+                    f"{batch}; an epoch is {self.examples:,} examples (images × repeats){where}")
         return (f"schedule: {self.steps:,} optimizer steps of {batch} = {self.steps / self.epoch_steps:.1f} epochs of "
-                f"{self.examples:,} examples (images × repeats)")
+                f"{self.examples:,} examples (images × repeats){where}")
 
 
-def make_schedule(cfg: Config, *, examples: int, processes: int) -> Schedule:
-    """The schedule of `cfg` on `examples` training examples and `processes` processes (train.epochs > 0 sets the
-    steps)."""
+def make_schedule(cfg: Config, *, examples: int, processes: int, buckets: tuple[int, ...] = ()) -> Schedule:
+    """The schedule of `cfg` on `examples` training examples (`buckets`: their counts per aspect-ratio bucket) and
+    `processes` processes (train.epochs > 0 sets the steps)."""
     t = cfg.train
     plain = Schedule(examples=examples, batch_size=t.batch_size, grad_accum=t.grad_accum or 1, processes=processes,
-                     steps=t.steps, epochs=t.epochs)
+                     steps=t.steps, epochs=t.epochs, buckets=tuple(buckets))
     return dataclasses.replace(plain, steps=t.epochs * plain.epoch_steps) if t.epochs else plain
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from customgen.config import Config
 from customgen.data import find_kaggle_roots, load_image
+from customgen.data.buckets import spec_of
 from customgen.data.io import is_image_name
 from customgen.kinds import recipe
 from customgen.memory import moved
@@ -29,8 +30,8 @@ def eval_mode(*modules):
 
 
 def grid(images: list[Image.Image], cols: int) -> Image.Image:
-    """Images (same size) tiled into one picture, `cols` per row."""
-    w, h = images[0].size
+    """Images tiled into one picture, `cols` per row, each in a cell of the largest width and height (buckets)."""
+    w, h = max(im.size[0] for im in images), max(im.size[1] for im in images)
     rows = (len(images) + cols - 1) // cols
     out = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
@@ -51,6 +52,19 @@ def validation_content(cfg: Config) -> list[str]:
     return [str(p) for p in sorted(Path(root).iterdir()) if is_image_name(p.name)][: v.num_images]
 
 
+def content_image(path: str, cfg: Config) -> Image.Image:
+    """A validation content image at the training size: square, or with data.buckets its own bucket (resized to cover
+    it, center-cropped), so a style trained on whole compositions is shown on one."""
+    image, res = load_image(path), cfg.data.resolution
+    spec = spec_of(cfg.data)
+    place = spec.place(*image.size) if spec is not None else None
+    if place is None:
+        return image.resize((res, res))
+    left, top = place.crop_box()
+    return image.resize(place.resized, Image.Resampling.BILINEAR).crop(
+        (left, top, left + place.bucket[0], top + place.bucket[1]))
+
+
 @torch.no_grad()
 def sample_images(comps, cfg: Config, prompt: str, *, device) -> list[Image.Image]:
     """Validation samples with the model as it is now (LoRA/TI/DreamBooth weights active)."""
@@ -66,8 +80,7 @@ def sample_images(comps, cfg: Config, prompt: str, *, device) -> list[Image.Imag
         common = dict(num_inference_steps=request.steps, guidance_scale=request.guidance, generator=g)
         if kind == "img2img":
             for path in content:
-                image = load_image(path).resize((res, res))
-                out += pipe(p, image=image, strength=request.strength, **common).images
+                out += pipe(p, image=content_image(path, cfg), strength=request.strength, **common).images
         else:
             out += pipe(p, height=res, width=res, num_images_per_prompt=v.num_images, **common).images
     return out
