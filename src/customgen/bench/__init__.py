@@ -134,7 +134,7 @@ def stylize_jobs(s: BenchSettings, info, data: dict, work: Path, report: Report)
         for pair in (p for p in bench.pairs() if not s.pairs or any(k in p[0] for k in s.pairs)):
             report.add("stylize", {"pair": pair[0]}, lambda p=pair: bench.run_pair(*p, repeats=s.repeats, flops=s.flops))
     if "fewstep" in s.jobs:
-        path = Path(s.fewstep_file) if s.fewstep_file else fixtures.fewstep_file(lib / "lora_style", work / "lcm")
+        path = Path(s.fewstep_file) if s.fewstep_file else fixtures.fewstep_file(lib, work / "lcm")
         report.add("fewstep", {"pair": path.name}, lambda: fewstep_pair(bench, path, steps=s.fewstep_steps,
                                                                         repeats=s.repeats, flops=s.flops))
     if "overhead" in s.jobs:

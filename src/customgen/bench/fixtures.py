@@ -15,6 +15,8 @@ from PIL import Image
 from customgen.config import Config, find_config, load_config
 from customgen.data.samples import write_samples
 from customgen.kinds import RECIPES, Manifest, make_method, read_manifest, training_facts, write_manifest
+from customgen.errors import UserError
+from customgen.formats import examine
 from customgen.memory import seeded
 from customgen.models import load_components
 
@@ -83,13 +85,18 @@ def make_style(recipe: str, model: str, folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def fewstep_file(artifact: Path, folder: Path) -> Path:
-    """A random-weight stand-in for an LCM-LoRA (the published file is a kohya LoRA, found by its name): the kohya
-    export of a random LoRA artifact, named as LCM-LoRA files are."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "lcm-lora-random.safetensors"
-    shutil.copyfile(artifact / read_manifest(artifact).exports[0], path)
-    return path
+def fewstep_file(library: Path, folder: Path) -> Path:
+    """A random-weight stand-in for an LCM-LoRA (the published file is a kohya LoRA, found by its name): the first
+    export in `library` that holds layer changes (a random LoRA style's kohya file), named as LCM-LoRA files are."""
+    for artifact in sorted(p for p in library.iterdir() if p.is_dir()):
+        for export in read_manifest(artifact).exports:
+            _, adapter = examine(artifact / export)
+            if adapter is not None and adapter.deltas:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / "lcm-lora-random.safetensors"
+                shutil.copyfile(artifact / export, path)
+                return path
+    raise UserError(f"{library} holds no LoRA export to stand in for a few-step LoRA: pass --fewstep-file")
 
 
 def content_image(data: dict[str, Path], size: int) -> Image.Image:
