@@ -42,6 +42,9 @@ def format_file_report(report: dict) -> str:
         rows.append("embedding " + ", ".join(f"{w} ({n} vector{'s' * (n != 1)})" for w, n in report["embeddings"].items()))
     if report["triggers"]:
         rows.append(f"triggers  {', '.join(report['triggers'])}")
+    if report.get("sampler"):
+        s = report["sampler"]
+        rows.append(f"sampler   {s['what']}: --scheduler {' or '.join(s['schedulers'])}, {s['steps']} steps")
     if report.get("unmatched"):
         u = report["unmatched"]
         rows.append(f"not SD1   {u['count']} key(s) match no SD v1.5 layer (first: {', '.join(u['first'])})")
