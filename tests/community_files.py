@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.reliability_fixtures import Evil
+
 ATTENTION = ("attentions.",)  # kohya's Transformer2DModel targets (Linear and 1x1 Conv2d)
 CONV_BLOCKS = ("resnets.", "downsamplers.", "upsamplers.")  # + ResnetBlock2D/Downsample2D/Upsample2D (LoCon)
 TE_BLOCKS = ("self_attn.", "mlp.")  # CLIPAttention, CLIPMLP
@@ -259,17 +261,6 @@ def write_embedding(path: Path, vectors: torch.Tensor, layout: str) -> Path:
 
 
 # --- files customgen refuses (each with the words its one line must hold) ------------------------------------
-class Payload:
-    """A pickle that would leave a marker file if anything ever unpickled it."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-        return (os.system, (f"touch {self.marker}",))
-
-
 def refused_files(folder: Path, comps, marker: Path) -> dict[str, tuple[Path, str]]:
     """case → (file, pattern of its one-line refusal): other families, unsafe or damaged files, unsupported layouts."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -312,7 +303,7 @@ def refused_files(folder: Path, comps, marker: Path) -> dict[str, tuple[Path, st
     (folder / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
     (folder / "garbage.safetensors").write_bytes(b"not a safetensors file at all" * 4)
     (folder / "garbage.pt").write_bytes(b"\x80\x04 not a pickle either" * 4)
-    torch.save({"string_to_param": {"*": Payload(marker)}}, str(folder / "payload.pt"))
+    torch.save({"string_to_param": {"*": Evil(marker)}}, str(folder / "payload.pt"))
     return files | {
         "truncated": (folder / "truncated.safetensors", r"not readable as a safetensors file .*truncated"),
         "not safetensors": (folder / "garbage.safetensors", r"not readable as a safetensors file"),

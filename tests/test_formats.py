@@ -362,15 +362,20 @@ def test_stock_loadable_files_draw_stock_diffusers_pixels(tiny, tmp_path):
     assert read_adapter(path).stock_loadable
     image = content_image(3, (64, 64))
     ours = stylize(image, [str(path)], model="tiny", steps=4, strength=0.6, scales=0.8, seed=5, size=64)
-    comps = load_components("tiny", device="cpu")
-    pipe = build_pipeline(comps, kind="img2img")
-    pipe.scheduler = make_scheduler("dpm++", pipe.scheduler.config)
+    theirs = stock_img2img(path, image, scheduler="dpm++", scale=0.8, steps=4, strength=0.6, guidance=7.5, seed=5)
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def stock_img2img(path, image, *, scheduler: str, scale: float, steps: int, strength: float, guidance: float,
+                  seed: int):
+    """A stock img2img pipeline on a fresh tiny with the file loaded by `load_lora_weights` and fused at `scale`."""
+    pipe = build_pipeline(load_components("tiny", device="cpu"), kind="img2img")
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)  # diffusers' X.from_config(model config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(path), adapter_name="stock")
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=0.8)
-    theirs = pipe("", image=image, strength=0.6, num_inference_steps=4, guidance_scale=7.5,
-                  generator=torch.Generator("cpu").manual_seed(5)).images[0]
-    assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale)
+    return pipe("", image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
 
 
 def test_stylize_with_a_file_blends_on_the_command_line(tiny, tmp_path, capsys):
@@ -441,8 +446,6 @@ def test_few_step_lora_with_its_scheduler_draws_stock_pixels(name, scheduler, ti
     """A few-step LoRA (published as a kohya LoCon over the attention, ResNet and sampler layers) stylizes in 4 steps
     with its scheduler, pixel for pixel as a stock pipeline given the same file and scheduler; `inspect` names its
     schedulers, and another scheduler is a note, not a refusal."""
-    from diffusers import LCMScheduler, TCDScheduler
-
     te = stock_reads_kohya_text_encoder(tiny.text_encoder)
     path = cf.write(tmp_path / f"{name}.safetensors", cf.kohya_state(tiny, "locon", seed=31, alpha=4.0, rank=4,
                                                                      std=0.1, text_encoder=te))
@@ -452,13 +455,7 @@ def test_few_step_lora_with_its_scheduler_draws_stock_pixels(name, scheduler, ti
     run = dict(model="tiny", steps=4, strength=0.8, guidance=1.5, seed=7, size=64)
     ours = stylize(image, [str(path)], scheduler=scheduler, **run)
     assert not [w for w in recwarn if issubclass(w.category, Notice) and name in str(w.message)]
-    pipe = build_pipeline(load_components("tiny", device="cpu"), kind="img2img")
-    pipe.scheduler = {"lcm": LCMScheduler, "tcd": TCDScheduler}[scheduler].from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(path), adapter_name="fast")
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
-    theirs = pipe("", image=image, strength=0.8, num_inference_steps=4, guidance_scale=1.5,
-                  generator=torch.Generator("cpu").manual_seed(7)).images[0]
+    theirs = stock_img2img(path, image, scheduler=scheduler, scale=1.0, steps=4, strength=0.8, guidance=1.5, seed=7)
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     stylize(image, [str(path)], scheduler="dpm++", **run)
     notes = [str(w.message) for w in recwarn if issubclass(w.category, Notice) and name in str(w.message)]
