@@ -178,7 +178,7 @@ def check_fits(ck: Checkpoint, tensors: dict, *, config: dict, config_hash: str,
 def restore(ck: Checkpoint, *, tensors: dict, optimizer, lr_scheduler) -> None:
     """Load the checked checkpoint into this run's tensors, optimizer and scheduler."""
     try:
-        optimizer.load_state_dict(ck.optimizer)
+        optimizer.load_state_dict(same_implementation(ck.optimizer, optimizer))
         lr_scheduler.load_state_dict(ck.scheduler)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
         raise UserError(f"checkpoint {ck.path}: its optimizer state does not fit this run ({_reason(err)}); "
@@ -186,6 +186,18 @@ def restore(ck: Checkpoint, *, tensors: dict, optimizer, lr_scheduler) -> None:
     with torch.no_grad():
         for name, t in tensors.items():
             t.copy_(ck.trainable[name].to(t.device, t.dtype))
+
+
+IMPLEMENTATION = ("fused", "foreach")  # torch's AdamW: which kernel runs; the math is the same (train/optimizers.py)
+
+
+def same_implementation(saved: dict, optimizer) -> dict:
+    """`saved` (an optimizer state dict) with this run's implementation switches in every parameter group: a
+    checkpoint written by another AdamW implementation (an older customgen, another device) resumes with the one this
+    run chose, its step counters moved where that one keeps them (torch's load_state_dict reads the switches)."""
+    groups = [{**g, **{k: now[k] for k in IMPLEMENTATION if k in now}}
+              for g, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups + saved["param_groups"][len(groups):]}
 
 
 def candidates(folder: Path, resume: str) -> list[Path]:

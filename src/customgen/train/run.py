@@ -16,6 +16,7 @@ from customgen.train.artifact import artifact_manifest, drop_stale_snapshots, sa
 from customgen.train.build import Run, build_run
 from customgen.train.fit import fit_memory
 from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
+from customgen.train.optimizers import check_optimizer
 from customgen.train.validation import validate
 
 RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", "config.yaml", MANIFEST)  # what a run writes besides weights
@@ -68,6 +69,7 @@ def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto"
     is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md).
     `plan`: memory settings chosen elsewhere (customgen bench), else train.memory decides (customgen.train.fit)."""
     check_limits(cfg)
+    check_optimizer(cfg)
     out = out_path(cfg, output)
     plan = plan or fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before weights load
     with output_lock(out, command="train"):
