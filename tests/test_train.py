@@ -596,3 +596,19 @@ def test_an_overflowing_fp16_step_is_skipped_where_accelerate_sees_it():
         scaler.scale((p * grad).sum()).backward()
         scaler.step(optimizer)
         assert (len(calls), torch.equal(p.detach(), torch.ones(4))) == ((0, True) if grad == float("inf") else (1, False))
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(data):
+    """A checkpoint's saved config from before loss.noise_offset, loss.adaptive_noise_scale existed is the same config
+    at their defaults (off: what that run did), and another config once the setting is on."""
+    import copy
+
+    from customgen.config import to_dict
+    from customgen.train.checkpoint import config_differences
+
+    current = to_dict(recipe_cfg("lora_style", data))
+    older = copy.deepcopy(current)
+    del older["loss"]["noise_offset"], older["loss"]["adaptive_noise_scale"]
+    assert config_differences(older, current) == []
+    assert config_differences(older, to_dict(recipe_cfg("lora_style", data, "loss.noise_offset=0.1"))) == \
+        ["loss.noise_offset: 0.0 → 0.1"]

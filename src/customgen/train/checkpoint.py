@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from customgen.config import Config, to_dict
 from customgen.errors import Notice, UserError, disk_problem
 from customgen.models import canonical_text_encoder
 from customgen.train.statefile import decode, encode
@@ -142,10 +143,14 @@ def _reason(err: BaseException) -> str:
 
 
 def config_differences(saved: dict | None, current: dict) -> list[str]:
-    """`key: saved → current` for every config key that changes the trained weights."""
+    """`key: saved → current` for every config key that changes the trained weights. A key the saved config lacks
+    (added to customgen since) counts as its default: a new setting's default keeps what older runs did."""
     flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
                             (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
-    a, b = flat(saved or {}), flat(json.loads(json.dumps(current, default=str)))
+    plain = lambda d: flat(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    a, b = plain(saved or {}), plain(current)
+    if saved:
+        a = {k: v for k, v in plain(to_dict(Config())).items() if k in b} | a
     keys = sorted((k for k in a.keys() | b.keys() if not k.startswith(RESUME_IGNORED) and a.get(k) != b.get(k)),
                   key=lambda k: (k not in ("method", "model.ref"), k))  # the method and model first: they say most
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys]
