@@ -75,6 +75,26 @@ def test_fake_cuda_runs_backward_and_checkpointing_without_a_gpu():
         assert lin.weight.grad is not None and live.peak > 0
 
 
+def test_fake_tensors_known_to_hold_zeros_read_as_zeros_and_nothing_else_does():
+    """Values on fake CUDA: a weight zeroed on the CPU (small: real, large: fake) stays known-zero through moves and
+    casts, so `any()` reads False as on a GPU; a write forgets it; zeroing part of a storage does not make it zero;
+    any other read keeps its worst case (True, 1)."""
+    with fake_cuda():
+        small, big = torch.nn.Linear(4, 300), torch.nn.Linear(512, 512)  # 1,200 and 262,144 weights
+        for layer in (small, big):
+            torch.nn.init.zeros_(layer.weight)
+            layer.to("cuda", torch.float16)
+        assert not small.weight.float().any() and not big.weight.any() and big.bias.any()
+        assert big.weight.flatten()[::2].abs().any().item() is False
+        big.weight.data.add_(1.0)
+        assert big.weight.any()
+        ones = torch.ones(1000, 300, device="cuda")
+        ones[0].zero_()
+        zeros = torch.zeros(1000, 300, device="cuda")
+        zeros[0].zero_()
+        assert ones.any() and not zeros.any() and zeros.sum().item() == 1.0
+
+
 # --- prediction against a real run ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fake_cuda_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):

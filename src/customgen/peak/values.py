@@ -78,7 +78,11 @@ class Zeros:
         inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, FakeTensor)}
         new = [t for t in tree_leaves(out) if isinstance(t, FakeTensor) and t.untyped_storage()._cdata not in inputs]
         for t in [t for t in tree_leaves(written) if isinstance(t, FakeTensor)] + new:
-            self._mark(t) if zero else self.keys.discard(t.untyped_storage()._cdata)
+            key = t.untyped_storage()._cdata
+            if zero and _whole(t):
+                self._mark(t)
+            elif not zero:  # zeros written into part of a storage leave it as known as it was
+                self.keys.discard(key)
         return out
 
     def _mark(self, t: FakeTensor) -> None:
@@ -87,6 +91,11 @@ class Zeros:
         if key not in self.keys:
             self.keys.add(key)
             weakref.finalize(storage, self.keys.discard, key)
+
+
+def _whole(t: torch.Tensor) -> bool:
+    """Whether `t` spans its whole storage (a write to it writes every byte)."""
+    return t.storage_offset() == 0 and t.is_contiguous() and t.numel() * t.element_size() == t.untyped_storage().nbytes()
 
 
 def _on_cpu(leaves: list, kwargs: dict) -> bool:
