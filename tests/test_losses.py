@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from customgen.train.losses import VGGFeatures, gram_loss, gram_matrix, lpips_loss, noise_l2, predicted_x0, style_grams
+from customgen.train.losses import (VGGFeatures, gram_loss, gram_matrix, lpips_loss, noise_l2, offset_noise,
+                                    predicted_x0, style_grams)
 from customgen.metrics.networks import build_lpips_scorer
 from tests.tolerance import gamma, matmul_bound
 
@@ -18,6 +19,32 @@ def test_noise_l2_is_per_sample_mse():
     a, b = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
     b[1] = 0
     assert torch.equal(noise_l2(a, b), torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("adaptive", [0.0, 0.5, -3.0])
+def test_offset_noise_is_the_published_formula_on_fixed_seeds(adaptive):
+    """diffusers' train scripts: noise + offset·N(0, 1) of shape (B, C, 1, 1); kohya's apply_noise_offset with
+    adaptive_noise_scale a: offset + a·|mean over H, W of the latents| per sample and channel, clamped at 0 (a = -3
+    drives every one to 0 here). Example i's draw comes from its own generator, after its noise: written out here
+    from the same seeds, in float64. fp32 rounding: the channel mean of H·W values (γ_{HW}), then a·|m| + offset,
+    o·z and the sum, 2 roundings each (Higham 2002, §3.1)."""
+    b, c, h, w, offset = 3, 4, 8, 8, 0.1
+    latents = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(99)) * 0.5 + 0.2
+    generators = [torch.Generator().manual_seed(10 + i) for i in range(b)]
+    noise = torch.stack([torch.randn(c, h, w, generator=g) for g in generators])  # what the loop draws first
+    out = offset_noise(noise, latents, generators, offset=offset, adaptive=adaptive).double()
+    for i in range(b):
+        g = torch.Generator().manual_seed(10 + i)
+        n = torch.randn(c, h, w, generator=g).double()
+        z = torch.randn(c, 1, 1, generator=g).double()
+        mean = latents[i].double().mean(dim=(1, 2), keepdim=True)
+        o = torch.clamp(offset + adaptive * mean.abs(), min=0.0)
+        expected = n + o * z
+        spread = abs(adaptive) * latents[i].double().abs().mean(dim=(1, 2), keepdim=True)
+        bound = gamma(2, torch.float32) * (n.abs() + (o + spread) * z.abs()) \
+            + gamma(h * w + 2, torch.float32) * spread * z.abs()
+        assert ((out[i] - expected).abs() <= bound).all()
+    assert torch.equal(out, noise.double()) == (adaptive < 0)  # a = -3: every channel's offset clamped to 0
 
 
 def test_gram_matrix_matches_numpy_definition(images):

@@ -15,9 +15,9 @@ from customgen.cli import main
 from customgen.config import config_hash, load_config
 from customgen.errors import UserError
 from customgen.memory import DeviceInfo, MemoryPlan
-from customgen.peak import LiveBytes, blocks, fake_cuda
+from customgen.peak import BLOCK, LiveBytes, blocks, fake_cuda
 from customgen.train.estimate import estimate_training
-from customgen.train.fit import fit, fit_memory
+from customgen.train.fit import fit, fit_memory, ladder
 from tests.image_fixtures import make_wikiart_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,16 @@ def tiny_cfg(recipe: str, *extra: str):
 
 
 _ESTIMATES: dict = {}
+
+
+def trainables(cfg) -> list[torch.nn.Parameter]:
+    """The parameters `cfg`'s method trains on tiny, set up as a run does (seeded)."""
+    from customgen.kinds import make_method
+    from customgen.models import load_components
+
+    torch.manual_seed(cfg.train.seed)
+    comps = load_components("tiny", device="cpu", dtype=torch.float32)
+    return [p for g in make_method(cfg).setup(comps) for p in g["params"]]
 
 
 def cached_estimate(cfg, plan):
@@ -65,12 +75,32 @@ def test_fake_cuda_runs_backward_and_checkpointing_without_a_gpu():
         assert lin.weight.grad is not None and live.peak > 0
 
 
+def test_fake_tensors_known_to_hold_zeros_read_as_zeros_and_nothing_else_does():
+    """Values on fake CUDA: a weight zeroed on the CPU (small: real, large: fake) stays known-zero through moves and
+    casts, so `any()` reads False as on a GPU; a write forgets it; zeroing part of a storage does not make it zero;
+    any other read keeps its worst case (True, 1)."""
+    with fake_cuda():
+        small, big = torch.nn.Linear(4, 300), torch.nn.Linear(512, 512)  # 1,200 and 262,144 weights
+        for layer in (small, big):
+            torch.nn.init.zeros_(layer.weight)
+            layer.to("cuda", torch.float16)
+        assert not small.weight.float().any() and not big.weight.any() and big.bias.any()
+        assert big.weight.flatten()[::2].abs().any().item() is False
+        big.weight.data.add_(1.0)
+        assert big.weight.any()
+        ones = torch.ones(1000, 300, device="cuda")
+        ones[0].zero_()
+        zeros = torch.zeros(1000, 300, device="cuda")
+        zeros[0].zero_()
+        assert ones.any() and not zeros.any() and zeros.sum().item() == 1.0
+
+
 # --- prediction against a real run ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fake_cuda_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
     """The same step (fp32, text encoder and VAE kept on the device, perceptual terms on every sample) counted on
     fake CUDA tensors and on real CPU tensors: peaks within 5%; gradients are the trainables' bytes; AdamW's state
-    is two fp32 tensors per trainable. The assembly is compared where no loss network is built: on a CPU those are
+    is two fp32 tensors per trainable and the fused kernel's step counter (a 512-byte block each). The assembly is compared where no loss network is built: on a CPU those are
     built on the device itself (torchvision's whole AlexNet/VGG before LPIPS keeps the features), on a GPU before
     they move there."""
     cfg = tiny_cfg(recipe)
@@ -82,7 +112,7 @@ def test_fake_cuda_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
     for part in parts:
         assert getattr(fake, part) == pytest.approx(getattr(real, part), rel=0.05), part
     assert fake.gradients == real.gradients > 0
-    assert fake.optimizer_state == 2 * fake.gradients
+    assert fake.optimizer_state == 2 * fake.gradients + BLOCK * len(trainables(cfg)) == real.optimizer_state
     assert fake.device == "cuda" and real.device == "cpu"
 
 
@@ -118,15 +148,100 @@ def test_eight_bit_adam_holds_its_state_size():
     cfg = tiny_cfg("dreambooth_style", "prompt.prior=false")
     eight = cached_estimate(cfg, MemoryPlan("fp16", False, "adamw8bit"))
     full = cached_estimate(cfg, MemoryPlan("fp16", False, "adamw"))  # shared with the tests above
-    from customgen.kinds import make_method
-    from customgen.models import load_components
-    comps = load_components("tiny", device="cpu", dtype=torch.float32)
-    params = [p for g in make_method(cfg).setup(comps) for p in g["params"]]
+    params = trainables(cfg)
     expected = 2 * blocks(256 * 4)  # the two 256-entry fp32 quantile maps
     for p in params:
         n = p.numel()
         expected += 2 * blocks(4 * n) if n < 4096 else 2 * blocks(n) + 2 * blocks(4 * -(-n // 256))
     assert eight.optimizer_state == expected < full.optimizer_state
+
+
+def unet_trainables() -> list[torch.nn.Parameter]:
+    """The whole tiny UNet as full DreamBooth trains it (fp32)."""
+    from customgen.models import load_components
+
+    return [p.requires_grad_(True) for p in load_components("tiny", device="cpu", dtype=torch.float32).unet.parameters()]
+
+
+@pytest.mark.parametrize("implementation,extra", [({"foreach": True}, "copy"), ({"fused": True}, "none"),
+                                                  ({"foreach": False}, "one parameter")])
+def test_adamw_step_allocates_one_copy_with_foreach_nothing_fused(implementation, extra):
+    """Live bytes during AdamW's step (state already made) on fake CUDA, the whole tiny UNet: torch's default CUDA
+    implementation (foreach) holds _foreach_sqrt of every second moment, one fp32 copy of the trainables in 512-byte
+    blocks; the fused kernel updates in place; the for-loop one holds a few tensors of one parameter at a time."""
+    params = unet_trainables()
+    copy = sum(blocks(4 * p.numel()) for p in params)
+    with fake_cuda(), LiveBytes("cuda") as live:
+        fake = [torch.nn.Parameter(torch.zeros(p.shape, device="cuda")) for p in params]
+        optimizer = torch.optim.AdamW(fake, lr=1e-4, **implementation)
+        for p in fake:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()  # makes the state
+        before = live.reset_peak()
+        optimizer.step()
+        added = live.peak - before
+    biggest = max(blocks(4 * p.numel()) for p in params)
+    if extra == "copy":
+        assert added == copy
+    elif extra == "none":
+        assert added == 0
+    else:
+        assert 0 < added <= 3 * biggest < copy
+
+
+FULL_UNET = ("dreambooth_style", "dreambooth.scope=full", "prompt.prior=false", "train.batch_size=1",
+             "train.max_grad_norm=0")  # no clipping: its per-tensor norms would blur the optimizer's own bytes
+
+
+def test_the_plan_drops_foreach_adamws_copy_of_the_trainables(monkeypatch):
+    """Full DreamBooth of the tiny UNet, fp16, checkpointing: the run's AdamW (fused on CUDA) against torch's default
+    foreach one. The foreach step peaks in the optimizer, one fp32 copy of the trainables (= the gradients' bytes)
+    above weights + gradients + state; fused keeps its step counters on the GPU (one 512-byte block per tensor) and
+    its step peak is the backward's (`activations` above the same three), so the peak drops by the copy, less those
+    counters, less the backward's excess over what stays alive through the optimizer step (≥ 0)."""
+    import customgen.train.estimate as estimate
+
+    cfg, plan = tiny_cfg(*FULL_UNET), MemoryPlan("fp16", True, "adamw", offload=False)
+    fused = estimate_training(cfg, plan)
+    monkeypatch.setattr(estimate, "counted_optimizer",
+                        lambda groups, plan, *, weight_decay: torch.optim.AdamW(groups, weight_decay=weight_decay,
+                                                                               foreach=True))
+    foreach = estimate_training(cfg, plan)
+    copy, counters = fused.gradients, BLOCK * len(unet_trainables())
+    assert copy == sum(blocks(4 * p.numel()) for p in unet_trainables()) == foreach.gradients
+    assert fused.optimizer_state - foreach.optimizer_state == counters
+    assert foreach.activations >= copy  # the foreach step's peak holds the copy
+    drop = foreach.step_peak - fused.step_peak
+    assert copy - counters - fused.activations <= drop <= copy - counters
+    assert drop > 0.9 * copy
+
+
+def test_prodigy_state_is_predicted_as_prodigyopt_allocates_it():
+    """Prodigy (prodigyopt) keeps exp_avg, exp_avg_sq, s and p0 per parameter, p0 a 0-d tensor for a parameter that
+    is all zeros at its first step (LoRA's B): the fake-CUDA count equals a real CPU count and the formula."""
+    for recipe in ("lora_style", "dreambooth_style"):
+        cfg = tiny_cfg(recipe, "train.optimizer=prodigy", "train.lr=1.0", "loss.lpips=0")
+        plan = MemoryPlan("no", False, "prodigy", offload=False)
+        fake = estimate_training(cfg, plan)
+        params = trainables(cfg)
+        zeros = sum(not p.any() for p in params)
+        expected = sum(3 * blocks(4 * p.numel()) + (blocks(4 * p.numel()) if p.any() else BLOCK) for p in params)
+        assert fake.optimizer_state == expected
+        assert (zeros > 0) == (recipe == "lora_style")  # LoRA's B starts at zero; DreamBooth's weights do not
+        torch.manual_seed(0)
+        assert estimate_training(cfg, plan, fake=False).optimizer_state == expected
+
+
+def test_memory_auto_keeps_an_optimizer_that_was_asked_for():
+    """train.optimizer=prodigy (or adamw) is the user's: the 8-bit rung is skipped with a note, every rung keeps it;
+    only `auto` may turn to 8-bit Adam."""
+    gpu = Gpu("test card", 2**30, False, "test", bnb=True)
+    for asked in ("prodigy", "adamw"):
+        rungs = list(ladder(tiny_cfg("lora_style", f"train.optimizer={asked}"), "fp16", gpu))
+        assert f"skip:train.optimizer={asked}" in [r for r, _ in rungs] and "8-bit Adam" not in [r for r, _ in rungs]
+        assert {plan.optimizer for _, plan in rungs} == {asked}
+    rungs = dict(ladder(tiny_cfg("lora_style", "train.optimizer=auto"), "fp16", gpu))
+    assert rungs["as set"].optimizer == "adamw" and rungs["8-bit Adam"].optimizer == "adamw8bit"
 
 
 # --- memory auto -------------------------------------------------------------------------------------------------------

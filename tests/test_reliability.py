@@ -395,6 +395,10 @@ CONFIGS = [  # (--set or extra args, message pattern)
     (["--set", "textual_inversion.num_vectors=0"], r"config key textual_inversion.num_vectors must be >= 1"),
     (["--set", "train.nosuch=1"], r"unknown config key train.nosuch"),
     (["--set", "data.resolution=big"], r"config key data.resolution: expected int"),
+    (["--set", "loss.noise_offset=2"], r"config key loss.noise_offset must be >= 0 and <= 1, got 2"),
+    (["--set", "loss.adaptive_noise_scale=0.05"],
+     r"config key loss.adaptive_noise_scale \(0.05\) needs loss.noise_offset > 0"),
+    (["--set", "train.optimizer=sgd"], r"config key train.optimizer: 'sgd' is not one of auto, adamw, adamw8bit, prodigy"),
 ]
 
 
@@ -403,6 +407,27 @@ def test_bad_training_config_refused_before_anything_is_written(sb, capfd, extra
     """Input: train with an absurd or wrong config value; expected: exit 2, one line naming the key, no output
     folder created."""
     cli(capfd, sb.root, train_argv(sb.root, sb.root / "work" / "never", extra=extra), code=2, match=match)
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_prodigy_without_its_package_is_one_line_before_any_weight_loads(sb, capfd, monkeypatch, command):
+    """Input: train.optimizer=prodigy where prodigyopt is not installed (hidden from imports); expected: exit 2, one
+    line saying how to install it; no model architecture or weights loaded, no output folder."""
+    import customgen.train.build as build
+    import customgen.train.estimate as estimate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the optimizer was checked")
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # `import prodigyopt` raises ImportError
+    for module, name in ((build, "load_components"), (estimate, "architecture"), (estimate, "load_components")):
+        monkeypatch.setattr(module, name, no_model)
+    argv = train_argv(sb.root, sb.root / "work" / "never", "train.optimizer=prodigy")
+    if command == "plan":
+        argv = ["plan", argv[1], "--model", "tiny", "--set", "train.optimizer=prodigy"]
+    cli(capfd, sb.root, argv, code=2,
+        match=r"^error: train.optimizer=prodigy needs the prodigyopt package, which is not installed: run "
+              r"`pip install prodigyopt`")
 
 
 # --- checkpoints and resume ---------------------------------------------------------------------------------

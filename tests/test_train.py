@@ -421,3 +421,195 @@ def test_text_encoder_lora_never_goes_through_transformers_peft_gate(data, tmp_p
     assert np.array_equal(np.asarray(generate(prompt, None, **run)), base)  # switched off: the base model again
     assert not np.array_equal(styled, base) and not np.array_equal(blended, styled)
     clear_sessions()
+
+
+# --- optimizers ---------------------------------------------------------------------------------------------------
+def adamw_reference(p0, grads, *, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW (Loshchilov & Hutter 2019, decoupled decay, Adam's bias correction; torch's documented algorithm) in
+    float64, and a first-order bound on how far an fp32 implementation of it can land (Higham 2002, §3.1): per step,
+    m is 3 roundings of terms below max|g| (plus β1 rounded to fp32: u·β1/(1−β1) of it); v sums non-negative terms,
+    4 roundings a step, compounding, plus u·β2/(1−β2) from β2 rounded; 1 − β^k computed in fp32 (the fused kernel)
+    loses (k+3)·u·β^k/(1−β^k) to cancellation; the square root, ε, division and the weight update 4 more; the
+    weight (decay, product, subtraction) 3 roundings of |p| + lr·|update|. Errors of earlier steps carry over."""
+    from tests.tolerance import gamma, unit_roundoff
+
+    u, g32 = unit_roundoff(torch.float32), lambda n: gamma(n, torch.float32)  # noqa: E731
+    b1, b2 = betas
+    p, m, v = p0.double(), torch.zeros_like(p0, dtype=torch.float64), torch.zeros_like(p0, dtype=torch.float64)
+    envelope, bound = torch.zeros_like(p), torch.zeros_like(p)
+    for k, g in enumerate(grads, 1):
+        g = g.double()
+        envelope = torch.maximum(envelope, g.abs())
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        bc1, bc2 = 1 - b1 ** k, 1 - b2 ** k
+        denom = (v / bc2).sqrt() + eps
+        update = m / bc1 / denom
+        rel_bc1, rel_bc2 = ((k + 3) * u * b ** k / bc + 2 * u for b, bc in ((b1, bc1), (b2, bc2)))
+        rel_v = g32(4 * k) + (b2 / (1 - b2) + k) * u
+        err_m = (g32(9 * k) + (b1 / (1 - b1) + k) * u) * envelope
+        err_update = err_m / bc1 / denom + update.abs() * (rel_bc1 + (rel_v + rel_bc2) / 2 + g32(4))
+        bound += lr * err_update + g32(3) * (p.abs() + lr * update.abs())
+        p = p * (1 - lr * wd) - lr * update
+    return p, bound
+
+
+@pytest.mark.parametrize("implementation", [{"fused": True}, {"foreach": False}], ids=["fused", "for-loop"])
+def test_adamw_implementations_give_the_same_weights_to_fp32_rounding(implementation):
+    """The run's AdamW (fused on CUDA, for-loop elsewhere) against torch's default CUDA one (foreach) and the
+    published update in float64: 10 steps over the whole tiny UNet with fixed gradients of 10^-4..1 scale; each lands
+    within the derived bound of the reference, so within twice it of each other, and the bound is far below what the
+    steps changed. The fused kernel runs here on the CPU (torch >= 2.4), the same code CUDA's kernel implements."""
+    from customgen.models import load_components
+
+    if implementation.get("fused"):
+        try:
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+        except RuntimeError:
+            pytest.skip("this torch has no fused AdamW for the CPU (torch < 2.4)")
+    params = [p.detach() for p in load_components("tiny", device="cpu", dtype=torch.float32).unet.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=gen) * 10 ** torch.empty(p.shape).uniform_(-4, 0, generator=gen)
+              for p in params] for _ in range(10)]
+    lr, wd = 1e-3, 1e-2
+    flat = lambda ts: torch.cat([t.detach().flatten() for t in ts]).double()  # noqa: E731
+    reference, bound = adamw_reference(flat(params), [flat(gs) for gs in grads], lr=lr, wd=wd)
+    finals = {}
+    for name, kwargs in {"run": implementation, "foreach": {"foreach": True}}.items():
+        trained = [torch.nn.Parameter(p.clone()) for p in params]
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=wd, **kwargs)
+        for gs in grads:
+            for p, g in zip(trained, gs):
+                p.grad = g.clone()
+            optimizer.step()
+        finals[name] = flat(trained)
+        assert ((finals[name] - reference).abs() <= bound).all(), name
+    assert ((finals["run"] - finals["foreach"]).abs() <= 2 * bound).all()
+    assert bound.max() < 1e-3 * (reference - flat(params)).abs().max()
+
+
+def test_the_run_takes_fused_adamw_on_cuda_and_the_for_loop_elsewhere():
+    """customgen.train.optimizers.adamw: fused where every parameter is on CUDA (a fake CUDA tensor here), else
+    foreach=False (what torch runs on a CPU anyway); the checkpoint of one resumes into the other's kernel."""
+    from customgen.peak import fake_cuda
+    from customgen.train.checkpoint import same_implementation
+    from customgen.train.optimizers import adamw
+
+    cpu = adamw([{"params": [torch.nn.Parameter(torch.zeros(4))], "lr": 1e-3}], weight_decay=0.0)
+    assert (cpu.defaults["fused"], cpu.defaults["foreach"]) in ((None, False), (False, False))
+    with fake_cuda():
+        cuda = adamw([{"params": [torch.nn.Parameter(torch.zeros(4, device="cuda"))], "lr": 1e-3}], weight_decay=0.0)
+    assert cuda.defaults["fused"] and cuda.param_groups[0]["fused"]
+    saved = {"state": {}, "param_groups": [{**cpu.state_dict()["param_groups"][0], "fused": None, "foreach": None}]}
+    assert same_implementation(saved, cuda)["param_groups"][0]["fused"] is True
+
+
+RESUMED = {  # a setting whose state or randomness must survive a kill: its --set lines
+    "prodigy bf16": ("train.optimizer=prodigy", "train.lr=1.0", "train.mixed_precision=bf16"),
+    "noise offset": ("loss.noise_offset=0.1", "loss.adaptive_noise_scale=0.05"),
+}
+
+
+@pytest.mark.parametrize("setting", list(RESUMED))
+def test_resume_after_a_kill_is_exact_with_prodigy_and_noise_offset(setting, data, tmp_path, monkeypatch):
+    """Killed at step 3 after the step-2 checkpoint, resumed: the weights and the step-4 checkpoint (Prodigy's
+    exp_avg, exp_avg_sq, s, p0, and d, d_max, d_numerator, d_hat, k in its groups) equal an uninterrupted run's bit
+    for bit. A run resumed from step 2 holds step 2's estimate, and a d that has grown (tiny's noisy gradients keep
+    Prodigy's d_hat below d0 = 1e-6 for the first steps) goes through a checkpoint file and back."""
+    from safetensors.torch import load_file
+
+    from customgen.train.checkpoint import read_checkpoint, restore, save_checkpoint
+
+    extra = ("train.steps=5", "train.checkpoint_every=2", "loss.lpips=0", "loss.gram=0", *RESUMED[setting])
+    whole = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "whole", progress=False)
+    real = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", lambda run, step: (_ for _ in ()).throw(RuntimeError("killed"))
+                        if step == 3 else real(run, step))
+    with pytest.raises(RuntimeError, match="killed"):
+        train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(loop, "optimizer_step", real)
+    if setting.startswith("prodigy"):
+        (ck,) = checkpoints(tmp_path / "cut")
+        saved = read_checkpoint(ck).optimizer["param_groups"][0]
+        assert saved["k"] == 2 and saved["d_numerator"] > 0 and saved["d_hat"] > 0
+        run = build_run(recipe_cfg("lora_style", data, *extra), tmp_path / "cut")
+        assert loop.resume(run, "auto") == 2
+        group, tensors = run.optimizer.param_groups[0], run.method.trained_params(run.comps)
+        assert {k: group[k] for k in saved if k != "params"} == {k: v for k, v in saved.items() if k != "params"}
+        group["d"] = group["d_max"] = 2.5e-6
+        grown = save_checkpoint(tmp_path / "grown", step=2, tensors=tensors, optimizer=run.optimizer,
+                                lr_scheduler=run.lr_scheduler, info={}, keep=0)
+        group["d"] = group["d_max"] = group["d0"]
+        restore(read_checkpoint(grown), tensors=tensors, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler)
+        group = run.optimizer.param_groups[0]  # load_state_dict makes new group dicts
+        assert group["d"] == group["d_max"] == 2.5e-6
+    resumed = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", resume="auto", progress=False)
+    a, b = (load_file(str(p / lora.WEIGHTS)) for p in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    step4 = [read_checkpoint(p / "checkpoints" / "step-000004") for p in (whole, resumed)]
+    assert step4[0].optimizer["param_groups"] == step4[1].optimizer["param_groups"]
+    states = [load_file(str(c.path / "optimizer.safetensors")) for c in step4]
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_noise_offset_adds_a_per_channel_constant_drawn_from_each_examples_stream(data, tmp_path, monkeypatch):
+    """The noise the loop gives the scheduler: with loss.noise_offset o it is the noise without it plus o·z, z
+    constant over each latent channel and the same z for any o (each example's own generator, after its noise);
+    with kohya's adaptive_noise_scale a it is o' = max(0, o + a·|channel mean of the latents|) times that z."""
+    seen = {}
+
+    def noise_of(*sets):
+        run = build_run(recipe_cfg("lora_style", data, "loss.lpips=0", "loss.gram=0", "train.batch_size=2", *sets),
+                        tmp_path / "n")
+        add = run.comps.noise_scheduler.add_noise
+        monkeypatch.setattr(run.comps.noise_scheduler, "add_noise",
+                            lambda latents, noise, t: seen.update(latents=latents, noise=noise) or add(latents, noise, t))
+        loop.step_losses(run, 3)
+        return seen["noise"], seen["latents"]
+
+    plain, latents = noise_of()
+    small, _ = noise_of("loss.noise_offset=0.05")
+    big, _ = noise_of("loss.noise_offset=0.2")
+    adaptive, _ = noise_of("loss.noise_offset=0.2", "loss.adaptive_noise_scale=-0.5")
+    z = (big - plain) / 0.2  # (B, C, H, W), constant over H, W
+    assert z.shape == plain.shape and torch.allclose(z, z[..., :1, :1].expand_as(z), rtol=0, atol=1e-5)
+    assert torch.allclose((small - plain) / 0.05, z, rtol=0, atol=1e-4) and z.abs().max() > 0.1
+    scale = torch.clamp(0.2 - 0.5 * latents.float().mean(dim=(2, 3), keepdim=True).abs(), min=0.0)
+    assert torch.allclose(adaptive - plain, scale * z, rtol=0, atol=1e-5)
+
+
+def test_an_overflowing_fp16_step_is_skipped_where_accelerate_sees_it():
+    """T4 path: GradScaler with inf gradients. accelerate marks a step skipped (and holds the LR schedule) only when
+    GradScaler does not call optimizer.step(); fused AdamW would take the step call and skip inside its kernel. The
+    run's fused AdamW leaves the skip to GradScaler: step() is not called, the weights stay, as with the for-loop one."""
+    from customgen.train.optimizers import adamw
+
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except RuntimeError:
+        pytest.skip("this torch has no fused AdamW for the CPU (torch < 2.4)")
+    for grad in (float("inf"), 1.0):
+        p = torch.nn.Parameter(torch.ones(4))
+        optimizer = adamw([{"params": [p], "lr": 0.1}], weight_decay=0.0, fused=True)
+        assert optimizer.defaults["fused"]
+        calls, step = [], optimizer.step
+        optimizer.step = lambda *a, **k: calls.append(1) or step(*a, **k)  # what accelerate's patched step records
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale((p * grad).sum()).backward()
+        scaler.step(optimizer)
+        assert (len(calls), torch.equal(p.detach(), torch.ones(4))) == ((0, True) if grad == float("inf") else (1, False))
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(data):
+    """A checkpoint's saved config from before loss.noise_offset, loss.adaptive_noise_scale existed is the same config
+    at their defaults (off: what that run did), and another config once the setting is on."""
+    import copy
+
+    from customgen.config import to_dict
+    from customgen.train.checkpoint import config_differences
+
+    current = to_dict(recipe_cfg("lora_style", data))
+    older = copy.deepcopy(current)
+    del older["loss"]["noise_offset"], older["loss"]["adaptive_noise_scale"]
+    assert config_differences(older, current) == []
+    assert config_differences(older, to_dict(recipe_cfg("lora_style", data, "loss.noise_offset=0.1"))) == \
+        ["loss.noise_offset: 0.0 → 0.1"]

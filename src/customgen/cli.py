@@ -6,7 +6,9 @@ Exit codes: 0 success; 2 bad input or usage (one line `error: ...` on stderr, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import sys
 import traceback
@@ -28,6 +30,33 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+@contextlib.contextmanager
+def document_only(as_json: bool):
+    """For `--json`: while the command works, whatever anything prints goes to stderr (sys.stdout, and file
+    descriptor 1 for C code and child processes: torch.hub prints `Downloading: ...` on stdout); the document the
+    command hands to the yielded `emit` is printed on stdout afterwards, alone. Without `--json`, `emit` prints."""
+    if not as_json:
+        yield lambda text: print(text, flush=True)
+        return
+    documents: list[str] = []
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptor 1 or 2 to move (a closed stream): Python's own stdout is redirected still
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield documents.append
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        for text in documents:
+            print(text, flush=True)
+
+
 def _cmd_inspect(args) -> int:
     if Path(args.ref).expanduser().is_file():  # a file: what it is and whether customgen can use it
         from customgen.formats.report import file_report, format_file_report  # lazy
@@ -38,9 +67,10 @@ def _cmd_inspect(args) -> int:
     from customgen.models import load_components  # lazy
     from customgen.models.inspect import format_report, inspect_components  # lazy
 
-    comps = load_components(args.ref, meta=True)  # architecture only: counts need no weights
-    report = inspect_components(comps, rank=args.rank)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    with document_only(args.json) as emit:
+        comps = load_components(args.ref, meta=True)  # architecture only: counts need no weights
+        report = inspect_components(comps, rank=args.rank)
+        emit(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -98,7 +128,8 @@ def _cmd_plan(args) -> int:
     cfg = load_cli_config(args)
     parts = ["customgen plan", args.config] + (["--model", args.model] if args.model else [])
     parts += (["--gpu", args.gpu] if args.gpu else []) + [f"--set {shlex.quote(kv)}" for kv in args.set or []]
-    return plan_command(cfg, gpu=args.gpu, as_json=args.json, command=" ".join(parts))
+    with document_only(args.json) as emit:
+        return plan_command(cfg, gpu=args.gpu, as_json=args.json, command=" ".join(parts), emit=emit)
 
 
 def _cmd_evaluate(args) -> int:

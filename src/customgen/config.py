@@ -69,8 +69,10 @@ class TrainConfig:
     lr: float = 1e-4  # learning rate of the trainable parameters
     lr_scheduler: str = "cosine"  # constant | linear | cosine | cosine_with_restarts | polynomial | constant_with_warmup
     warmup_steps: int = 0  # LR warm-up steps
-    optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"  # auto: memory decides (8-bit Adam only where it works)
-    weight_decay: float = 1e-2  # AdamW weight decay
+    # auto: memory decides (8-bit Adam only where it works); adamw: torch's AdamW, fused on CUDA; prodigy: Prodigy
+    # (prodigyopt), which estimates its step size: set train.lr=1.0 with it (docs/training_guide.md)
+    optimizer: Literal["auto", "adamw", "adamw8bit", "prodigy"] = "auto"
+    weight_decay: float = 1e-2  # decoupled weight decay (AdamW's and Prodigy's)
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     seed: int = 0  # seeds data order, noise and timesteps (stateless per step, so resume is exact)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 if supported, fp16 on T4/P100, none on CPU
@@ -114,6 +116,8 @@ class LossConfig:
     content_root: str = ""  # optional COCO content images: perceptual terms on content noised to content_strength
     content_strength: float = 0.6  # img2img strength the content pairs are noised to
     snr_gamma: float = 0.0  # Min-SNR weighting of the L2 term (0: off)
+    noise_offset: float = 0.0  # noise + offset·N(0, 1) per image and latent channel (crosslabs 2023; 0: off)
+    adaptive_noise_scale: float = 0.0  # kohya's: offset + this × |mean of each latent channel| (needs noise_offset)
 
 
 @dataclasses.dataclass

@@ -28,7 +28,8 @@ LIMITS: dict[str, tuple] = {
     "lora.rank": (1, 1024), "lora.alpha": (0, 1e6), "lora.text_encoder_lr": (0, 1),
     "loss.l2": (0, 1e6), "loss.lpips": (0, 1e6), "loss.gram": (0, 1e6), "loss.perceptual_every": (1, MILLION),
     "loss.perceptual_max_timestep": (0, 1000), "loss.decode_crop": (0, MAX_SIDE // 8),
-    "loss.content_strength": (0, 1), "loss.snr_gamma": (0, 1e6),
+    "loss.content_strength": (0, 1), "loss.snr_gamma": (0, 1e6), "loss.noise_offset": (0, 1),
+    "loss.adaptive_noise_scale": (-1, 1),
     "prompt.prior_weight": (0, 1e6), "prompt.num_class_images": (0, MILLION), "prompt.class_steps": (1, MAX_STEPS),
     "textual_inversion.num_vectors": (1, 75),  # CLIP's 77 positions minus start and end
     "validation.strength": (0, 1), "validation.steps": (1, MAX_STEPS), "validation.guidance": (0, MAX_GUIDANCE),
@@ -52,6 +53,9 @@ def check_limits(cfg):
         for v in value if isinstance(value, list) else [value]:
             if v is not None:
                 _within(key, v, lo, hi)
+    if cfg.loss.adaptive_noise_scale and not cfg.loss.noise_offset:  # kohya's sd-scripts refuses it the same way
+        raise UserError(f"config key loss.adaptive_noise_scale ({cfg.loss.adaptive_noise_scale}) needs "
+                        "loss.noise_offset > 0: it is added to the offset")
     return cfg
 
 

@@ -161,7 +161,7 @@ class MemoryPlan:
 
     mixed_precision: str  # no | fp16 | bf16
     gradient_checkpointing: bool
-    optimizer: str  # adamw | adamw8bit
+    optimizer: str  # adamw | adamw8bit | prodigy
     offload: bool = True  # text encoder / VAE leave the GPU after caching when nothing needs them
     batch_size: int | None = None  # images per micro-step (None: train.batch_size)
     grad_accum: int | None = None  # micro-steps per optimizer step (None: train.grad_accum, or 1)
@@ -231,22 +231,21 @@ def precision(train_cfg, info: DeviceInfo) -> str:
 def plan_memory(train_cfg, info: DeviceInfo) -> MemoryPlan:
     """The settings as given (train.memory: manual, or no GPU): checkpointing only when set, 8-bit Adam when asked
     for or (optimizer auto) when bitsandbytes works on this GPU."""
-    opt = train_cfg.optimizer
+    opt, works = train_cfg.optimizer, False
     if opt in ("auto", "adamw8bit"):
         works = bnb_works(info.device)
         if opt == "adamw8bit" and not works:
             warnings.warn("8-bit Adam unavailable here (bitsandbytes missing or failing on this GPU); using AdamW", Notice)
-        opt = "adamw8bit" if works else "adamw"
-    return MemoryPlan(precision(train_cfg, info), bool(train_cfg.gradient_checkpointing), opt)
+    return MemoryPlan(precision(train_cfg, info), bool(train_cfg.gradient_checkpointing),
+                      optimizer_used(opt, bnb=works))
 
 
-def make_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float):
-    """AdamW, or bitsandbytes' 8-bit AdamW when the plan says it works."""
-    if plan.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # lazy: optional, only when the probe found it working
-
-        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+def optimizer_used(asked: str, *, bnb: bool) -> str:
+    """The optimizer a run uses for train.optimizer `asked`: 8-bit AdamW for auto or adamw8bit where bitsandbytes
+    works (`bnb`), else AdamW; adamw and prodigy as asked."""
+    if asked in ("auto", "adamw8bit"):
+        return "adamw8bit" if bnb else "adamw"
+    return asked
 
 
 @contextlib.contextmanager

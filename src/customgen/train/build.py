@@ -18,11 +18,12 @@ from customgen.errors import UserError
 from customgen.kinds import Method, make_method
 from customgen.kinds.freeze import parameter_report
 from customgen.limits import check_limits
-from customgen.memory import MemoryPlan, make_optimizer, plan_memory, probe
+from customgen.memory import MemoryPlan, plan_memory, probe
 from customgen.models import Components, load_components
 from customgen.models.loading import place
 from customgen.train.data import (ImageSet, bucket_examples, ensure_class_images, image_set, placements_of, settle_data,
                                   training_records)
+from customgen.train.optimizers import make_optimizer
 from customgen.train.perceptual import Perceptual
 from customgen.train.schedule import Schedule, make_schedule, resolved
 from customgen.train.snapshots import check_space, kept_snapshots
@@ -102,22 +103,23 @@ def place_weights(comps: Components, device, weight_dtype: torch.dtype, method: 
 
 def assemble(cfg: Config, out: Path, acc, comps: Components, method: Method, plan: MemoryPlan, *, images: ImageSet,
              classes: ImageSet | None, contents: ImageSet | None, schedule: Schedule | None = None,
-             optimizer=make_optimizer) -> Run:
-    """The run from its parts: the method's trainables, dtypes and checkpointing, the loss networks, the optimizer
-    (`optimizer(groups, plan, weight_decay=)`) and scheduler, prepared by `acc` (customgen.train.estimate assembles
-    the same run on a fake device)."""
+             optimizer=make_optimizer, perceptual=Perceptual) -> Run:
+    """The run from its parts: the method's trainables, dtypes and checkpointing, the loss networks
+    (`perceptual(cfg, style_pixels, device)`), the optimizer (`optimizer(groups, plan, weight_decay=)`) and scheduler,
+    prepared by `acc` (customgen.train.estimate assembles the same run on a fake device, loss networks without
+    their weights)."""
     groups = method.setup(comps)
     weight_dtype = place_components(cfg, comps, acc, plan, method)
     acc.print(method_report(method, comps))
-    perceptual = None
+    losses = None
     if cfg.loss.lpips > 0 or cfg.loss.gram > 0:
-        perceptual = Perceptual(cfg, style_pixels(images), acc.device)
+        losses = perceptual(cfg, style_pixels(images), acc.device)
     opt = optimizer(groups, plan, weight_decay=cfg.train.weight_decay)
     lr_scheduler = make_lr_scheduler(cfg, opt, acc.num_processes)
     unet, text_encoder, opt, lr_scheduler = prepare(acc, comps, opt, lr_scheduler)
     return Run(cfg=cfg, out=out, accelerator=acc, comps=comps, method=method, plan=plan, images=images,
                classes=classes, contents=contents, unet=unet, text_encoder=text_encoder, optimizer=opt,
-               lr_scheduler=lr_scheduler, perceptual=perceptual, schedule=schedule, weight_dtype=weight_dtype)
+               lr_scheduler=lr_scheduler, perceptual=losses, schedule=schedule, weight_dtype=weight_dtype)
 
 
 def memory_helpers(cfg: Config, comps: Components) -> None:

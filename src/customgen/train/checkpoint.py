@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from customgen.config import Config, to_dict
 from customgen.errors import Notice, UserError, disk_problem
 from customgen.models import canonical_text_encoder
 from customgen.train.statefile import decode, encode
@@ -142,10 +143,14 @@ def _reason(err: BaseException) -> str:
 
 
 def config_differences(saved: dict | None, current: dict) -> list[str]:
-    """`key: saved → current` for every config key that changes the trained weights."""
+    """`key: saved → current` for every config key that changes the trained weights. A key the saved config lacks
+    (added to customgen since) counts as its default: a new setting's default keeps what older runs did."""
     flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
                             (flat(v, f"{p}{k}.").items() if isinstance(v, dict) else [(f"{p}{k}", v)])}
-    a, b = flat(saved or {}), flat(json.loads(json.dumps(current, default=str)))
+    plain = lambda d: flat(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    a, b = plain(saved or {}), plain(current)
+    if saved:
+        a = {k: v for k, v in plain(to_dict(Config())).items() if k in b} | a
     keys = sorted((k for k in a.keys() | b.keys() if not k.startswith(RESUME_IGNORED) and a.get(k) != b.get(k)),
                   key=lambda k: (k not in ("method", "model.ref"), k))  # the method and model first: they say most
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys]
@@ -178,7 +183,7 @@ def check_fits(ck: Checkpoint, tensors: dict, *, config: dict, config_hash: str,
 def restore(ck: Checkpoint, *, tensors: dict, optimizer, lr_scheduler) -> None:
     """Load the checked checkpoint into this run's tensors, optimizer and scheduler."""
     try:
-        optimizer.load_state_dict(ck.optimizer)
+        optimizer.load_state_dict(same_implementation(ck.optimizer, optimizer))
         lr_scheduler.load_state_dict(ck.scheduler)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
         raise UserError(f"checkpoint {ck.path}: its optimizer state does not fit this run ({_reason(err)}); "
@@ -186,6 +191,18 @@ def restore(ck: Checkpoint, *, tensors: dict, optimizer, lr_scheduler) -> None:
     with torch.no_grad():
         for name, t in tensors.items():
             t.copy_(ck.trainable[name].to(t.device, t.dtype))
+
+
+IMPLEMENTATION = ("fused", "foreach")  # torch's AdamW: which kernel runs; the math is the same (train/optimizers.py)
+
+
+def same_implementation(saved: dict, optimizer) -> dict:
+    """`saved` (an optimizer state dict) with this run's implementation switches in every parameter group: a
+    checkpoint written by another AdamW implementation (an older customgen, another device) resumes with the one this
+    run chose, its step counters moved where that one keeps them (torch's load_state_dict reads the switches)."""
+    groups = [{**g, **{k: now[k] for k in IMPLEMENTATION if k in now}}
+              for g, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups + saved["param_groups"][len(groups):]}
 
 
 def candidates(folder: Path, resume: str) -> list[Path]:

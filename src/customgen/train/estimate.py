@@ -4,11 +4,12 @@
     est.weights, est.gradients, est.optimizer_state, est.activations, est.validation_peak, est.peak
 
 The run is assembled by the code a real run uses (`train.build.assemble`: the method's trainables, dtypes,
-checkpointing, loss networks, optimizer) from the model's architecture on a fake CUDA device (customgen.peak), with
-zero images of the run's resolution standing in for the data (cached latents or pixels, class images for prior
-preservation). Then, counting live bytes: the setup (weights, latent caching, class images), the loop's own
-optimizer step (`train.loop.optimizer_step`, after the optimizer state exists) and one validation call as
-`train.validation.validate` makes it (models.footprint.sample_once). On CPU tensors (`fake=False`) the same code
+checkpointing, loss networks, optimizer) from the model's architecture on a fake CUDA device (customgen.peak), the
+loss networks with random weights (a plan looks up and downloads nothing), with zero images of the run's resolution
+standing in for the data (cached latents or pixels, class images for prior preservation). Then, counting live
+bytes: the setup (weights, latent caching, class images), the loop's own optimizer step (`train.loop.optimizer_step`,
+after the optimizer state exists) and one validation call as `train.validation.validate` makes it
+(models.footprint.sample_once). On CPU tensors (`fake=False`) the same code
 measures a real run of the same step: what the tests hold the prediction against.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from customgen.config import Config
 from customgen.data import ImageRecord
 from customgen.data.cache import CachedLatents
 from customgen.kinds import make_method
-from customgen.memory import MemoryPlan, make_optimizer, moved
+from customgen.memory import MemoryPlan, moved
 from customgen.models import Components, build_reserved, load_components
 from customgen.models.footprint import quiet, sample_once
 from customgen.models.loading import place, resolve_ref
@@ -34,6 +35,8 @@ from customgen.request import DEFAULT_MODEL
 from customgen.train.build import STYLE_LIMIT, WEIGHT_DTYPES, Run, assemble, memory_helpers, place_weights
 from customgen.train.data import ImageSet, run_shape
 from customgen.train.loop import offload_unused, optimizer_step
+from customgen.train.optimizers import adamw, make_optimizer
+from customgen.train.perceptual import Perceptual
 from customgen.train.validation import eval_mode, validation_content
 
 SD15_REFS = (DEFAULT_MODEL, "sd15-random")  # references whose architecture is the shipped SD v1.5 configs
@@ -153,14 +156,14 @@ class AdamW8bitState(torch.optim.Optimizer):
 
 
 def counted_optimizer(groups: list[dict], plan: MemoryPlan, *, weight_decay: float):
-    """The run's optimizer for a count: torch's AdamW with the foreach implementation torch picks for CUDA tensors
-    (fake ones are not plain tensors, so it must be asked for), or the 8-bit Adam stand-in."""
+    """The run's optimizer for a count: what customgen.train.optimizers makes on CUDA (AdamW's fused kernel, Prodigy),
+    also when the count runs on CPU tensors (fused AdamW runs on CPUs too since torch 2.4), or the 8-bit Adam
+    stand-in."""
     if plan.optimizer == "adamw8bit":
         return AdamW8bitState(groups, weight_decay=weight_decay)
-    optimizer = make_optimizer(groups, plan, weight_decay=weight_decay)
-    for group in optimizer.param_groups:
-        group["foreach"] = True
-    return optimizer
+    if plan.optimizer == "adamw":
+        return adamw(groups, weight_decay=weight_decay, fused=True)
+    return make_optimizer(groups, plan, weight_decay=weight_decay)
 
 
 class ShapeImages:
@@ -256,7 +259,8 @@ def _assembled(cfg: Config, plan: MemoryPlan, comps: Components, device: str, li
     styles = min(STYLE_LIMIT, cfg.data.max_images) if cfg.loss.gram > 0 else n  # the Gram targets' image set
     run = assemble(cfg, Path("."), acc, comps, method, plan, images=shape_set(cfg, max(n, styles), size=run_shape(cfg)),
                    classes=shape_set(cfg, n, cfg.prompt.class_prompt) if cfg.prompt.prior else None,
-                   contents=shape_set(cfg, n) if cfg.loss.content_root else None, optimizer=counted_optimizer)
+                   contents=shape_set(cfg, n) if cfg.loss.content_root else None, optimizer=counted_optimizer,
+                   perceptual=functools.partial(Perceptual, pretrained=False))
     return run, setup_peak, live.peak
 
 

@@ -20,7 +20,7 @@ from customgen.budget import GIB, Gpu, device_gpu, total_bytes
 from customgen.config import Config
 from customgen.errors import Notice, UserError
 from customgen.kinds import make_method
-from customgen.memory import DeviceInfo, MemoryPlan, bnb_works, plan_memory, precision
+from customgen.memory import DeviceInfo, MemoryPlan, bnb_works, optimizer_used, plan_memory, precision
 from customgen.train.estimate import Estimate, estimate_training
 
 
@@ -42,8 +42,8 @@ def ladder(cfg: Config, mp: str, gpu: Gpu) -> Iterator[tuple[str, MemoryPlan]]:
     """(rung, plan) from the cheapest settings to the smallest footprint; a user-set key stays as set and its rung
     comes out as "skip:KEY=VALUE"."""
     t = cfg.train
-    eight_bit = t.optimizer == "adamw8bit" and gpu.bnb
-    plan = MemoryPlan(mp, bool(t.gradient_checkpointing), "adamw8bit" if eight_bit else "adamw", offload=False,
+    asked = "adamw" if t.optimizer == "auto" else t.optimizer  # auto starts from AdamW: 8-bit Adam is a rung
+    plan = MemoryPlan(mp, bool(t.gradient_checkpointing), optimizer_used(asked, bnb=gpu.bnb), offload=False,
                       batch_size=t.batch_size, grad_accum=t.grad_accum or 1, how="memory auto")
     if t.optimizer == "adamw8bit" and not gpu.bnb:
         yield "skip:train.optimizer=adamw8bit (bitsandbytes does not work here: AdamW instead)", plan
@@ -56,8 +56,8 @@ def ladder(cfg: Config, mp: str, gpu: Gpu) -> Iterator[tuple[str, MemoryPlan]]:
     if t.optimizer == "auto" and gpu.bnb:
         plan = replace(plan, optimizer="adamw8bit")
         yield "8-bit Adam", plan
-    elif t.optimizer == "adamw":
-        yield "skip:train.optimizer=adamw", plan
+    elif t.optimizer in ("adamw", "prodigy"):
+        yield f"skip:train.optimizer={t.optimizer}", plan
     plan = replace(plan, offload=True)
     yield "text encoder/VAE off the GPU", plan
     if t.grad_accum is not None:
@@ -90,8 +90,7 @@ def fit(cfg: Config, gpu: Gpu, *, estimate: Callable[..., Estimate] = estimate_t
 def fit_as_set(cfg: Config, gpu: Gpu, *, estimate: Callable[..., Estimate] = estimate_training) -> Fitted:
     """`train.memory: manual`: the settings exactly as set, predicted on `gpu`."""
     mp = "bf16" if gpu.bf16 and cfg.train.mixed_precision == "auto" else precision(cfg.train, _info(gpu))
-    opt = "adamw8bit" if cfg.train.optimizer in ("auto", "adamw8bit") and gpu.bnb else "adamw"
-    plan = MemoryPlan(mp, bool(cfg.train.gradient_checkpointing), opt)
+    plan = MemoryPlan(mp, bool(cfg.train.gradient_checkpointing), optimizer_used(cfg.train.optimizer, bnb=gpu.bnb))
     est = estimate(cfg, plan)
     total = total_bytes(est.peak)
     return Fitted(replace(plan, predicted_bytes=total), est, gpu, total, total <= gpu.total_bytes, "manual",

@@ -23,7 +23,7 @@ from customgen.train.build import Run
 from customgen.train.checkpoint import check_fits, checkpoints, load_latest, restore, save_checkpoint
 from customgen.train.captions import CaptionLog
 from customgen.train.data import batch_positions, flip_mask, sample_generators, sample_ids
-from customgen.train.losses import combine, noise_l2
+from customgen.train.losses import combine, noise_l2, offset_noise
 from customgen.train.schedule import validation_steps
 
 LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
@@ -80,14 +80,17 @@ def _target(run: Run, latents, noise, t):
 
 def _denoise(run: Run, latents: torch.Tensor, captions: list[str], generators: list[torch.Generator],
              t: torch.Tensor | None = None):
-    """Noise the latents, predict with the UNet: (noisy, prediction, target, t); example i's timestep and noise come
-    from generators[i]."""
+    """Noise the latents, predict with the UNet: (noisy, prediction, target, t); example i's timestep, noise and noise
+    offset come from generators[i]."""
     sched = run.comps.noise_scheduler
     latents = latents.to(run.accelerator.device)
     if t is None:
         T = sched.config.num_train_timesteps
         t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators]).to(latents.device)
     noise = randn_rows(generators, latents.shape[1:]).to(latents.device, latents.dtype)
+    if run.cfg.loss.noise_offset:  # drawn after the noise: runs without an offset keep their noise
+        noise = offset_noise(noise, latents, generators, offset=run.cfg.loss.noise_offset,
+                             adaptive=run.cfg.loss.adaptive_noise_scale)
     noisy = sched.add_noise(latents, noise, t)
     cond = encode_prompts(run, captions)
     with run.accelerator.autocast():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import VGG19_Weights, vgg19
 
+from customgen.data.cache import randn_rows
 from customgen.errors import Notice
 from customgen.metrics.networks import hub_checkpoint
 from customgen.network import is_offline, reachable
@@ -21,6 +22,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def noise_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Noise-prediction MSE per sample (Ho et al. 2020), in fp32."""
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def offset_noise(noise: torch.Tensor, latents: torch.Tensor, generators, *, offset: float,
+                 adaptive: float = 0.0) -> torch.Tensor:
+    """Noise offset (Guttenberg 2023, crosslabs.org "Diffusion with offset noise"; diffusers' and kohya's train
+    scripts): noise + o·z, z ~ N(0, 1) of shape (B, C, 1, 1), row i drawn from generators[i]; o = offset, or with
+    kohya's adaptive_noise_scale a: o = max(0, offset + a·|mean over H, W of the latents|) per sample and channel."""
+    z = randn_rows(generators, (noise.shape[1], 1, 1))  # (B, C, 1, 1)
+    o = torch.full_like(z, offset)
+    if adaptive:
+        o = torch.clamp(offset + adaptive * latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu(), min=0.0)
+    return noise + (o * z).to(noise.device, noise.dtype)
 
 
 def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
@@ -57,12 +70,13 @@ def _vgg19_weights():
 
 
 class VGGFeatures(torch.nn.Module):
-    """VGG19 activations at GRAM_LAYERS for images in [-1, 1]; frozen."""
+    """VGG19 activations at GRAM_LAYERS for images in [-1, 1]; frozen. `pretrained` None: ImageNet weights when cached
+    or downloadable (a notice when neither); False: random weights, nothing looked up."""
 
     def __init__(self, *, pretrained: bool | None = None):
         super().__init__()
         weights = _vgg19_weights() if pretrained is not False else None
-        if weights is None:
+        if weights is None and pretrained is not False:
             warnings.warn("Gram loss uses a random-weight VGG19 (ImageNet weights neither cached nor downloadable): "
                           "plumbing only", Notice)
         self.smoke = weights is None

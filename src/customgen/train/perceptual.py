@@ -15,12 +15,15 @@ from customgen.train.losses import VGGFeatures, gram_loss, lpips_loss, predicted
 
 
 class Perceptual:
-    """LPIPS and Gram terms on decoded x0 predictions (weights from cfg.loss)."""
+    """LPIPS and Gram terms on decoded x0 predictions (weights from cfg.loss). `pretrained=False` builds the loss
+    networks with random weights and never looks for, or downloads, their ImageNet weights: what a memory estimate
+    needs (shapes only) and why `customgen plan` makes no network request."""
 
-    def __init__(self, cfg, style_pixels: torch.Tensor | list[torch.Tensor], device):
+    def __init__(self, cfg, style_pixels: torch.Tensor | list[torch.Tensor], device, *, pretrained: bool = True):
         self.cfg = cfg.loss
-        self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device)).model if self.cfg.lpips > 0 else None
-        self.vgg = VGGFeatures().to(device) if self.cfg.gram > 0 else None
+        self.lpips = build_lpips_scorer(net=self.cfg.lpips_net, device=str(device), smoke=not pretrained).model \
+            if self.cfg.lpips > 0 else None
+        self.vgg = VGGFeatures(pretrained=None if pretrained else False).to(device) if self.cfg.gram > 0 else None
         for net in filter(None, (self.lpips, self.vgg)):
             net.requires_grad_(False).eval()  # LPIPS' linear heads train by default: no weight gradients, only x's
         groups = [style_pixels] if isinstance(style_pixels, torch.Tensor) else style_pixels  # one per image shape

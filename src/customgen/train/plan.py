@@ -18,6 +18,7 @@ from customgen.errors import UserError
 from customgen.memory import bnb_works, probe
 from customgen.train.data import settle_data
 from customgen.train.fit import Fitted, describe, plan_for, refusal
+from customgen.train.optimizers import check_optimizer
 
 CAVEAT = ("a prediction (fake CUDA tensors, the run's own code) until `customgen bench --jobs memory` has measured "
           "this card")
@@ -75,13 +76,15 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def plan_command(cfg: Config, *, gpu: str | None, as_json: bool, command: str = "") -> int:
-    """The handler's work: print the plan; a card nothing fits is one `error:` line (exit 2) after the table."""
+def plan_command(cfg: Config, *, gpu: str | None, as_json: bool, command: str = "", emit=print) -> int:
+    """The handler's work: the plan through `emit` (the CLI's: JSON alone on stdout); a card nothing fits is one
+    `error:` line (exit 2) after the table."""
+    check_optimizer(cfg)
     chosen = parse_gpu(gpu) if gpu else default_gpu()
     cfg = settle_data(cfg)  # as train() does before its plan: buckets checked, no latent cache under random crops
     fitted = plan_for(cfg, chosen)
     rep = report(cfg, fitted, command=command)
-    print(json.dumps(rep, indent=2) if as_json else format_report(rep), flush=True)
+    emit(json.dumps(rep, indent=2) if as_json else format_report(rep))
     if not fitted.fits:
         raise UserError(refusal(cfg, fitted) if fitted.mode == "auto" else
                         f"the settings as set need {fitted.total / GIB:.2f} GiB, more than {chosen.name} "

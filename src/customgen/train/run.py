@@ -18,6 +18,7 @@ from customgen.train.captions import CAPTION_FILE
 from customgen.train.data import settle_data
 from customgen.train.fit import fit_memory
 from customgen.train.loop import offload_unused, out_path, resume as resume_from, run_loop
+from customgen.train.optimizers import check_optimizer
 from customgen.train.validation import validate
 
 RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", CAPTION_FILE, "config.yaml", MANIFEST)  # besides weights
@@ -70,6 +71,7 @@ def train(cfg: Config, *, output: str | Path | None = None, resume: str = "auto"
     is locked for the run; `resume_force` resumes a checkpoint made with another config (docs/reliability.md).
     `plan`: memory settings chosen elsewhere (customgen bench), else train.memory decides (customgen.train.fit)."""
     cfg = settle_data(check_limits(cfg))  # bucket settings checked, cache off for random crops: before the plan
+    check_optimizer(cfg)
     out = out_path(cfg, output)
     plan = plan or fit_memory(cfg, probe(dtype=cfg.model.dtype))  # memory auto refuses here, before weights load
     with output_lock(out, command="train"):
