@@ -481,3 +481,17 @@ def test_styles_in_the_sampling_prediction_and_two_files_of_one_folder(tiny, tmp
     lora_bytes = {r: 4 * r * sum(sum(cf.dims(m)[:2]) for _, _, m in cf.target_layers(tiny, conv=False, text_encoder=te))
                   for r in (4, 2)}  # fp32 lora_A (r × in) and lora_B (out × r) per layer (1×1 convs likewise)
     assert len(layers) > 0 and styles_bytes(session) == lora_bytes[4] + lora_bytes[2] + 3 * 32 * 4
+
+
+def test_a_layer_stock_diffusers_skips_is_an_error(tiny, tmp_path, monkeypatch):
+    """Stock `load_lora_weights` drops keys it cannot map without a word; customgen counts the layers it applied
+    against the layers the file names, and a shortfall is one line, not a silent skip."""
+    from customgen.kinds import lora
+
+    te = stock_reads_kohya_text_encoder(tiny.text_encoder)
+    path = cf.write(tmp_path / "k.safetensors", cf.kohya_state(tiny, "locon", conv=False, seed=1, text_encoder=te))
+    real = lora.lora_layers
+    monkeypatch.setattr(lora, "lora_layers", lambda pipe, name: real(pipe, name)[1:])  # as if one key were dropped
+    n = len(read_adapter(path).deltas)
+    with pytest.raises(UserError, match=f"names {n} layers and {n - 1} were applied"):
+        Session(load_components("tiny", device="cpu")).activate([(load_file_style(path), 1.0)])

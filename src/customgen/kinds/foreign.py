@@ -88,6 +88,15 @@ def check_file(style, comps) -> None:
                             "file was made for another base model)")
 
 
+def check_applied(style, layers: int) -> None:
+    """A loader applied every layer the file names (stock diffusers skips keys it cannot map: that is an error here,
+    never a silent skip)."""
+    named = len(adapter_of(weights_path(style)).deltas)
+    if layers != named:
+        raise UserError(f"{weights_path(style)}: the file names {named} layers and {layers} were applied; use "
+                        "`customgen inspect` on it and report the file")
+
+
 @dataclass
 class FileState:
     """Files loaded into one session: style key → (Adapter, {trigger word: loaded token}); what is merged now."""

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
-from customgen.kinds.foreign import check_file
+from customgen.kinds.foreign import check_applied, check_file
 from customgen.kinds.freeze import freeze
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
@@ -257,6 +257,8 @@ class LoraKind(Kind):
                             f"{RETRAIN}") from err
         state.adapters[style.key] = name  # the artifact folder, or the file (two files may share a folder)
         state.active = None  # peft activates a newly loaded adapter: set the active set again
+        if getattr(style, "source", None) is not None:
+            check_applied(style, len(lora_layers(session.pipeline("img2img"), name)))
 
     def activate(self, session, active: list[tuple]) -> None:
         state = session.state(self)
