@@ -88,7 +88,8 @@ def test_smoke_flag_applies_the_smoke_overrides():
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = [p for p in sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "studies").glob("*.yaml"))
            if "\nmethod:" in "\n" + p.read_text()]  # the training recipes and study presets (eval configs plan nothing)
-TINY_PLAN = ["--model", "tiny", "--gpu", "t4", "--set", "data.resolution=64", "--set", "eval.size=64"]
+TINY_PLAN = ["--model", "tiny", "--gpu", "t4", "--set", "data.resolution=64", "--set", "data.min_bucket=64", "--set",
+             "eval.size=64"]
 # What a library that downloads prints, on stdout, as torch.hub.download_url_to_file does (torch/hub.py)
 DOWNLOADING = 'Downloading: "https://download.pytorch.org/models/vgg16-397923af.pth" to {}\n'
 
