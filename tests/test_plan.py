@@ -444,3 +444,38 @@ def test_textual_inversion_with_prior_preservation_trains_in_half_precision(tmp_
     out = train(cfg, output=tmp_path / "ti", progress=False)
     assert len(list((out / "class_images").glob("*.png"))) == 1 and (out / "style.json").is_file()
     assert cached_estimate(cfg, MemoryPlan("fp16", False, "adamw")).setup_peak > 0
+
+
+PIVOTAL = ("dreambooth_lora_subject", "prompt.instance=a photo of TOK person")
+
+
+def test_pivotal_tuning_is_predicted_and_holds_against_a_real_cpu_run():
+    """Pivotal tuning's step (tokens beside the UNet and text-encoder LoRA) counted on fake CUDA and on real CPU tensors:
+    peaks within 5%, as every recipe above. What it adds is the trained embedding table: its fp32 gradient and
+    AdamW's two states over the whole table (the optimizer holds it; after_step restores all but the new rows)."""
+    plan = MemoryPlan("no", False, "adamw", offload=False)
+    cfg = tiny_cfg(*PIVOTAL, "pivotal.tokens=2")
+    fake = estimate_training(cfg, plan)
+    torch.manual_seed(0)
+    real = estimate_training(cfg, plan, fake=False)
+    for part in ("step_peak", "validation_peak", "setup_peak", "assembly_peak"):
+        assert getattr(fake, part) == pytest.approx(getattr(real, part), rel=0.05), part
+    assert fake.gradients == real.gradients and fake.optimizer_state == 2 * fake.gradients
+    plain = estimate_training(tiny_cfg(*PIVOTAL), plan)
+    table = blocks(4 * (514 + 2) * 32)  # tiny's 514-token table and the two new rows, 32 wide, fp32
+    assert fake.gradients - plain.gradients == table and fake.optimizer_state - plain.optimizer_state == 2 * table
+
+
+def test_pivotal_tuning_keeps_the_text_encoder_in_fp32_under_fp16():
+    """Under fp16 (a T4) the frozen text encoder would be fp16; with the trained table inside it stays fp32 (as for
+    Textual Inversion): the weights predicted grow by exactly the text encoder's fp32 - fp16 bytes."""
+    from customgen.models import load_components
+
+    plan = MemoryPlan("fp16", False, "adamw", offload=False)
+    pivotal = cached_estimate(tiny_cfg(*PIVOTAL, "pivotal.tokens=2", "lora.text_encoder=false"), plan)
+    plain = cached_estimate(tiny_cfg(*PIVOTAL, "lora.text_encoder=false"), plan)
+    te = load_components("tiny", device="cpu", dtype=torch.float32).text_encoder
+    grown = sum(blocks(4 * p.numel()) - blocks(2 * p.numel()) for n, p in te.named_parameters()
+                if "token_embedding" not in n)
+    grown += blocks(4 * (514 + 2) * 32) - blocks(2 * 514 * 32)  # the table: two rows more, fp32
+    assert pivotal.weights - plain.weights == grown

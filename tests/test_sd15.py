@@ -420,3 +420,31 @@ def test_a_bucketed_style_trains_on_sd15_at_two_aspect_ratios(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and {Path(r["image"]).name for r in rows} == {"p0.png", "p1.png"}
     loss = np.loadtxt(out / "logs" / "loss.csv", delimiter=",", skiprows=1, usecols=1, ndmin=1)
     assert len(loss) == 2 and np.isfinite(loss).all()
+
+
+def test_a_pivotal_subject_trains_one_step_at_64px_and_its_tokens_load_in_stock_diffusers(tmp_path):
+    """Pivotal tuning at SD v1.5 scale (fast: 64 px, no class images): two new rows of the 49,408-token table, saved
+    as the advanced script's `clip_l` (2, 768) and loaded by stock load_lora_weights + load_textual_inversion under
+    <s0> and <s1>, the rows it trained."""
+    photos = make_instance_folder(tmp_path / "photos", n=1, size=(72, 72))
+    sets = [s for s in SD15 if not s.startswith("data.resolution")] + [
+        "data.resolution=64", f"data.root={photos}", "prompt.prior=false", "pivotal.tokens=2",
+        "prompt.instance=a photo of TOK person", "validation.prompts=[a TOK person]", "pivotal.lr=0.05"]
+    out = train(load_config(ROOT / "configs" / "dreambooth_lora_subject.yaml", sets), output=tmp_path / "pti",
+                progress=False)
+    m = kinds.read_manifest(out)
+    clip_l = load_file(str(out / m.embeddings))["clip_l"]
+    assert clip_l.shape == (2, 768) and m.tokens == ["<s0>", "<s1>"] and m.training["mixed_precision"] == PRECISION
+    pipe = load_pipeline("sd15-random", kind="txt2img", device="cpu")
+    sigma = pipe.text_encoder.get_input_embeddings().weight.detach().float().std()
+    pipe.load_lora_weights(str(out), weight_name=lora.WEIGHTS)
+    pipe.load_textual_inversion(clip_l, token=m.tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    ids = pipe.tokenizer.convert_tokens_to_ids(m.tokens)
+    assert ids == [49408, 49409] and torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), clip_l)
+    # the rows start at N(0, σ²) (train.seed's generator, σ the table's std); Adam's first step moves each value by
+    # lr·g/(|g| + ε) ≤ lr (Kingma & Ba 2015, no weight decay in the tokens' group), up to fp32 rounding
+    init = torch.randn(2, 768, generator=torch.Generator().manual_seed(0)) * sigma
+    moved, u = (clip_l - init).abs(), unit_roundoff(torch.float32)
+    assert 0 < moved.max() <= 0.05 * (1 + 4 * u) + 4 * u * init.abs().max()
+    del pipe
+    gc.collect()

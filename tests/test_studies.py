@@ -48,6 +48,12 @@ STUDIES = {
         max_grad_norm=1.0, gradient_checkpointing=True, mixed_precision="fp16", center_crop=True, random_flip=False)),
     "anime_lora_writeup": ("kohya", dict(
         lr=1e-4, batch_size=1, grad_accum=2, effective_batch=2, rank=16, random_flip=False)),
+    "subject_pivotal_advanced": ("photos", dict(  # diffusers' advanced README command (Prodigy: AdamW until it lands)
+        lr=1e-4, batch_size=3, grad_accum=1, effective_batch=3, lr_scheduler="constant", warmup_steps=0, rank=8,
+        alpha=8.0, targets=ATTENTION, text_encoder=False, prior=False, center_crop=False, random_flip=False,
+        gradient_checkpointing=True, weight_decay=1e-4, max_grad_norm=1.0, seed=0,
+        loss={"l2": 1.0, "lpips": 0.0, "gram": 0.0, "snr_gamma": 5.0},
+        pivotal={"tokens": 2, "trigger": "TOK", "init": "random", "lr": 5e-4, "frac": 0.5})),
 }
 
 
@@ -89,6 +95,9 @@ def test_study_preset_trains_two_steps_with_the_study_settings_in_style_json(nam
         (token_id,) = pipe.tokenizer("sks style", add_special_tokens=False).input_ids
         learned = load_file(str(out / manifest.weights))["sks style"][0]
         assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(), learned)
+    if name == "subject_pivotal_advanced":  # the new tokens in place of the README's trigger, in every caption
+        assert set(captions) == {"a photo of <s0><s1> person"} and manifest.tokens == ["<s0>", "<s1>"]
+        assert (out / manifest.embeddings).is_file() and manifest.prompt == "a photo of <s0><s1> person"
     if name == "anime_lora_writeup":  # a validation image each epoch with the write-up's prompt
         assert settings["epochs"] == 2 and settings["epoch_steps"] == 1
         assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-000001.png", "step-000002.png"]

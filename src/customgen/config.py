@@ -105,6 +105,17 @@ class LoraSettings:
 
 
 @dataclasses.dataclass
+class PivotalConfig:
+    # Pivotal tuning (diffusers' advanced DreamBooth-LoRA script, --train_text_encoder_ti; cloneofsimo's lora_pti): new
+    # tokens <s0><s1>... in place of the trigger word, trained as text-encoder embeddings beside the LoRA
+    tokens: int = 0  # how many new tokens (0: off); diffusers' --num_new_tokens_per_abstraction (2 there)
+    trigger: str = "TOK"  # the word of prompt.instance the tokens replace (diffusers' --token_abstraction)
+    init: str = "random"  # random: N(0, σ²), σ the table's std (diffusers); or a word: token i from its token i mod n
+    lr: float = 5.0e-4  # the embeddings' learning rate (lora_pti's learning_rate_ti; the textual_inversion recipe's)
+    frac: float = 0.5  # they train the first ⌈frac × train.steps⌉ optimizer steps (--train_text_encoder_ti_frac)
+
+
+@dataclasses.dataclass
 class LossConfig:
     l2: float = 1.0  # α: noise-prediction MSE
     lpips: float = 0.0  # β: LPIPS between decoded x0 prediction and its source image
@@ -227,6 +238,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    pivotal: PivotalConfig = dataclasses.field(default_factory=PivotalConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     dreambooth: DreamBoothConfig = dataclasses.field(default_factory=DreamBoothConfig)

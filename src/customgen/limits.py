@@ -26,6 +26,7 @@ LIMITS: dict[str, tuple] = {
     "train.checkpoint_minutes": (0, 1e6), "train.keep_checkpoints": (0, 10_000), "train.validate_every": (0, MILLION),
     "train.log_every": (0, MILLION), "train.snapshot_every": (0, MILLION), "train.keep_snapshots": (0, 10_000),
     "lora.rank": (1, 1024), "lora.alpha": (0, 1e6), "lora.text_encoder_lr": (0, 1),
+    "pivotal.tokens": (0, 75), "pivotal.lr": (0, 1), "pivotal.frac": (0, 1),  # tokens: CLIP's 77 positions minus 2
     "loss.l2": (0, 1e6), "loss.lpips": (0, 1e6), "loss.gram": (0, 1e6), "loss.perceptual_every": (1, MILLION),
     "loss.perceptual_max_timestep": (0, 1000), "loss.decode_crop": (0, MAX_SIDE // 8),
     "loss.content_strength": (0, 1), "loss.snr_gamma": (0, 1e6), "loss.noise_offset": (0, 1),
@@ -41,7 +42,8 @@ LIMITS: dict[str, tuple] = {
     "eval.sweep_scales": (0, MAX_SCALE), "eval.structure_scale": (0, MAX_SCALE), "eval.style_image_scale": (0, MAX_SCALE),
     "eval.samples_per_prompt": (1, MAX_IMAGES), "eval.fidelity_margin": (0, 2),  # one batch; cosines span 2
 }
-POSITIVE = ("train.lr", "lora.alpha", "lora.text_encoder_lr")  # the lowest value itself is refused (0 learns nothing)
+# the lowest value itself is refused (0 learns nothing; pivotal.frac 0 would train the embeddings no step)
+POSITIVE = ("train.lr", "lora.alpha", "lora.text_encoder_lr", "pivotal.lr", "pivotal.frac")
 MULTIPLES = {"data.resolution": SIZE_MULTIPLE, "eval.size": SIZE_MULTIPLE}  # the VAE downsamples by 8
 
 

@@ -35,9 +35,13 @@ class Method:
     """
 
     trains_text_encoder = False
+    pivotal_tuning = False  # whether the method can train pivotal tuning's tokens (customgen.kinds.pivotal): LoRA
 
     def __init__(self, cfg, kind: "Kind"):
         self.cfg, self.kind, self.name = cfg, kind, cfg.method
+        if cfg.pivotal.tokens and not self.pivotal_tuning:
+            raise UserError(f"pivotal tuning (pivotal.tokens={cfg.pivotal.tokens}) trains new tokens beside a LoRA; "
+                            f"method {cfg.method} has none: use dreambooth_lora_subject or lora_style, or pivotal.tokens=0")
 
     def setup(self, comps) -> list[dict]:
         """Freeze everything, make the method's parameters trainable; optimizer parameter groups."""
@@ -65,6 +69,10 @@ class Method:
     def default_prompt(self) -> str:
         """The prompt validation samples use and the manifest stores."""
         return self.cfg.prompt.instance
+
+    def validation_prompts(self) -> list[str]:
+        """The prompts of validation images: validation.prompts, else the default prompt."""
+        return list(self.cfg.validation.prompts) or [self.default_prompt()]
 
     def memory_savers(self) -> list[str]:
         """`--set` changes that shrink this method's training memory, the mildest first (customgen.train.fit names
@@ -110,8 +118,9 @@ class Kind:
 
     # --- artifact ------------------------------------------------------------------------------------------
     def files(self, manifest: Manifest) -> list[str]:
-        """Every weights file of an artifact (the main one first), relative to its folder."""
-        return [manifest.weights, *manifest.exports]
+        """Every weights file of an artifact (the main one first), relative to its folder (pivotal tuning's embedding
+        file last)."""
+        return [manifest.weights, *manifest.exports] + ([manifest.embeddings] if manifest.embeddings else [])
 
     def check(self, style, comps) -> None:
         """Refuse (one line) an artifact made for another architecture, before any weight is loaded."""

@@ -31,6 +31,7 @@ from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
 from customgen.kinds.foreign import check_applied, check_file
 from customgen.kinds.freeze import freeze
+from customgen.kinds.pivotal import Pivotal, PivotalHooks, aliased, check_artifact, load_tokens, single_file_refusal
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
 from customgen.models.inspect import lora_parameter_count
@@ -142,12 +143,14 @@ def add_lora(model, config: LoraConfig, adapter_name: str = "default") -> None:
     model._hf_peft_config_loaded = True  # what add_adapter records: diffusers' and transformers' adapter calls read it
 
 
-class LoraMethod(Method):
-    """LoRA on the UNet attention projections (cfg.lora.targets), optionally on the text encoder too."""
+class LoraMethod(PivotalHooks, Method):
+    """LoRA on the UNet attention projections (cfg.lora.targets), optionally on the text encoder too, optionally with
+    pivotal tuning's new tokens (customgen.kinds.pivotal: PivotalHooks and the lines below marked "pivotal")."""
 
     def __init__(self, cfg, kind):
         super().__init__(cfg, kind)
-        self.trains_text_encoder = cfg.lora.text_encoder
+        self.pivotal = Pivotal(cfg) if cfg.pivotal.tokens else None  # pivotal: its settings checked here
+        self.trains_text_encoder = cfg.lora.text_encoder or self.pivotal is not None
 
     def _lora_config(self, targets) -> LoraConfig:
         c = self.cfg.lora
@@ -155,37 +158,42 @@ class LoraMethod(Method):
                           init_lora_weights=c.init, target_modules=list(targets))
 
     def setup(self, comps) -> list[dict]:
+        if self.pivotal:  # pivotal: the tokens join the tokenizer and the embedding table before freezing
+            self.pivotal.add_tokens(comps)
         freeze(comps.unet, comps.vae, comps.text_encoder)
         add_lora(comps.unet, self._lora_config(self.cfg.lora.targets))
         groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": self.cfg.train.lr}]
-        if self.trains_text_encoder:
+        if self.cfg.lora.text_encoder:
             add_lora(comps.text_encoder, self._lora_config(self.cfg.lora.text_encoder_targets))
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
-        return groups
+        return groups + ([self.pivotal.group(comps)] if self.pivotal else [])  # pivotal: the embeddings' group
 
     def settings(self) -> dict:
         c = self.cfg.lora
         te = {"text_encoder_lr": c.text_encoder_lr, "text_encoder_targets": list(c.text_encoder_targets)}
         return {"rank": c.rank, "alpha": float(c.alpha if c.alpha is not None else c.rank), "targets": list(c.targets),
-                "text_encoder": c.text_encoder} | (te if c.text_encoder else {})
+                "text_encoder": c.text_encoder} | (te if c.text_encoder else {}) | (
+                    self.pivotal.settings() if self.pivotal else {})
 
     def saved_bytes(self, comps) -> int:
         """fp32 A and B of every targeted Linear, in two files: the diffusers file and the kohya export."""
         c = self.cfg.lora
         params = lora_parameter_count(comps.unet, rank=c.rank, targets=tuple(c.targets))
-        if self.trains_text_encoder:
+        if c.text_encoder:
             params += lora_parameter_count(comps.text_encoder, rank=c.rank, targets=tuple(c.text_encoder_targets))
-        return 2 * 4 * params
+        return 2 * 4 * params + (self.pivotal.saved_bytes(comps) if self.pivotal else 0)
 
     def memory_savers(self) -> list[str]:
-        return ["lora.text_encoder=false"] if self.trains_text_encoder else []
+        return (["lora.text_encoder=false"] if self.cfg.lora.text_encoder else []) + (
+            ["pivotal.tokens=0"] if self.pivotal else [])
 
     def save(self, folder: Path, comps, facts: dict) -> dict:
-        export = save_lora(folder, comps.unet, comps.text_encoder if self.trains_text_encoder else None, facts=facts)
+        export = save_lora(folder, comps.unet, comps.text_encoder if self.cfg.lora.text_encoder else None, facts=facts)
         c = self.cfg.lora
+        pivotal = self.pivotal.save(folder, comps, name=facts["name"]) if self.pivotal else {}
         return {"weights": WEIGHTS, "exports": [export], "rank": c.rank,
-                "alpha": float(c.alpha if c.alpha is not None else c.rank), "text_encoder": c.text_encoder}
+                "alpha": float(c.alpha if c.alpha is not None else c.rank), "text_encoder": c.text_encoder} | pivotal
 
 
 # --- inference ---------------------------------------------------------------------------------------------
@@ -200,6 +208,7 @@ class LoraState:
     adapters: dict = field(default_factory=dict)
     active: tuple | None = None  # ((adapter, weight), ...) last set; None: nothing set yet
     fused: dict | None = None  # peft layer → (weight, bias) of its base layer before fusing, on the CPU
+    tokens: dict = field(default_factory=dict)  # pivotal: style key → {token: the name it was loaded under}
 
 
 def lora_layers(pipe, adapter: str) -> list:
@@ -232,14 +241,21 @@ class LoraKind(Kind):
             check_file(style, comps)
             return
         check_lora(style.folder / style.manifest.weights, {"unet": comps.unet, "text_encoder": comps.text_encoder})
+        if style.manifest.embeddings:  # pivotal
+            check_artifact(style, comps.text_encoder.get_input_embeddings().weight.shape[1])
 
     def merge(self, comps, style, scale: float, *, single_file: bool) -> None:
-        """Fuse the adapter into the base weights at `scale` (diffusers' fuse_lora), then drop the adapter."""
+        """Fuse the adapter into the base weights at `scale` (diffusers' fuse_lora), then drop the adapter; pivotal
+        tuning's tokens join the tokenizer (a diffusers folder only)."""
+        if style.manifest.embeddings and single_file:  # pivotal
+            raise single_file_refusal(style)
         pipe = build_pipeline(comps, kind="txt2img")
         load_lora(pipe, style.folder, adapter_name="export", weights=style.manifest.weights)
         components = ["unet", "text_encoder"] if style.manifest.text_encoder else ["unet"]
         pipe.fuse_lora(components=components, lora_scale=float(scale), adapter_names=["export"])
         pipe.unload_lora_weights()
+        if style.manifest.embeddings:  # pivotal
+            load_tokens(pipe, style)
 
     def new_state(self) -> LoraState:
         return LoraState()
@@ -259,6 +275,8 @@ class LoraKind(Kind):
         state.active = None  # peft activates a newly loaded adapter: set the active set again
         if getattr(style, "source", None) is not None:
             check_applied(style, len(lora_layers(session.pipeline("img2img"), name)))
+        if style.manifest.embeddings:  # pivotal: its tokens, under aliases where another style holds them
+            state.tokens[style.key] = load_tokens(session.pipeline("img2img"), style, len(state.tokens))
 
     def activate(self, session, active: list[tuple]) -> None:
         state = session.state(self)
@@ -284,15 +302,27 @@ class LoraKind(Kind):
         tensors = [t for layer in lora_layers(session.pipeline("img2img"), name)
                    for holder in (layer.lora_A, layer.lora_B, getattr(layer, "lora_magnitude_vector", {}))
                    if name in holder for t in holder[name].parameters()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        emb = session.comps.text_encoder.get_input_embeddings().weight  # pivotal: its embedding rows
+        rows = len(session.state(self).tokens.get(style.key, {})) * emb.shape[1] * emb.element_size()
+        return sum(t.numel() * t.element_size() for t in tensors) + rows
 
     def stock_variants(self) -> dict[str, bool]:
         return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style
 
     def load_stock(self, pipe, style, variant: str) -> None:
         load_lora(pipe, style.folder, adapter_name="style", weights=style.manifest.weights)
+        if style.manifest.embeddings:  # pivotal: the README's load_textual_inversion of clip_l
+            load_tokens(pipe, style)
         if variant.endswith("fuse_lora"):
             pipe.fuse_lora(components=list(LORA_COMPONENTS), lora_scale=1.0)
+
+    def prompt(self, session, style, text: str) -> str:
+        return aliased(text, session.state(self).tokens.get(style.key, {}))  # pivotal: its tokens' loaded names
+
+    def token_weights(self, session, style, scale: float) -> list[tuple[str, float]]:
+        """Pivotal tuning's tokens follow the LoRA's scale (Textual Inversion's prompt interpolation: at 0 the prompt
+        without them, beside the disabled adapter, is the base model's)."""
+        return [(t, float(scale)) for t in session.state(self).tokens.get(style.key, {}).values()]
 
     def fuse(self, session) -> None:
         """Fuse a single active adapter at its scale, as stock `fuse_lora(lora_scale=w)` does it (the adapter at

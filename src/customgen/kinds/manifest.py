@@ -56,6 +56,8 @@ class Manifest:
     # asked and used, schedule, precision, the kind's own (rank, alpha, targets), flip, prior, preset; {} before 2026-12
     training: dict = dataclasses.field(default_factory=dict)
     exports: list = dataclasses.field(default_factory=list)  # extra files for other tools (kohya/WebUI, ...)
+    embeddings: str = ""  # pivotal tuning: the token embeddings' file, <name>_emb.safetensors ({"clip_l": (n, width)})
+    tokens: list = dataclasses.field(default_factory=list)  # pivotal tuning: its tokens, ["<s0>", "<s1>", ...]
     versions: dict = dataclasses.field(default_factory=dict)
     created: str = ""
     format_version: int = 1

@@ -23,7 +23,7 @@ from transformers.utils import logging as tlog
 from customgen.errors import Notice, UserError
 from customgen.memory import probe
 from customgen.models.builders import CONFIGS, RESERVED, Components, build_reserved
-from customgen.models.tokenizer import save_tokenizer, sd15_tokenizer
+from customgen.models.tokenizer import save_tokenizer, sd15_tokenizer, tiny_tokenizer
 from customgen.network import hub_reachable
 from customgen.request import DEFAULT_MODEL
 
@@ -196,6 +196,18 @@ def load_pretrained_meta(ref: ModelRef) -> Components:
     sched = DDPMScheduler.from_config(sched_cfg)
     return Components(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=sched,
                       scheduler=sched, ref=ref.value, kind=ref.kind)
+
+
+def load_tokenizer(ref: str | Path = DEFAULT_MODEL) -> CLIPTokenizer:
+    """A reference's tokenizer alone, no weight: tiny's, SD v1.5's (sd15-random, SD v1.5's Hub id, single files: what
+    from_single_file reads them with), else the tokenizer of the folder or the Hub model."""
+    parsed = resolve_ref(ref)
+    if parsed.kind in RESERVED:
+        return tiny_tokenizer(RESERVED["tiny"] / "tokenizer") if parsed.kind == "tiny" else sd15_tokenizer()
+    if parsed.kind == "single-file" or parsed.value == DEFAULT_MODEL:
+        return sd15_tokenizer()
+    with _loading_errors(parsed.value):
+        return CLIPTokenizer.from_pretrained(parsed.value, subfolder="tokenizer", **preflight(parsed))
 
 
 def sd15_config_dir() -> Path:

@@ -24,7 +24,7 @@ from customgen.train.checkpoint import check_fits, checkpoints, load_latest, res
 from customgen.train.captions import CaptionLog
 from customgen.train.data import batch_positions, flip_mask, sample_generators, sample_ids
 from customgen.train.losses import combine, noise_l2, offset_noise
-from customgen.train.schedule import validation_steps
+from customgen.train.schedule import group_steps, validation_steps
 
 LOG_COLUMNS = ("step", "loss", "l2", "lpips", "gram", "prior", "lr", "sec_per_it")
 # random streams of the examples (customgen.train.data.sample_generators): instance, class and content images, an
@@ -183,9 +183,13 @@ def content_pair_terms(run: Run, step: int, captions: list[str]) -> dict:
 
 
 def optimizer_step(run: Run, step: int) -> dict[str, float]:
-    """grad_accum micro-steps, clip, step; NaN/inf stops the run before any weight changes."""
+    """grad_accum micro-steps, clip, step; NaN/inf stops the run before any weight changes. A group with a `frac` key
+    (pivotal tuning's embeddings) steps at lr 0 past its share of the steps: its weights stay exactly as they are."""
     cfg, acc = run.cfg, run.accelerator
     modules = [m for m in (run.unet, run.text_encoder) if any(p.requires_grad for p in m.parameters())]
+    for group in run.optimizer.param_groups:  # set before every step: the LR scheduler rewrites each group's lr
+        if "frac" in group and step >= group_steps(group["frac"], cfg.train.steps):
+            group["lr"] = 0.0
     logs = {}
     for micro in range(cfg.train.grad_accum):
         with acc.accumulate(*modules):

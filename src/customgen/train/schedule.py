@@ -10,7 +10,9 @@ as batch 4 and as batch 2 on two GPUs, up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from customgen.config import Config
 from customgen.kinds import recipe
@@ -82,3 +84,10 @@ def resolved(cfg: Config, schedule: Schedule) -> Config:
 def validation_steps(cfg: Config, schedule: Schedule) -> int:
     """Optimizer steps between per-epoch validation images (train.validate_every_epochs; 0: none)."""
     return cfg.train.validate_every_epochs * schedule.epoch_steps
+
+
+def group_steps(frac: float, steps: int) -> int:
+    """Optimizer steps a parameter group with a `frac` key trains (pivotal tuning's embeddings, pivotal.frac): the
+    first ⌈frac × steps⌉, the fraction read as the decimal it was written as (0.3 × 10 is 3, not 4); diffusers'
+    --train_text_encoder_ti_frac counts epochs, int(frac × epochs)."""
+    return math.ceil(Fraction(repr(float(frac))) * steps)

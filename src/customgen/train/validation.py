@@ -66,14 +66,13 @@ def content_image(path: str, cfg: Config) -> Image.Image:
 
 
 @torch.no_grad()
-def sample_images(comps, cfg: Config, prompt: str, *, device) -> list[Image.Image]:
-    """Validation samples with the model as it is now (LoRA/TI/DreamBooth weights active)."""
+def sample_images(comps, cfg: Config, prompts: list[str], *, device) -> list[Image.Image]:
+    """Validation samples of each prompt with the model as it is now (LoRA/TI/DreamBooth weights active)."""
     v, res = cfg.validation, cfg.data.resolution
     request = v.request()
     content = validation_content(cfg)
     kind = "img2img" if content else "txt2img"
     pipe = build_pipeline(comps, kind=kind)
-    prompts = v.prompts or [prompt]
     out = []
     for i, p in enumerate(prompts):
         g = torch.Generator("cpu").manual_seed(cfg.train.seed + i)
@@ -93,7 +92,7 @@ def validate(run, step: int) -> Path | None:
     c = run.comps
     with eval_mode(c.unet, c.text_encoder), moved(c.vae, c.text_encoder, device=run.accelerator.device), \
             run.accelerator.autocast():
-        images = sample_images(c, run.cfg, run.method.default_prompt(), device=run.accelerator.device)
+        images = sample_images(c, run.cfg, run.method.validation_prompts(), device=run.accelerator.device)
     path = run.out / "samples" / f"step-{step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, cols=max(1, len(validation_content(run.cfg)) or run.cfg.validation.num_images)).save(path)
