@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.reliability_fixtures import Evil
+from tests.tolerance import gamma
 
 ATTENTION = ("attentions.",)  # kohya's Transformer2DModel targets (Linear and 1x1 Conv2d)
 CONV_BLOCKS = ("resnets.", "downsamplers.", "upsamplers.")  # + ResnetBlock2D/Downsample2D/Upsample2D (LoCon)
@@ -162,6 +163,22 @@ def diffusers_metadata(state: dict, *, rank: int, alpha: float) -> dict[str, str
 
 
 # --- the references: ComfyUI's LoraLoader math (and LyCORIS's output-axis DoRA), in float64 ------------------
+COMFY_PARTS = {  # the parts ComfyUI's weight adapters read per layer (comfy/weight_adapter/lora.py, loha.py, lokr.py)
+    "locon": {"lora_up.weight", "lora_down.weight", "lora_mid.weight"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    "lokr": {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+}
+COMFY_SHARED = {"alpha", "dora_scale"}  # read by every adapter (comfy/weight_adapter/base.py)
+COMFY_REQUIRED = {"locon": {"lora_up.weight", "lora_down.weight"}, "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a",
+                                                                            "hada_w2_b"}, "lokr": set()}
+
+
+def comfy_algo(parts) -> str:
+    """The ComfyUI adapter that loads a layer with these parts: LoHa for hada_*, LoKr for lokr_*, else LoRA."""
+    return "loha" if any(k.startswith("hada_") for k in parts) else "lokr" if any(
+        k.startswith("lokr_") for k in parts) else "locon"
+
+
 def comfy_diff(algo: str, parts: dict, alpha: float | None, shape) -> tuple[torch.Tensor, float]:
     """(ΔW before the scale, the scale ComfyUI applies): comfy/weight_adapter/{lora,loha,lokr}.py."""
     p = {k: v.double() for k, v in parts.items()}
@@ -220,6 +237,29 @@ def merge_magnitude(weight, algo: str, parts: dict, alpha, strength: float) -> t
     multilinear in the factors, so |factors| give Σ|terms|)."""
     diff, scale = comfy_diff(algo, {k: v.abs() for k, v in parts.items()}, alpha, weight.shape)
     return weight.double().abs() + abs(strength * scale) * diff
+
+
+def dora_bound(w, algo, parts, alpha, strength, dora, n, dtype=torch.float64) -> torch.Tensor:
+    """How far a DoRA merge computed in `dtype` may lie from the float64 formula (two float64 merges: dtype float64):
+    W+sΔW within e1 = γ_n·(|W| + |s|M); its row/column norm then within ‖e1‖ + γ_{L+2}·norm; the rescale and the
+    strength blend add a few roundings (Higham 2002, §3.1). A float64 reference adds its own float64 bound."""
+    def one(u_dtype):
+        diff, scale = comfy_diff(algo, parts, alpha, w.shape)
+        calc = w.double() + scale * diff
+        e1 = gamma(n, u_dtype) * merge_magnitude(w, algo, parts, alpha, 1.0)
+        out_axis = dora.shape[0] == w.shape[0]
+        flat = (lambda t: t.reshape(t.shape[0], -1)) if out_axis else (
+            lambda t: t.transpose(0, 1).reshape(t.shape[1], -1))
+        norm, enorm = flat(calc).norm(dim=1), flat(e1).norm(dim=1)
+        shape = (-1, *[1] * (w.dim() - 1)) if out_axis else (1, -1, *[1] * (w.dim() - 2))
+        length = flat(calc).shape[1]
+        q = dora.double().reshape(shape) / norm.reshape(shape)
+        rel_q = (enorm / norm).reshape(shape) + gamma(length + 4, u_dtype)
+        scaled = (calc * q).abs()
+        return abs(strength) * (q.abs() * e1 + scaled * (rel_q + gamma(2, u_dtype))) + gamma(3, u_dtype) * (
+            w.double().abs() * (1 + abs(strength)) + abs(strength) * scaled)
+
+    return one(dtype) + (one(torch.float64) if dtype != torch.float64 else 0)
 
 
 def chain_length(algo: str, parts: dict) -> int:

@@ -80,3 +80,42 @@ def test_yaml_booleans_name_literal_choices():
     from customgen.config import load_config
 
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_lora_types_are_the_table_limits_checks():
+    """`lora.type`'s choices are the adapter types limits.py knows (one list), and the defaults train plain LoRA."""
+    import typing
+
+    from customgen.config import LoraSettings
+    from customgen.limits import LORA_TYPES
+
+    assert typing.get_args(typing.get_type_hints(LoraSettings)["type"]) == tuple(LORA_TYPES)
+    c = load_config(None).lora
+    assert (c.type, c.dora, c.conv_rank, c.conv_alpha) == ("lora", False, None, None)
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["lora.type=boft"], r"config key lora.type: 'boft' is not one of lora, locon, loha, lokr"),
+    (["lora.type=loha", "lora.dora=true"], r"lora.dora needs lora.type lora or locon .*peft has no DoRA for loha"),
+    (["lora.type=lokr", "lora.dora=true"], r"lora.dora needs lora.type lora or locon .*peft has no DoRA for lokr"),
+    (["lora.conv_rank=4"], r"lora.conv_rank applies to lora.type locon, loha or lokr"),
+    (["lora.conv_alpha=2"], r"lora.conv_alpha applies to lora.type locon, loha or lokr"),
+    (["lora.type=locon", "lora.conv_rank=-1"], r"config key lora.conv_rank must be >= 0 and <= 1024, got -1"),
+    (["lora.type=loha", "lora.conv_rank=5000"], r"config key lora.conv_rank must be >= 0 and <= 1024, got 5000"),
+    (["lora.type=loha", "lora.conv_alpha=0"], r"config key lora.conv_alpha must be > 0 and <= 1000000.0, got 0"),
+    (["lora.type=loha", "lora.rank=0"], r"config key lora.rank must be >= 1 and <= 1024, got 0"),
+    (["lora.type=lokr", "lora.alpha=-1"], r"config key lora.alpha must be > 0"),
+    (["lora.type=locon", "lora.dora=true", "lora.rank=2000"], r"config key lora.rank must be >= 1 and <= 1024"),
+    (["lora.type=loha", "pivotal.tokens=2"], r"pivotal tuning needs lora.type lora or locon: a loha artifact"),
+])
+def test_bad_adapter_settings_are_one_line(sets, match):
+    with pytest.raises(UserError, match=match) as err:
+        load_config(None, sets)
+    assert "\n" not in str(err.value)
+
+
+def test_good_adapter_settings_load():
+    for sets in (["lora.type=locon", "lora.dora=true", "lora.conv_rank=2", "lora.conv_alpha=1"],
+                 ["lora.type=loha", "lora.conv_rank=0"], ["lora.type=lokr"], ["lora.dora=true"],
+                 ["lora.type=locon", "lora.dora=true", "pivotal.tokens=2"]):
+        load_config(None, sets)

@@ -57,25 +57,6 @@ def _parts(state: dict, component: str, path: str) -> tuple[dict, float | None, 
     return parts, None if alpha is None else float(alpha), parts.pop("dora_scale", None)
 
 
-def dora_bound(w, algo, parts, alpha, strength, dora, n) -> torch.Tensor:
-    """How far two float64 DoRA merges may differ: W+sΔW within e1 = γ_n·(|W| + |s|M); its row/column norm then
-    within ‖e1‖ + γ_{L+2}·norm; the rescale and the strength blend add a few roundings (Higham 2002, §3.1)."""
-    u64 = torch.float64
-    diff, scale = cf.comfy_diff(algo, parts, alpha, w.shape)
-    calc = w.double() + scale * diff
-    e1 = gamma(n, u64) * cf.merge_magnitude(w, algo, parts, alpha, 1.0)
-    out_axis = dora.shape[0] == w.shape[0]
-    flat = (lambda t: t.reshape(t.shape[0], -1)) if out_axis else (lambda t: t.transpose(0, 1).reshape(t.shape[1], -1))
-    norm, enorm = flat(calc).norm(dim=1), flat(e1).norm(dim=1)
-    shape = (-1, *[1] * (w.dim() - 1)) if out_axis else (1, -1, *[1] * (w.dim() - 2))
-    length = flat(calc).shape[1]
-    q = dora.double().reshape(shape) / norm.reshape(shape)
-    rel_q = (enorm / norm).reshape(shape) + gamma(length + 4, u64)
-    scaled = (calc * q).abs()
-    return abs(strength) * (q.abs() * e1 + scaled * (rel_q + gamma(2, u64))) + gamma(3, u64) * (
-        w.double().abs() * (1 + abs(strength)) + abs(strength) * scaled)
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_merged_weight_equals_comfyui_formula(variant, strength, tiny, tmp_path):
@@ -94,7 +75,7 @@ def test_merged_weight_equals_comfyui_formula(variant, strength, tiny, tmp_path)
         ref = cf.comfy_merge(w, algo, parts, alpha, strength, dora)
         n = cf.chain_length(algo, parts)
         bound = (gamma(n, torch.float64) * cf.merge_magnitude(w, algo, parts, alpha, strength) if dora is None
-                 else dora_bound(w, algo, parts, alpha, strength, dora, n))
+                 else cf.dora_bound(w, algo, parts, alpha, strength, dora, n))
         assert ours.dtype == torch.float64 and torch.all((ours - ref).abs() <= bound), (variant, path)
 
 

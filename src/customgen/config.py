@@ -23,6 +23,10 @@ from customgen.request import DEFAULT_MODEL, DEFAULT_SCALE, DEFAULT_STRENGTH, DE
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections LoRA adapts (one constant)
 # CLIP text-encoder modules a subject LoRA adapts: attention and MLP, what kohya's SD1 LoRA trains (72 modules)
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# What lora.type locon, loha and lokr add in the UNet's ResNet blocks and samplers (LyCORIS's ResnetBlock2D,
+# Downsample2D and Upsample2D): the Linear and the 1×1 convolution take lora.rank, the 3×3 convolutions lora.conv_rank
+RESNET_TARGETS = ("time_emb_proj", "conv_shortcut")
+CONV_TARGETS = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
 @dataclasses.dataclass
@@ -101,7 +105,13 @@ class LoraSettings:
     text_encoder: bool = False  # also adapt the text encoder (subject LoRA)
     text_encoder_targets: list[str] = dataclasses.field(default_factory=lambda: list(TEXT_ENCODER_TARGETS))  # its modules
     text_encoder_lr: float = 5e-5  # its own learning rate
-    init: str = "gaussian"  # peft init_lora_weights (B = 0 either way, so step 0 equals the base model)
+    init: str = "gaussian"  # peft init_lora_weights of types lora/locon (B = 0 either way: step 0 is the base model)
+    # lora: LoRA on the targets; locon: LoRA also on the ResNet blocks' layers and convolutions; loha: LoHa (Hadamard
+    # product of two low-rank pairs); lokr: LoKr (Kronecker product), LyCORIS's algorithms trained through peft
+    type: Literal["lora", "locon", "loha", "lokr"] = "lora"
+    dora: bool = False  # DoRA (weight-decomposed LoRA, output axis: peft's use_dora) for types lora and locon
+    conv_rank: int | None = None  # rank of the 3×3 convolutions (locon/loha/lokr; 0: none); None: = rank (LyCORIS)
+    conv_alpha: float | None = None  # their alpha; None: = alpha (LyCORIS's conv_alpha default)
 
 
 @dataclasses.dataclass

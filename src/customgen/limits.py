@@ -1,5 +1,6 @@
-"""Ranges of the numeric config keys, checked whenever a config is loaded and again before training starts
-(`--max-steps` changes train.steps after loading): one line naming the key and its range, before any model loads.
+"""Ranges of the numeric config keys, and the LoRA settings that go together, checked whenever a config is loaded
+and again before training starts (`--max-steps` changes train.steps after loading): one line naming the key and its
+range, before any model loads.
 
 A leaf like customgen.request (whose sampling limits it shares): customgen.config imports it.
 """
@@ -25,7 +26,8 @@ LIMITS: dict[str, tuple] = {
     "train.max_grad_norm": (0, 1e6), "train.seed": (0, 2**32 - 1), "train.checkpoint_every": (0, MILLION),
     "train.checkpoint_minutes": (0, 1e6), "train.keep_checkpoints": (0, 10_000), "train.validate_every": (0, MILLION),
     "train.log_every": (0, MILLION), "train.snapshot_every": (0, MILLION), "train.keep_snapshots": (0, 10_000),
-    "lora.rank": (1, 1024), "lora.alpha": (0, 1e6), "lora.text_encoder_lr": (0, 1),
+    "lora.rank": (1, 1024), "lora.alpha": (0, 1e6), "lora.text_encoder_lr": (0, 1), "lora.conv_rank": (0, 1024),
+    "lora.conv_alpha": (0, 1e6),
     "pivotal.tokens": (0, 75), "pivotal.lr": (0, 1), "pivotal.frac": (0, 1),  # tokens: CLIP's 77 positions minus 2
     "loss.l2": (0, 1e6), "loss.lpips": (0, 1e6), "loss.gram": (0, 1e6), "loss.perceptual_every": (1, MILLION),
     "loss.perceptual_max_timestep": (0, 1000), "loss.decode_crop": (0, MAX_SIDE // 8),
@@ -43,12 +45,17 @@ LIMITS: dict[str, tuple] = {
     "eval.samples_per_prompt": (1, MAX_IMAGES), "eval.fidelity_margin": (0, 2),  # one batch; cosines span 2
 }
 # the lowest value itself is refused (0 learns nothing; pivotal.frac 0 would train the embeddings no step)
-POSITIVE = ("train.lr", "lora.alpha", "lora.text_encoder_lr", "pivotal.lr", "pivotal.frac")
+POSITIVE = ("train.lr", "lora.alpha", "lora.text_encoder_lr", "lora.conv_alpha", "pivotal.lr", "pivotal.frac")
 MULTIPLES = {"data.resolution": SIZE_MULTIPLE, "eval.size": SIZE_MULTIPLE}  # the VAE downsamples by 8
+# lora.type → (adapts the ResNet blocks' convolutions, has DoRA in peft): LyCORIS's algorithm names; config.py's
+# LoraSettings.type lists the same names
+LORA_TYPES: dict[str, tuple[bool, bool]] = {"lora": (False, True), "locon": (True, True), "loha": (True, False),
+                                            "lokr": (True, False)}
 
 
 def check_limits(cfg):
-    """Every key of LIMITS within its range (one line naming the key and the range); returns cfg."""
+    """Every key of LIMITS within its range (one line naming the key and the range), the LoRA settings that go
+    together; returns cfg."""
     for key, (lo, hi) in LIMITS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -58,7 +65,25 @@ def check_limits(cfg):
     if cfg.loss.adaptive_noise_scale and not cfg.loss.noise_offset:  # kohya's sd-scripts refuses it the same way
         raise UserError(f"config key loss.adaptive_noise_scale ({cfg.loss.adaptive_noise_scale}) needs "
                         "loss.noise_offset > 0: it is added to the offset")
+    _lora_combination(cfg.lora, cfg.pivotal.tokens)
     return cfg
+
+
+def _lora_combination(c, pivotal_tokens: int) -> None:
+    """DoRA only where peft has it (lora, locon); conv settings only for the types that adapt convolutions; pivotal
+    tuning's embeddings only beside a LoRA file (a LoHa or LoKr artifact is merged from one kohya/LyCORIS file)."""
+    convs, dora = LORA_TYPES[c.type]
+    if pivotal_tokens and not dora:
+        raise UserError(f"pivotal tuning needs lora.type lora or locon: a {c.type} artifact is merged from its "
+                        "kohya/LyCORIS file, which does not carry the new tokens; set pivotal.tokens=0 or "
+                        "lora.type=locon")
+    if c.dora and not dora:
+        raise UserError(f"lora.dora needs lora.type lora or locon (peft has no DoRA for {c.type}): set lora.dora=false "
+                        "or lora.type=locon")
+    for key in ("conv_rank", "conv_alpha"):
+        if getattr(c, key) is not None and not convs:
+            raise UserError(f"lora.{key} applies to lora.type locon, loha or lokr (lora.type {c.type} adapts no "
+                            "convolutions): set lora.type=locon or leave it unset")
 
 
 def _within(key: str, value, lo, hi) -> None:

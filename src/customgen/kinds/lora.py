@@ -1,18 +1,22 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the UNet attention projections (and, for subjects, on the text
-encoder). Recipes: `lora_style`, `dreambooth_lora_subject`, `lora_anime_kohya` (they differ only by config).
+encoder); `lora.type` locon, loha, lokr and `lora.dora` train LyCORIS's algorithms through peft
+(customgen.kinds.adapter_types). Recipes: `lora_style`, `dreambooth_lora_subject`, `lora_anime_kohya` (they differ
+only by config).
 
 Files, with SD1's canonical module names whatever transformers is installed (transformers 5 dropped the
 `text_model.` level of CLIPTextModel; every SD1 tool expects it):
-- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`), rank/alpha metadata,
-  `unet.<module>.lora_A/B.weight` and `text_encoder.text_model.encoder.layers.N.<module>.lora_A/B.weight`;
-- `<name>.safetensors`: kohya/WebUI (`lora_unet_<module>`, `lora_te_text_model_encoder_layers_N_...`, `.alpha`,
-  kohya's `ss_*` metadata) for kohya, AUTOMATIC1111 and ComfyUI: `<lora:NAME:1>` in a flat models/Lora folder.
+- `pytorch_lora_weights.safetensors`: diffusers (`pipe.load_lora_weights(folder)`), rank/alpha metadata (and the
+  conv rank/alpha patterns), `unet.<module>.lora_A/B.weight` (+ `lora_magnitude_vector` for DoRA) and
+  `text_encoder.text_model.encoder.layers.N.<module>.lora_A/B.weight`; types lora and locon only;
+- `<name>.safetensors`: kohya/LyCORIS (`lora_unet_<module>`, `lora_te_text_model_encoder_layers_N_...`, `.alpha`,
+  kohya's `ss_*` metadata; customgen.formats.writing) for kohya, AUTOMATIC1111 and ComfyUI: `<lora:NAME:1>` in a
+  flat models/Lora folder. Types loha and lokr write only this file (diffusers cannot load them): their artifact is
+  of kind `merged`, whose main weights it is (customgen.kinds.foreign merges it at inference).
 At inference a LoRA style is a named peft adapter; scales blend through `set_adapters`, scale 0 or no LoRA is
 `disable_lora()` (the base model, bit for bit).
 """
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import warnings
@@ -21,36 +25,43 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from customgen.errors import UserError
+from customgen.formats.writing import kohya_metadata, kohya_state
+from customgen.kinds.adapter_types import (TYPES, add_adapter, alpha_of, conv_settings, kohya_network,
+                                           saved_parameters, text_encoder_config, trained_layers, unet_config)
 from customgen.kinds.base import Kind, Method, Recipe
 from customgen.kinds.files import export_stem, first_line, readable
-from customgen.kinds.foreign import check_applied, check_file
+from customgen.kinds.foreign import NAME as MERGED, check_applied, check_file
 from customgen.kinds.freeze import freeze
 from customgen.kinds.pivotal import Pivotal, PivotalHooks, aliased, check_artifact, load_tokens, single_file_refusal
 from customgen.kinds.validate import RETRAIN, check_lora
 from customgen.models import build_pipeline, canonical_text_encoder
-from customgen.models.inspect import lora_parameter_count
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
-_PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])\.weight$")
 # LoraConfig fields every supported peft knows: newer peft adds fields (lora_bias, target_parameters, ...) that
 # an older peft's LoraConfig(**metadata) refuses, so a file written under the newest peft would not load on Kaggle.
-# kohya's ss_* names of the run's schedule facts (customgen.kinds.training_facts), written when the facts hold them
-KOHYA_SCHEDULE = {"ss_gradient_accumulation_steps": "grad_accum", "ss_total_batch_size": "effective_batch",
-                  "ss_num_epochs": "epochs", "ss_lr_warmup_steps": "warmup_steps", "ss_max_grad_norm": "max_grad_norm",
-                  "ss_flip_aug": "random_flip", "ss_prior_loss_weight": "prior_weight"}
 PORTABLE_CONFIG = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights",
                    "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+add_lora = add_adapter  # the name tests and older callers use
 
 
 # --- files -------------------------------------------------------------------------------------------------
 def _peft_state(model, adapter_name: str) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+
+
+def _dora_weight(state: dict) -> dict:
+    """Text-encoder DoRA magnitudes as `lora_magnitude_vector.weight`. transformers 5 loads a text-encoder adapter
+    through peft's `build_peft_weight_mapping`, which renames `lora_magnitude_vector` to `…vector.<adapter>` without
+    the `.weight` its DoRA module holds: stock `load_lora_weights` would leave every magnitude at its initial ‖W‖
+    ("UNEXPECTED"/"MISSING" in transformers' load report). With `.weight` both that mapping and peft's own loader
+    (transformers 4) find it."""
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
 
 
 def portable_config(config: LoraConfig) -> dict:
@@ -61,59 +72,38 @@ def portable_config(config: LoraConfig) -> dict:
     return {k: data[k] for k in PORTABLE_CONFIG if k in data}
 
 
-def kohya_state(unet_state: dict, te_state: dict | None, *, alpha: float) -> dict:
-    """SD1 kohya/WebUI keys from peft keys: `lora_unet_<module>` / `lora_te_<text_model module>` (dots → `_`),
-    `.lora_down/.lora_up.weight` and one `.alpha` per module. Written here because diffusers' converter names
-    the SD1 text encoder `lora_te1_` (SDXL's), which kohya, A1111 and ComfyUI ignore for SD1."""
-    out = {}
-    for prefix, state in (("lora_unet_", unet_state), ("lora_te_", canonical_text_encoder(te_state or {}))):
-        for key, value in state.items():
-            module, part = _PEFT_KEY.match(key).groups()
-            name = prefix + module.replace(".", "_")
-            out[f"{name}.lora_{'down' if part == 'A' else 'up'}.weight"] = value
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
+def save_kohya(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapter_name: str = "default",
+               settings=None) -> str:
+    """The kohya/LyCORIS file `<name>.safetensors` (customgen.formats.writing) with kohya's metadata, for kohya's
+    sd-scripts, the WebUI and ComfyUI (`<lora:NAME:1>` in a flat models/Lora folder); returns its file name.
+    `settings` (cfg.lora) names the type and conv settings in the metadata (None: plain LoRA)."""
+    layers = trained_layers(unet, "unet", adapter_name)
+    if text_encoder is not None:
+        layers += trained_layers(text_encoder, "text_encoder", adapter_name)
+    config = unet.peft_config[adapter_name]
+    alpha = getattr(config, "lora_alpha", None) or config.alpha  # LoraConfig's name, LoHa/LoKrConfig's name
+    network = ("networks.lora", {}) if settings is None else kohya_network(settings)
+    export = f"{export_stem(facts['name'])}.safetensors"
+    save_file(kohya_state(layers), str(Path(folder) / export), metadata=kohya_metadata(
+        facts, rank=config.r, alpha=alpha, text_encoder=text_encoder is not None, network=network))
+    return export
 
 
-def kohya_metadata(facts: dict, *, rank: int, alpha: float, text_encoder: bool) -> dict[str, str]:
-    """The `ss_*` training metadata kohya's sd-scripts write (what WebUI extensions show), plus the SAI model
-    spec keys; every value is a string (safetensors metadata)."""
-    meta = {
-        "ss_output_name": facts["name"], "ss_sd_model_name": facts["base_model"], "ss_base_model_version": "sd_v1",
-        "ss_v2": "False", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha), "ss_network_train_unet_only": str(not text_encoder),
-        "ss_resolution": f"({facts['resolution']}, {facts['resolution']})",
-        "ss_steps": str(facts.get("step", facts["steps"])),  # trained so far (a snapshot's step), of ss_max_train_steps
-        "ss_max_train_steps": str(facts["steps"]), "ss_learning_rate": str(facts["lr"]),
-        "ss_unet_lr": str(facts["lr"]), "ss_text_encoder_lr": str(facts["text_encoder_lr"] if text_encoder else 0),
-        "ss_batch_size_per_device": str(facts["batch_size"]), "ss_num_train_images": str(facts["num_images"]),
-        "ss_seed": str(facts["seed"]), "ss_mixed_precision": facts["mixed_precision"],
-        "ss_optimizer": facts["optimizer"], "ss_lr_scheduler": facts["lr_scheduler"],
-        "ss_training_started_at": str(facts["started_at"]), "ss_training_finished_at": str(facts["finished_at"]),
-        "ss_tag_frequency": json.dumps(facts["tag_frequency"]), "ss_training_comment": f"customgen {facts['method']}",
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers", "modelspec.title": facts["name"],
-        "modelspec.resolution": f"{facts['resolution']}x{facts['resolution']}",
-    }
-    return meta | {key: str(facts[fact]) for key, fact in KOHYA_SCHEDULE.items() if fact in facts}
-
-
-def save_lora(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapter_name: str = "default") -> str:
+def save_lora(folder: str | Path, unet, text_encoder=None, *, facts: dict, adapter_name: str = "default",
+              settings=None) -> str:
     """Save LoRA weights in diffusers format (rank/alpha metadata) and as `<name>.safetensors` for kohya/WebUI;
     returns the export's file name."""
     unet_state = _peft_state(unet, adapter_name)
-    te_state = canonical_text_encoder(_peft_state(text_encoder, adapter_name)) if text_encoder is not None else None
+    te_state = _dora_weight(canonical_text_encoder(_peft_state(text_encoder, adapter_name))) \
+        if text_encoder is not None else None
     meta = lambda m: portable_config(m.peft_config[adapter_name])  # noqa: E731 - rank/alpha survive reload
     StableDiffusionPipeline.save_lora_weights(  # peft key layout (lora_A/lora_B), as diffusers writes it today
         folder, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state or None,
         weight_name=WEIGHTS, unet_lora_adapter_metadata=meta(unet),
         text_encoder_lora_adapter_metadata=meta(text_encoder) if te_state else None,
     )
-    config = unet.peft_config[adapter_name]
-    export = f"{export_stem(facts['name'])}.safetensors"
-    save_file(kohya_state(unet_state, te_state, alpha=config.lora_alpha), str(Path(folder) / export),
-              metadata=kohya_metadata(facts, rank=config.r, alpha=config.lora_alpha, text_encoder=bool(te_state)))
-    return export
+    return save_kohya(folder, unet, text_encoder if te_state else None, facts=facts, adapter_name=adapter_name,
+                      settings=settings)
 
 
 def load_lora(pipe, folder: str | Path, *, adapter_name: str, weights: str = WEIGHTS) -> None:
@@ -135,36 +125,24 @@ def load_lora(pipe, folder: str | Path, *, adapter_name: str, weights: str = WEI
 
 
 # --- training ----------------------------------------------------------------------------------------------
-def add_lora(model, config: LoraConfig, adapter_name: str = "default") -> None:
-    """Inject a trainable LoRA adapter with peft's own `inject_adapter_in_model`, what both diffusers' and
-    transformers' `add_adapter` call. transformers' mixin first refuses any peft below its own floor (5.24 asks
-    for peft 0.22 while PyPI's newest is 0.21.2), so a fresh install could not train a text-encoder LoRA."""
-    inject_adapter_in_model(config, model, adapter_name)
-    model._hf_peft_config_loaded = True  # what add_adapter records: diffusers' and transformers' adapter calls read it
-
-
 class LoraMethod(PivotalHooks, Method):
-    """LoRA on the UNet attention projections (cfg.lora.targets), optionally on the text encoder too, optionally with
-    pivotal tuning's new tokens (customgen.kinds.pivotal: PivotalHooks and the lines below marked "pivotal")."""
+    """LoRA (or LoCon, LoHa, LoKr, DoRA: lora.type, lora.dora) on the UNet (cfg.lora.targets, plus the ResNet blocks
+    for locon/loha/lokr), optionally on the text encoder too, optionally with pivotal tuning's new tokens
+    (customgen.kinds.pivotal: PivotalHooks and the lines below marked "pivotal")."""
 
     def __init__(self, cfg, kind):
         super().__init__(cfg, kind)
         self.pivotal = Pivotal(cfg) if cfg.pivotal.tokens else None  # pivotal: its settings checked here
         self.trains_text_encoder = cfg.lora.text_encoder or self.pivotal is not None
 
-    def _lora_config(self, targets) -> LoraConfig:
-        c = self.cfg.lora
-        return LoraConfig(r=c.rank, lora_alpha=c.alpha if c.alpha is not None else c.rank,
-                          init_lora_weights=c.init, target_modules=list(targets))
-
     def setup(self, comps) -> list[dict]:
         if self.pivotal:  # pivotal: the tokens join the tokenizer and the embedding table before freezing
             self.pivotal.add_tokens(comps)
         freeze(comps.unet, comps.vae, comps.text_encoder)
-        add_lora(comps.unet, self._lora_config(self.cfg.lora.targets))
+        add_adapter(comps.unet, unet_config(self.cfg.lora))
         groups = [{"params": [p for p in comps.unet.parameters() if p.requires_grad], "lr": self.cfg.train.lr}]
         if self.cfg.lora.text_encoder:
-            add_lora(comps.text_encoder, self._lora_config(self.cfg.lora.text_encoder_targets))
+            add_adapter(comps.text_encoder, text_encoder_config(self.cfg.lora))
             groups.append({"params": [p for p in comps.text_encoder.parameters() if p.requires_grad],
                            "lr": self.cfg.lora.text_encoder_lr})
         return groups + ([self.pivotal.group(comps)] if self.pivotal else [])  # pivotal: the embeddings' group
@@ -172,28 +150,36 @@ class LoraMethod(PivotalHooks, Method):
     def settings(self) -> dict:
         c = self.cfg.lora
         te = {"text_encoder_lr": c.text_encoder_lr, "text_encoder_targets": list(c.text_encoder_targets)}
-        return {"rank": c.rank, "alpha": float(c.alpha if c.alpha is not None else c.rank), "targets": list(c.targets),
-                "text_encoder": c.text_encoder} | (te if c.text_encoder else {}) | (
+        conv_rank, conv_alpha = conv_settings(c)
+        convs = {"conv_rank": conv_rank, "conv_alpha": float(conv_alpha)} if unet_config(c).rank_pattern else {}
+        return {"rank": c.rank, "alpha": float(alpha_of(c)), "targets": list(c.targets), "type": c.type,
+                "dora": c.dora} | convs | {"text_encoder": c.text_encoder} | (te if c.text_encoder else {}) | (
                     self.pivotal.settings() if self.pivotal else {})
 
     def saved_bytes(self, comps) -> int:
-        """fp32 A and B of every targeted Linear, in two files: the diffusers file and the kohya export."""
+        """fp32 tensors of every adapted layer: in two files (the diffusers file and the kohya export) where diffusers
+        loads the type, else in the kohya/LyCORIS file with one alpha per layer; pivotal's embeddings."""
         c = self.cfg.lora
-        params = lora_parameter_count(comps.unet, rank=c.rank, targets=tuple(c.targets))
-        if c.text_encoder:
-            params += lora_parameter_count(comps.text_encoder, rank=c.rank, targets=tuple(c.text_encoder_targets))
-        return 2 * 4 * params + (self.pivotal.saved_bytes(comps) if self.pivotal else 0)
+        values, layers = saved_parameters(comps, c, text_encoder=c.text_encoder)
+        adapter = 2 * 4 * values if TYPES[c.type].diffusers else 4 * (values + layers)
+        return adapter + (self.pivotal.saved_bytes(comps) if self.pivotal else 0)
 
     def memory_savers(self) -> list[str]:
-        return (["lora.text_encoder=false"] if self.cfg.lora.text_encoder else []) + (
-            ["pivotal.tokens=0"] if self.pivotal else [])
+        c = self.cfg.lora
+        return ((["lora.dora=false"] if c.dora else []) + (["lora.conv_rank=0"] if unet_config(c).rank_pattern else [])
+                + (["lora.text_encoder=false"] if c.text_encoder else [])
+                + (["pivotal.tokens=0"] if self.pivotal else []))
 
     def save(self, folder: Path, comps, facts: dict) -> dict:
-        export = save_lora(folder, comps.unet, comps.text_encoder if self.cfg.lora.text_encoder else None, facts=facts)
         c = self.cfg.lora
-        pivotal = self.pivotal.save(folder, comps, name=facts["name"]) if self.pivotal else {}
-        return {"weights": WEIGHTS, "exports": [export], "rank": c.rank,
-                "alpha": float(c.alpha if c.alpha is not None else c.rank), "text_encoder": c.text_encoder} | pivotal
+        te = comps.text_encoder if c.text_encoder else None
+        fields = {"rank": c.rank, "alpha": float(alpha_of(c)), "text_encoder": c.text_encoder}
+        fields |= self.pivotal.save(folder, comps, name=facts["name"]) if self.pivotal else {}
+        if TYPES[c.type].diffusers:
+            export = save_lora(folder, comps.unet, te, facts=facts, settings=c)
+            return {"weights": WEIGHTS, "exports": [export]} | fields
+        main = save_kohya(folder, comps.unet, te, facts=facts, settings=c)  # what customgen merges at inference
+        return {"kind": MERGED, "weights": main, "exports": []} | fields
 
 
 # --- inference ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Backward for fake CUDA tensors, driven from Python: torch's engine needs a real CUDA context for them
-(pytorch/pytorch#92627). Nodes run in the engine's order (highest sequence number first), gradients are reduced and
-cast as the engine's validate_outputs does, accumulated in place where the engine would, and each node's saved tensors
-are released right after it runs (through saved-tensor hooks), without grad mode, as the engine runs them."""
+(pytorch/pytorch#92627). Nodes run in the engine's order (highest sequence number first; a Python autograd.Function's
+node, such as peft's LoHa weight, through its `apply`), gradients are reduced and cast as the engine's
+validate_outputs does, accumulated in place where the engine would, and each node's saved tensors are released right
+after it runs (through saved-tensor hooks, which keep values, not the tensors' graph), without grad mode, as the
+engine runs them."""
 from __future__ import annotations
 
 import heapq
@@ -26,7 +28,9 @@ class _SavedTensors:
         self.by_node: dict[int, list] = {}
 
     def pack(self, tensor):
-        box = _Box(tensor)
+        # The values only: a saved output would hold its own node (node → box → tensor → node, a cycle through C++
+        # that gc cannot see), so a graph never run backward (peft's DoRA init) would stay alive.
+        box = _Box(tensor.detach())
         seq = torch._C._autograd._get_sequence_nr() - 1  # the node being built took the last number
         self.by_node.setdefault(seq, []).append(weakref.ref(box))
         return box
@@ -110,7 +114,7 @@ def _run_backward(tensors, grad_tensors) -> None:
         inputs_ = [slot.get(i) for i in range(len(node._input_metadata))]
         del slot
         with torch.no_grad():  # as the engine runs nodes without create_graph: no graph of the backward itself
-            outs = node(*inputs_)
+            outs = node(*inputs_) if callable(node) else node.apply(*inputs_)  # a Python Function's node: .apply
         del inputs_
         SAVED.release(node._sequence_nr())
         for (nxt, nr), g in zip(node.next_functions, outs if isinstance(outs, tuple) else (outs,)):

@@ -94,10 +94,11 @@ def save_weights(run: Run, folder: Path, *, name: str, step: int) -> dict:
 
 
 def artifact_manifest(run: Run, fields: dict, *, name: str, step: int, seconds: float, peak_bytes: int) -> Manifest:
-    """style.json of the final artifact or of a snapshot: the same fields, `step` where the weights are from."""
+    """style.json of the final artifact or of a snapshot: the same fields, `step` where the weights are from; the
+    kind is the method's unless its save names another (a LoHa is merged from its kohya/LyCORIS file)."""
     cfg, fields = run.cfg, dict(fields)
     return Manifest(
-        name=name, method=cfg.method, kind=run.method.kind.name, base_model=cfg.model.ref,
+        name=name, method=cfg.method, kind=fields.pop("kind", run.method.kind.name), base_model=cfg.model.ref,
         prompt=run.method.default_prompt(), class_prompt=cfg.prompt.class_prompt if cfg.prompt.prior else "",
         token=fields.pop("token", "") or trigger_word(cfg), resolution=cfg.data.resolution,
         steps=cfg.train.steps, step=step, trainable_params=run.method.trainable_count(run.comps),

@@ -22,7 +22,7 @@ from customgen.train.optimizers import check_optimizer
 from customgen.train.validation import validate
 
 RUN_FILES = ("checkpoints", SNAPSHOTS, "samples", "logs", CAPTION_FILE, "config.yaml", MANIFEST)  # besides weights
-WEIGHT_FILES = tuple(dict.fromkeys(k.weights for k in KINDS.values()))  # every kind's main file
+WEIGHT_FILES = tuple(dict.fromkeys(k.weights for k in KINDS.values() if k.weights))  # every fixed main file name
 
 
 def owned_files(out: Path) -> list[Path]:
