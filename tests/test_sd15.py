@@ -195,6 +195,57 @@ def test_subject_and_its_snapshot_are_evaluated(trained, tmp_path, capsys):
     gc.collect()
 
 
+# --- LoRA types: LoCon, LoHa, LoKr, DoRA at SD v1.5 scale ---------------------------------------------------------------
+# SD v1.5's ResNet blocks, written out: 2 per down block, 2 in the mid block, 3 per up block; a 1×1 conv_shortcut where
+# the channels change (down 1 and 2, every up block's concatenated input); a 3×3 sampler conv in down 0-2 and up 0-2
+SD15_RESNETS = ([f"down_blocks.{i}.resnets.{j}" for i in range(4) for j in range(2)] + ["mid_block.resnets.0",
+                "mid_block.resnets.1"] + [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)])
+SD15_CONV_MODULES = ([f"{r}.{m}" for r in SD15_RESNETS for m in ("conv1", "conv2", "time_emb_proj")]
+                     + ["down_blocks.1.resnets.0.conv_shortcut", "down_blocks.2.resnets.0.conv_shortcut"]
+                     + [f"up_blocks.{i}.resnets.{j}.conv_shortcut" for i in range(4) for j in range(3)]
+                     + [f"down_blocks.{i}.downsamplers.0.conv" for i in range(3)]
+                     + [f"up_blocks.{i}.upsamplers.0.conv" for i in range(3)])
+ADAPTERS = {  # name → (recipe, data, settings): every type and DoRA, the subject one with its text encoder
+    "lora+dora": ("dreambooth_lora_subject", "photos", ["lora.dora=true", "prompt.prior=false"]),
+    "locon": ("lora_style", "wikiart", ["lora.type=locon", "lora.conv_rank=2", "data.style=Cubism"]),
+    "loha": ("lora_style", "wikiart", ["lora.type=loha", "data.style=Cubism"]),
+    "lokr": ("lora_style", "wikiart", ["lora.type=lokr", "data.style=Cubism"]),
+}
+
+
+def test_adapter_types_train_one_step_and_name_exactly_sd15s_layers(tmp_path):
+    """Each setting trains one step on sd15-random at 64 px; its kohya/LyCORIS file names exactly the layers the
+    type adapts in SD v1.5 (the 128 attention projections, LoCon/LoHa/LoKr adding the 86 ResNet-block and sampler
+    layers, the subject's 72 text-encoder layers), each change fitting its SD v1.5 layer; the DoRA file's magnitudes
+    are (out, 1) and the diffusers file holds the same layers; LoHa and LoKr artifacts are merged from that file."""
+    from customgen.formats import read_adapter
+    from customgen.formats.names import sd1_layers
+
+    data = {"wikiart": make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 1}, size=(72, 72)),
+            "photos": make_instance_folder(tmp_path / "photos", n=1, size=(72, 72))}
+    layers = sd1_layers()
+    for name, (recipe, source, sets) in ADAPTERS.items():
+        cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", SD15 + ["data.resolution=64", "lora.rank=2",
+                                                                       f"data.root={data[source]}", *sets])
+        folder = train(cfg, output=tmp_path / name.replace("+", "_"), progress=False)
+        gc.collect()
+        manifest = kinds.read_manifest(folder)
+        kohya = folder / (manifest.exports[0] if manifest.kind == "lora" else manifest.weights)
+        assert manifest.kind == ("lora" if name in ("lora+dora", "locon") else "merged") and manifest.step == 1
+        adapter = read_adapter(kohya)
+        assert "unmatched" not in adapter.report
+        unet = set(SD15_UNET_MODULES) | (set(SD15_CONV_MODULES) if name != "lora+dora" else set())
+        te = set(SD15_TE_MODULES) if recipe == "dreambooth_lora_subject" else set()
+        assert set(adapter.deltas) == {("unet", m) for m in unet} | {("text_encoder", m) for m in te}, name
+        for (component, path), delta in adapter.deltas.items():
+            i, o, k = layers[component][path]
+            delta.diff((o, i, *k))  # raises unless its change has the layer's shape
+            assert delta.dora_scale is None or tuple(delta.dora_scale.shape) == (o, 1)
+        if manifest.kind == "lora":
+            keys = load_file(str(folder / lora.WEIGHTS)).keys()
+            assert {k.split(".", 1)[1].rsplit(".lora_", 1)[0] for k in keys} == unet | te
+
+
 # --- peak memory: the fake-CUDA prediction at SD v1.5 scale (customgen.train.estimate) ---------------------------------
 @pytest.mark.parametrize("recipe", ["lora_style", "dreambooth_lora_subject"])
 def test_memory_prediction_matches_a_real_cpu_run_of_the_same_step(recipe):
