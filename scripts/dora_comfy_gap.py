@@ -34,8 +34,9 @@ def gap(w: torch.Tensor, ratio: float, g: torch.Generator) -> dict:
     delta = Delta("locon", {"lora_down.weight": down, "lora_up.weight": up}, alpha=RANK, dora_scale=m)
     formula = delta.merged(w, 1.0)
     comfy = m * (w + up @ down) / w.norm(dim=1, keepdim=True)  # comfy/weight_adapter/base.py's ‖W‖ (output axis)
-    row = ((comfy - formula).norm(dim=1) / formula.norm(dim=1))
-    return {"delta_over_weight": ratio, "row_relative_gap_mean": row.mean().item(), "row_relative_gap_max": row.max().item(),
+    row = (comfy - formula).norm(dim=1) / formula.norm(dim=1)
+    return {"delta_over_weight": ratio, "row_relative_gap_mean": row.mean().item(),
+            "row_relative_gap_max": row.max().item(),
             "gap_over_dora_change": ((comfy - formula).norm() / (formula - w).norm()).item()}
 
 

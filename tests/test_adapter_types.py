@@ -265,24 +265,34 @@ def test_lokr_scale_is_folded_so_tools_that_skip_it_merge_the_same(trained):
     assert all(float(layers[n]["alpha"]) == rank[n] for n in full + decomposed)
 
 
-@pytest.mark.parametrize("name", DIFFUSERS_TYPES)
-def test_lora_locon_and_dora_files_load_through_stock_diffusers(name, trained):
-    """`load_lora_weights` + `fuse_lora` of the diffusers file: every adapted layer's fused weight is peft's merge of
-    the trained model, bit for bit (the same peft merge on the same tensors)."""
-    folder, comps = trained[name]
+def stock_fused(folder: Path, weights: str) -> dict[str, torch.Tensor]:
+    """kohya name → weight of each adapted layer after stock `load_lora_weights` + `fuse_lora` of `weights`."""
     pipe = load_pipeline("tiny", kind="txt2img", device="cpu")
-    pipe.load_lora_weights(str(folder), weight_name=lora.WEIGHTS)
+    pipe.load_lora_weights(str(folder), weight_name=weights)
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
-    merged = peft_merged(comps)
     loaded = {}
     for component in ("unet", "text_encoder"):
         for n, m in getattr(pipe, component).named_modules():
             if isinstance(m, BaseTunerLayer):
                 path = cf.canonical_te(n) if component == "text_encoder" else n
                 loaded[cf.kohya_key(component, path)] = m.get_base_layer().weight.detach()
-    assert loaded.keys() == merged.keys()
-    bad = {k: (loaded[k] - merged[k]).abs().max().item() for k in merged if not torch.equal(loaded[k], merged[k])}
-    assert not bad, bad
+    return loaded
+
+
+@pytest.mark.parametrize("name", DIFFUSERS_TYPES)
+def test_lora_locon_and_dora_files_load_through_stock_diffusers(name, trained):
+    """`load_lora_weights` + `fuse_lora` of the diffusers file: every adapted layer's fused weight, the subject's
+    text-encoder DoRA included (transformers 5's load_adapter misses `lora_magnitude_vector` without `.weight`), is
+    peft's merge of the trained model, bit for bit (the same peft merge on the same tensors). LoCon's kohya file
+    fuses to the same weights through diffusers' kohya reader."""
+    folder, comps = trained[name]
+    merged = peft_merged(comps)
+    files = [lora.WEIGHTS] + (kinds.read_manifest(folder).exports if name == "locon" else [])
+    for weights in files:
+        loaded = stock_fused(folder, weights)
+        assert loaded.keys() == merged.keys()
+        bad = {k: (loaded[k] - merged[k]).abs().max().item() for k in merged if not torch.equal(loaded[k], merged[k])}
+        assert not bad, (weights, bad)
 
 
 @pytest.mark.parametrize("config", [LoHaConfig(r=2, alpha=3, use_effective_conv2d=True, target_modules=["conv1",

@@ -8,6 +8,7 @@ the way the tools that made them do. Every format name lives in this package; th
     names.py     SD v1 layer names and the kohya names for them
     deltas.py    one layer's change and the weight it merges to (lycoris-lora's functional math)
     adapter.py   examine (the `customgen inspect` report) and read_adapter (an Adapter, or one line why not)
+    writing.py   the kohya/LyCORIS file of what customgen trained (peft's LoRA, LoCon, LoHa, LoKr, DoRA tensors)
 """
 from customgen.formats.adapter import Adapter, examine, find_layer, read_adapter, sha256
 from customgen.formats.deltas import Delta

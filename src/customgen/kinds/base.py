@@ -93,8 +93,9 @@ class Method:
         raise TypeError(f"{type(self).__name__} must define saved_bytes()")
 
     def save(self, folder: Path, comps, facts: dict) -> dict:
-        """Write the weights (and exports for other tools) into `folder`; returns manifest fields. `facts` are
-        the run's training facts (name, base model, resolution, steps, lr, tag frequency, ...; train/run.py)."""
+        """Write the weights (and exports for other tools) into `folder`; returns manifest fields (a `kind` among
+        them names the kind that loads the artifact when it is not this one: a LoHa is merged from its file). `facts`
+        are the run's training facts (name, base model, resolution, steps, lr, tag frequency, ...; train/run.py)."""
         raise TypeError(f"{type(self).__name__} must define save()")
 
 
