@@ -32,7 +32,7 @@ from tests.image_fixtures import make_instance_folder, make_wikiart_tree
 from tests.tolerance import gamma
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_size=32", "train.steps=2", "train.batch_size=1",
+SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.steps=2", "train.batch_size=1",
          "validation.steps=2", "validation.num_images=1", "train.checkpoint_every=0", "train.validate_every=0",
          "loss.lpips=0", "loss.gram=0", "train.lr=0.02", "lora.text_encoder_lr=0.02", "train.lr_scheduler=constant"]
 SETTINGS = {  # name → (recipe, --set lines): every type and DoRA, alpha ≠ rank, conv rank/alpha of their own

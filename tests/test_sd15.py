@@ -225,8 +225,8 @@ def test_adapter_types_train_one_step_and_name_exactly_sd15s_layers(tmp_path):
             "photos": make_instance_folder(tmp_path / "photos", n=1, size=(72, 72))}
     layers = sd1_layers()
     for name, (recipe, source, sets) in ADAPTERS.items():
-        cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", SD15 + ["data.resolution=64", "lora.rank=2",
-                                                                       f"data.root={data[source]}", *sets])
+        cfg = load_config(ROOT / "configs" / f"{recipe}.yaml", SD15 + [
+            "data.resolution=64", "data.min_bucket=64", "lora.rank=2", f"data.root={data[source]}", *sets])
         folder = train(cfg, output=tmp_path / name.replace("+", "_"), progress=False)
         gc.collect()
         manifest = kinds.read_manifest(folder)
