@@ -112,6 +112,14 @@ def test_study_preset_trains_two_steps_with_the_study_settings_in_style_json(nam
         assert meta["ss_gradient_accumulation_steps"] == str(settings["grad_accum"])
         assert meta["ss_total_batch_size"] == str(settings["effective_batch"])
         assert meta["ss_flip_aug"] == str(settings["random_flip"])
+        assert meta["ss_enable_bucket"] == str("buckets" in settings)  # kohya's names for buckets and captions
+        assert meta["ss_caption_dropout_rate"] == str(settings["caption_dropout"])
+        assert meta["ss_shuffle_caption"] == str(settings["shuffle_caption"])
+        if "buckets" in settings:
+            info = json.loads(meta["ss_bucket_info"])["buckets"]
+            assert [(b["resolution"], b["count"]) for b in info.values()] == [
+                (row["bucket"], row["count"]) for row in settings["buckets"]]
+            assert meta["ss_min_bucket_reso"] == str(settings["min_bucket"])
 
 
 def spy_step(monkeypatch, run):

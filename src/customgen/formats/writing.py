@@ -33,7 +33,13 @@ PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.wei
 # kohya's ss_* names of the run's schedule facts (customgen.kinds.training_facts), written when the facts hold them
 KOHYA_SCHEDULE = {"ss_gradient_accumulation_steps": "grad_accum", "ss_total_batch_size": "effective_batch",
                   "ss_num_epochs": "epochs", "ss_lr_warmup_steps": "warmup_steps", "ss_max_grad_norm": "max_grad_norm",
-                  "ss_flip_aug": "random_flip", "ss_prior_loss_weight": "prior_weight"}
+                  "ss_flip_aug": "random_flip", "ss_prior_loss_weight": "prior_weight",
+                  # buckets, captions and noise (kohya's train_network.py writes these names)
+                  "ss_enable_bucket": "buckets", "ss_min_bucket_reso": "min_bucket", "ss_max_bucket_reso": "max_bucket",
+                  "ss_bucket_no_upscale": "bucket_no_upscale", "ss_bucket_info": "bucket_info",
+                  "ss_caption_dropout_rate": "caption_dropout", "ss_shuffle_caption": "shuffle_caption",
+                  "ss_keep_tokens": "keep_tokens", "ss_noise_offset": "noise_offset",
+                  "ss_adaptive_noise_scale": "adaptive_noise_scale"}
 
 
 @dataclass
@@ -105,4 +111,5 @@ def kohya_metadata(facts: dict, *, rank: int, alpha: float, text_encoder: bool,
         "modelspec.resolution": f"{facts['resolution']}x{facts['resolution']}",
     }
     meta |= {"ss_network_args": json.dumps(args)} if args else {}
-    return meta | {key: str(facts[fact]) for key, fact in KOHYA_SCHEDULE.items() if fact in facts}
+    text = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731 - safetensors wants str
+    return meta | {key: text(facts[fact]) for key, fact in KOHYA_SCHEDULE.items() if facts.get(fact) is not None}

@@ -93,7 +93,13 @@ def training_facts(cfg, name: str, **measured) -> dict:
             "grad_accum": cfg.train.grad_accum or 1, "effective_batch": cfg.train.batch_size * (cfg.train.grad_accum or 1),
             "epoch_steps": 0, "epochs": cfg.train.epochs, "warmup_steps": cfg.train.warmup_steps,
             "max_grad_norm": cfg.train.max_grad_norm, "random_flip": bool(cfg.data.random_flip),
-            "prior_weight": cfg.prompt.prior_weight if cfg.prompt.prior else 0.0} | measured
+            "prior_weight": cfg.prompt.prior_weight if cfg.prompt.prior else 0.0, "buckets": cfg.data.buckets,
+            "min_bucket": cfg.data.min_bucket if cfg.data.buckets else None,
+            "max_bucket": cfg.data.max_bucket if cfg.data.buckets else None,
+            "bucket_no_upscale": cfg.data.bucket_no_upscale if cfg.data.buckets else None,
+            "caption_dropout": cfg.data.caption_dropout, "shuffle_caption": cfg.data.shuffle_caption,
+            "keep_tokens": cfg.data.keep_tokens, "noise_offset": cfg.loss.noise_offset,
+            "adaptive_noise_scale": cfg.loss.adaptive_noise_scale} | measured
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:

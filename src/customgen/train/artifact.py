@@ -44,7 +44,16 @@ def run_facts(run: Run, *, name: str, step: int) -> dict:
                           optimizer=run.plan.optimizer, num_images=len(run.images.dataset.records),
                           tag_frequency=tag_frequency(run), started_at=int(run.started), finished_at=int(time.time()),
                           grad_accum=s.grad_accum, effective_batch=s.effective_batch, epoch_steps=s.epoch_steps,
-                          epochs=s.epochs or -(-s.steps // s.epoch_steps))  # kohya's ss_num_epochs: epochs begun
+                          epochs=s.epochs or -(-s.steps // s.epoch_steps),  # kohya's ss_num_epochs: epochs begun
+                          bucket_info=bucket_info(run))
+
+
+def bucket_info(run: Run) -> dict | None:
+    """kohya's ss_bucket_info: {"buckets": {i: {"resolution": [w, h], "count": images}}} (None without buckets)."""
+    if not run.cfg.data.buckets:
+        return None
+    table = bucket_counts(run.images.dataset.placements)
+    return {"buckets": {str(i): {"resolution": row["bucket"], "count": row["count"]} for i, row in enumerate(table)}}
 
 
 def training_settings(run: Run) -> dict:
