@@ -29,6 +29,7 @@ from customgen.train import build_run, finish, loop, prepare_output, train
 from customgen.train.checkpoint import checkpoints
 from tests import community_files as cf
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
+from tests.interrupt import killed_at
 from tests.tolerance import gamma
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,13 +120,9 @@ def test_each_setting_trains_in_bf16_and_resumes_bit_identically_after_a_kill(na
     the first: the artifact's main weights file holds the same tensors as the uninterrupted run's."""
     extra = ("train.mixed_precision=bf16", "train.checkpoint_every=1")
     whole = train(cfg_for(name, data, *extra), output=tmp_path / "whole", progress=False)
-    real = loop.optimizer_step
-    monkeypatch.setattr(loop, "optimizer_step", lambda run, step: (_ for _ in ()).throw(RuntimeError("killed"))
-                        if step == 1 else real(run, step))
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 1):
         train(cfg_for(name, data, *extra), output=tmp_path / "cut", progress=False)
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-000001"]
-    monkeypatch.setattr(loop, "optimizer_step", real)
     resumed = train(cfg_for(name, data, *extra), output=tmp_path / "cut", resume="auto", progress=False)
     manifest = kinds.read_manifest(whole)
     settings = cfg_for(name, data).lora

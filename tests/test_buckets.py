@@ -26,6 +26,7 @@ from customgen.train.captions import read_captions
 from customgen.train.data import ImageSet, settle_data
 from customgen.train.estimate import estimate_training
 from tests.image_fixtures import save, textured_image
+from tests.interrupt import killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,17 +219,8 @@ def test_a_bucketed_run_trains_one_bucket_per_step_and_resumes_exactly(mixed, tm
     training = kinds.read_manifest(whole).training
     assert training["buckets"] == [{"bucket": [64, 192], "count": 2}, {"bucket": [128, 128], "count": 2},
                                    {"bucket": [192, 64], "count": 1}]  # images, not repeats
-    real = loop.optimizer_step
-
-    def killed_at_3(run, step):
-        if step == 3:
-            raise RuntimeError("killed")
-        return real(run, step)
-
-    monkeypatch.setattr(loop, "optimizer_step", killed_at_3)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 3):
         train(bucketed(mixed, *extra), output=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop, "optimizer_step", real)
     resumed = train(bucketed(mixed, *extra), output=tmp_path / "cut", progress=False)
     assert read_captions(resumed) == rows  # the same batches and captions, written once
     a, b = (load_file(str(p / lora.WEIGHTS)) for p in (whole, resumed))

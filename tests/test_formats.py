@@ -335,8 +335,6 @@ def test_file_blends_with_an_own_lora_and_restores_the_base_exactly(algo, tiny, 
 def test_stock_loadable_files_draw_stock_diffusers_pixels(tiny, tmp_path):
     """A kohya LoCon file (customgen loads it with stock `load_lora_weights` and fuses it as `fuse_lora` does) draws
     exactly the pixels of a stock pipeline given the same file, scale, scheduler and seed."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-
     path = cf.write(tmp_path / "locon.safetensors", cf.kohya_state(tiny, "locon", seed=21, alpha=2.0,
                                                                    text_encoder=stock_reads_kohya_text_encoder(
                                                                        tiny.text_encoder)))

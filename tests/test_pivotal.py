@@ -34,6 +34,7 @@ from customgen.train.schedule import group_steps
 from customgen.train.snapshots import OVERHEAD, artifact_bytes
 from tests.artifact_fixtures import stock_reads_kohya_text_encoder
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
+from tests.interrupt import killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.batch_size=1",
@@ -120,13 +121,9 @@ def test_style_recipe_trains_in_bf16_and_resumes_bit_identically_after_a_kill(da
                    "pivotal.lr=0.05"]
     cfg = lambda: load_config(ROOT / "configs" / "lora_style.yaml", sets)  # noqa: E731
     whole = train(cfg(), output=tmp_path / "whole", progress=False)
-    real = loop.optimizer_step
-    monkeypatch.setattr(loop, "optimizer_step", lambda run, step: (_ for _ in ()).throw(RuntimeError("killed"))
-                        if step == 3 else real(run, step))
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 3):
         train(cfg(), output=tmp_path / "cut", progress=False)
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-000002"]
-    monkeypatch.setattr(loop, "optimizer_step", real)
     resumed = train(cfg(), output=tmp_path / "cut", resume="auto", progress=False)
     m = kinds.read_manifest(whole)
     assert m.training["mixed_precision"] == "bf16" and not m.text_encoder and m.prompt == "a painting in the style " \

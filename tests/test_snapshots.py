@@ -29,6 +29,7 @@ from customgen.train import artifact
 from customgen.train import snapshots
 from customgen.train.checkpoint import checkpoints
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
+from tests.interrupt import killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.ref=tiny", "data.resolution=64", "data.min_bucket=64", "data.min_size=32", "train.batch_size=1",
@@ -257,19 +258,10 @@ def test_resume_keeps_snapshots_of_the_same_run_and_drops_those_of_another_confi
     """Killed at step 4 (snapshots 1-3 written, checkpoint 2): resumed with the same config, snapshot 3 is re-made
     identically; resumed with a forced shorter run (train.steps=3), snapshot 3 is another run's and goes."""
     extra = ("train.steps=5", "train.snapshot_every=1", "train.checkpoint_every=2")
-    real = loop.optimizer_step
-
-    def killed_at_4(run, step):
-        if step == 3:  # the 4th optimizer step
-            raise RuntimeError("killed")
-        return real(run, step)
-
     whole = train(cfg_for("lora_style", data, *extra), output=tmp_path / "whole", progress=False)
     for name in ("same", "forced"):
-        monkeypatch.setattr(loop, "optimizer_step", killed_at_4)
-        with pytest.raises(RuntimeError, match="killed"):
+        with killed_at(monkeypatch, 3):  # the 4th optimizer step
             train(cfg_for("lora_style", data, *extra), output=tmp_path / name, progress=False)
-        monkeypatch.setattr(loop, "optimizer_step", real)
         assert [p.name for p in kinds.list_snapshots(tmp_path / name)] == [f"step-00000{i}" for i in (1, 2, 3)]
         assert [p.name for p in checkpoints(tmp_path / name)] == ["step-000002"]
     train(cfg_for("lora_style", data, *extra), output=tmp_path / "same", progress=False)

@@ -19,6 +19,7 @@ from customgen.train import loop
 from customgen.train.checkpoint import checkpoints
 from tests.artifact_fixtures import assert_same_lora, stock_reads_kohya_text_encoder
 from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
+from tests.interrupt import killed_at
 from tests.launch import launch_two_processes
 from tests.tolerance import PIXEL_LEVELS
 
@@ -161,19 +162,10 @@ def test_resume_after_a_kill_gives_the_same_weights(data, tmp_path, monkeypatch)
     extra = ("train.steps=4", "train.checkpoint_every=2", "loss.lpips=0", "loss.gram=0")
     whole = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "whole", progress=False)
 
-    real = loop.optimizer_step
-
-    def killed_at_3(run, step):
-        if step == 3:
-            raise RuntimeError("killed")
-        return real(run, step)
-
-    monkeypatch.setattr(loop, "optimizer_step", killed_at_3)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 3):
         train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", progress=False)
     assert [p.name for p in checkpoints(tmp_path / "cut")] == ["step-000002"]
     assert not (tmp_path / "cut" / kinds.MANIFEST).exists()
-    monkeypatch.setattr(loop, "optimizer_step", real)
     resumed = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", resume="auto", progress=False)
     from safetensors.torch import load_file
 
@@ -186,12 +178,8 @@ def test_a_checkpoint_resumes_under_another_transformers_release(data, tmp_path,
     name text-encoder tensors canonically and read either form, so the resumed subject LoRA is the same."""
     extra = ("train.steps=3", "train.checkpoint_every=2", "prompt.prior=false")
     whole = train(recipe_cfg("dreambooth_lora_subject", data, *extra), output=tmp_path / "whole", progress=False)
-    real = loop.optimizer_step
-    monkeypatch.setattr(loop, "optimizer_step", lambda run, step: (_ for _ in ()).throw(RuntimeError("killed"))
-                        if step == 2 else real(run, step))
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 2):
         train(recipe_cfg("dreambooth_lora_subject", data, *extra), output=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop, "optimizer_step", real)
     from safetensors.torch import load_file, save_file
 
     (ck,) = checkpoints(tmp_path / "cut")
@@ -521,12 +509,8 @@ def test_resume_after_a_kill_is_exact_with_prodigy_and_noise_offset(setting, dat
 
     extra = ("train.steps=5", "train.checkpoint_every=2", "loss.lpips=0", "loss.gram=0", *RESUMED[setting])
     whole = train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "whole", progress=False)
-    real = loop.optimizer_step
-    monkeypatch.setattr(loop, "optimizer_step", lambda run, step: (_ for _ in ()).throw(RuntimeError("killed"))
-                        if step == 3 else real(run, step))
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_at(monkeypatch, 3):
         train(recipe_cfg("lora_style", data, *extra), output=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(loop, "optimizer_step", real)
     if setting.startswith("prodigy"):
         (ck,) = checkpoints(tmp_path / "cut")
         saved = read_checkpoint(ck).optimizer["param_groups"][0]
