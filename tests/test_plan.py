@@ -411,6 +411,7 @@ def test_inference_picks_batch_and_vae_mode_from_the_cached_prediction(tmp_path,
     from customgen.models.footprint import _cached_peak, sampling_peak
 
     session = get_session("tiny")
+    session.activate([])  # the base alone (another test's styles would add their tensors to the prediction)
     real_batch = img2img.stylize_batch
     size = (64, 64)
     need = {c: total_bytes(sampling_peak(session.comps, kind="img2img", size=size, batch=c[0],
@@ -455,6 +456,7 @@ def test_generate_demo_and_evaluate_plan_for_their_cap(tmp_path):
     from customgen.models.footprint import sampling_peak
 
     session = get_session("tiny")
+    session.activate([])  # the base alone (another test's styles would add their tensors to the prediction)
     need = {sl: total_bytes(sampling_peak(session.comps, kind="txt2img", size=(64, 64), batch=2,
                                           dtype=session.comps.unet.dtype, slicing=sl)) for sl in (False, True)}
     assert need[True] < need[False]
