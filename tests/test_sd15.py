@@ -499,3 +499,22 @@ def test_a_pivotal_subject_trains_one_step_at_64px_and_its_tokens_load_in_stock_
     assert 0 < moved.max() <= 0.05 * (1 + 4 * u) + 4 * u * init.abs().max()
     del pipe
     gc.collect()
+
+
+def test_noise_offset_and_prodigy_train_one_step_at_64px(tmp_path):
+    """Noise offset (with kohya's adaptive scale) and Prodigy at SD v1.5 scale: one step at 64 px trains, Prodigy's
+    state (its d estimate among it) is the optimizer the run used, and the kohya export records both settings."""
+    wikiart = make_wikiart_tree(tmp_path / "wikiart", styles={"Cubism": 1}, size=(96, 80))
+    sets = [s for s in SD15 if not s.startswith("data.resolution")] + [
+        "data.resolution=64", "data.min_bucket=64", f"data.root={wikiart}", "data.style=Cubism", "loss.lpips=0",
+        "loss.gram=0", "loss.noise_offset=0.1", "loss.adaptive_noise_scale=0.01", "train.optimizer=prodigy",
+        "train.lr=1.0"]
+    out = train(load_config(ROOT / "configs" / "lora_style.yaml", sets), output=tmp_path / "run", progress=False)
+    m = kinds.read_manifest(out)
+    assert m.training["optimizer_used"] == "prodigy" and m.steps == m.step == 1
+    loss = np.loadtxt(out / "logs" / "loss.csv", delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    assert np.isfinite(loss).all()
+    with safe_open(str(out / m.exports[0]), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_noise_offset"] == "0.1" and meta["ss_adaptive_noise_scale"] == "0.01"
+    assert meta["ss_optimizer"] == "prodigy"
