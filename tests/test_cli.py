@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from customgen.cli import main
 
@@ -131,12 +132,13 @@ def test_the_default_models_architecture_needs_no_network(no_network):
 
 
 @pytest.mark.parametrize("network", ["reachable", "unreachable"])
-@pytest.mark.parametrize("command", ["plan", "inspect"])
+@pytest.mark.parametrize("command", ["plan", "inspect", "inspect FILE"])
 def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, network, no_network, monkeypatch,
-                                                                      capfd):
+                                                                      capfd, tmp_path):
     """A library writing to stdout while the command works (torch.hub's `Downloading:` line through print, and a
     write to file descriptor 1 as C code or a child process makes) lands on stderr; stdout parses as JSON. With the
     network "reachable" torch.hub's downloader prints as torch does; unreachable, the probe says no."""
+    import customgen.formats.report
     import customgen.models
     import customgen.network
     import customgen.train.plan
@@ -149,7 +151,8 @@ def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, ne
         raise OSError("no network in this test")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    target = (customgen.train.plan, "plan_for") if command == "plan" else (customgen.models, "load_components")
+    target = {"plan": (customgen.train.plan, "plan_for"), "inspect": (customgen.models, "load_components"),
+              "inspect FILE": (customgen.formats.report, "examine")}[command]
     real = getattr(*target)
 
     def noisy(*args, **kwargs):
@@ -158,7 +161,11 @@ def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, ne
         return real(*args, **kwargs)
 
     monkeypatch.setattr(*target, noisy)
-    argv = ["plan", str(ROOT / "configs" / "lora_style.yaml"), *TINY_PLAN] if command == "plan" else ["inspect", "tiny"]
+    lora = tmp_path / "ink.safetensors"  # a kohya LoRA file of one layer
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32, 1, 1),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(lora))
+    argv = {"plan": ["plan", str(ROOT / "configs" / "lora_style.yaml"), *TINY_PLAN], "inspect": ["inspect", "tiny"],
+            "inspect FILE": ["inspect", str(lora)]}[command]
     assert main([*argv, "--json"]) == 0
     out, err = capfd.readouterr()
     assert json.loads(out) and "Downloading:" in err and "written to fd 1" in err

@@ -58,16 +58,15 @@ def document_only(as_json: bool):
 
 
 def _cmd_inspect(args) -> int:
-    if Path(args.ref).expanduser().is_file():  # a file: what it is and whether customgen can use it
-        from customgen.formats.report import file_report, format_file_report  # lazy
-
-        report = file_report(args.ref)
-        print(json.dumps(report, indent=2) if args.json else format_file_report(report))
-        return 0
+    from customgen.formats.report import file_report, format_file_report  # lazy
     from customgen.models import load_components  # lazy
     from customgen.models.inspect import format_report, inspect_components  # lazy
 
     with document_only(args.json) as emit:
+        if Path(args.ref).expanduser().is_file():  # a file: what it is and whether customgen can use it
+            report = file_report(args.ref)
+            emit(json.dumps(report, indent=2) if args.json else format_file_report(report))
+            return 0
         comps = load_components(args.ref, meta=True)  # architecture only: counts need no weights
         report = inspect_components(comps, rank=args.rank)
         emit(json.dumps(report, indent=2) if args.json else format_report(report))
