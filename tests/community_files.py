@@ -156,9 +156,11 @@ def diffusers_metadata(state: dict, *, rank: int, alpha: float) -> dict[str, str
         modules = sorted({re.split(r"(?:transformer_blocks|attentions|layers)\.\d+\.", k.rsplit(".lora_", 1)[0])[-1]
                           for k in state if k.startswith(component + ".")})  # peft's suffixes: to_q, ff.net.2, fc1
         if modules:
-            meta |= {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
-                     f"{component}.target_modules": modules, f"{component}.use_dora": any(
-                         k.endswith("lora_magnitude_vector") for k in state if k.startswith(component + "."))}
+            fields = {"r": rank, "lora_alpha": alpha, "target_modules": modules, "lora_dropout": 0.0, "bias": "none",
+                      "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "rank_pattern": {},
+                      "alpha_pattern": {}, "use_dora": any(k.endswith("lora_magnitude_vector") for k in state
+                                                           if k.startswith(component + "."))}  # a LoraConfig's fields
+            meta |= {f"{component}.{k}": v for k, v in fields.items()}
     return {"lora_adapter_metadata": json.dumps(meta), "format": "pt"}
 
 

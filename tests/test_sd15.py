@@ -445,7 +445,7 @@ def test_lcm_lora_stylizes_in_4_steps_with_stock_pixels(tmp_path):
     pipe = load_pipeline("sd15-random", kind="img2img", device="cpu")
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(path), adapter_name="lcm")
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lcm")  # offline: by name
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)
     theirs = pipe("", image=image, strength=0.8, num_inference_steps=4, guidance_scale=1.0,
                   generator=torch.Generator("cpu").manual_seed(2)).images[0]
