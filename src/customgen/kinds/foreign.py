@@ -31,8 +31,8 @@ NAME = "merged"  # the kind
 FILE_METHOD = "file"  # the manifest method of a file from elsewhere (it was not trained by customgen)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached(path: str, stamp: tuple) -> Adapter:
+@functools.lru_cache(maxsize=4)  # an Adapter holds the file's tensors (a community LoRA is up to ~150 MB): a few
+def _cached(path: str, stamp: tuple) -> Adapter:  # blended at once, not a whole listed library
     return read_adapter(path)
 
 
@@ -183,6 +183,10 @@ class MergedKind(Kind):
             return 0
         emb = session.comps.text_encoder.get_input_embeddings().weight
         return sum(v.shape[0] for v in loaded[0].embeddings.values()) * emb.shape[1] * emb.element_size()
+
+    def planned_bytes(self, style, element_size: int) -> int:
+        """Its embeddings' values, from the file."""
+        return sum(v.numel() for v in adapter_of(weights_path(style)).embeddings.values()) * element_size
 
     def default_prompt(self, style) -> str:
         return style.manifest.prompt

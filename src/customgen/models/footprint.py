@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import warnings
+import weakref
 
 from dataclasses import dataclass
 
@@ -147,10 +148,12 @@ def sampling_peak(comps: Components, *, kind: str, size: int | tuple[int, int], 
 
 
 class _Arch:
-    """Components passed through the cache without being part of its key (the key is their shape hash)."""
+    """Components passed through the cache without being part of its key (the key is their shape hash), by a weak
+    reference: the cache keeps the first caller's `_Arch`, and a strong one would keep a dropped session's weights
+    (GBs at SD v1.5) alive for as long as the process runs. Only a cache miss reads it, while its caller holds them."""
 
     def __init__(self, comps: Components):
-        self.comps = comps
+        self.comps = weakref.ref(comps)
 
     def __hash__(self) -> int:
         return 0
@@ -162,7 +165,7 @@ class _Arch:
 @functools.lru_cache(maxsize=256)
 def _cached_peak(key: str, arch: _Arch, kind: str, size: tuple[int, int], batch: int, dtype: torch.dtype,
                  slicing: bool, tiling: bool, addons: Addons | None = None) -> int:
-    comps = architecture(arch.comps)
+    comps = architecture(arch.comps())
     with quiet(), fake_cuda() as mode, LiveBytes("cuda") as live:
         for m in (comps.unet, comps.vae, comps.text_encoder):
             materialize(m, "cuda", dtype, mode)
