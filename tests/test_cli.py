@@ -125,20 +125,28 @@ def test_plan_of_every_recipe_makes_no_network_request(config, no_network, capfd
 def test_the_default_models_architecture_needs_no_network(no_network):
     """The recipes' model (the SD v1.5 Hub id) is planned from the shipped configs, offline or not."""
     from customgen.request import DEFAULT_MODEL
-    from customgen.train.estimate import architecture
+    from customgen.models.loading import load_architecture
 
-    comps = architecture(DEFAULT_MODEL)
+    comps = load_architecture(DEFAULT_MODEL)
     assert comps.unet.device.type == "meta" and no_network == []
 
 
+def test_a_sampling_plan_of_the_default_model_makes_no_network_request(no_network, capfd):
+    """`customgen plan --sample` of SD v1.5 (the Hub id, from the shipped configs) on a T4: no connection tried."""
+    assert main(["plan", "--sample", "generate", "--size", "512", "--batch", "2", "--gpu", "t4", "--json"]) == 0
+    rep = json.loads(capfd.readouterr().out)
+    assert rep["fits"] and rep["dtype"] == "float16" and no_network == []
+
+
 @pytest.mark.parametrize("network", ["reachable", "unreachable"])
-@pytest.mark.parametrize("command", ["plan", "inspect", "inspect FILE"])
+@pytest.mark.parametrize("command", ["plan", "plan --sample", "inspect", "inspect FILE"])
 def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, network, no_network, monkeypatch,
                                                                       capfd, tmp_path):
     """A library writing to stdout while the command works (torch.hub's `Downloading:` line through print, and a
     write to file descriptor 1 as C code or a child process makes) lands on stderr; stdout parses as JSON. With the
     network "reachable" torch.hub's downloader prints as torch does; unreachable, the probe says no."""
     import customgen.formats.report
+    import customgen.inference.plan
     import customgen.models
     import customgen.network
     import customgen.train.plan
@@ -152,6 +160,7 @@ def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, ne
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     target = {"plan": (customgen.train.plan, "plan_for"), "inspect": (customgen.models, "load_components"),
+              "plan --sample": (customgen.inference.plan, "load_architecture"),
               "inspect FILE": (customgen.formats.report, "examine")}[command]
     real = getattr(*target)
 
@@ -165,6 +174,7 @@ def test_json_stdout_is_the_document_alone_whatever_a_library_prints(command, ne
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32, 1, 1),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}, str(lora))
     argv = {"plan": ["plan", str(ROOT / "configs" / "lora_style.yaml"), *TINY_PLAN], "inspect": ["inspect", "tiny"],
+            "plan --sample": ["plan", "--sample", "stylize", "--model", "tiny", "--style", str(lora)],
             "inspect FILE": ["inspect", str(lora)]}[command]
     assert main([*argv, "--json"]) == 0
     out, err = capfd.readouterr()

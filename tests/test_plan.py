@@ -444,6 +444,98 @@ def test_inference_picks_batch_and_vae_mode_from_the_cached_prediction(tmp_path,
         stylize(contents[:1], None, model="tiny", steps=2, size=64, seed=0, cap_gib=(small - 2**20) / GIB)
 
 
+def test_the_cached_prediction_keeps_no_model_alive():
+    """The prediction cache is keyed by the architecture: after a session's modules are dropped (clear_sessions,
+    another model) their memory is freed, the cache holding none of their weights."""
+    import gc
+    import weakref
+
+    from customgen.models import load_components
+    from customgen.models.footprint import sampling_peak
+
+    comps = load_components("tiny", device="cpu")
+    unet = weakref.ref(comps.unet)
+    first = sampling_peak(comps, kind="txt2img", size=(48, 64), batch=3, dtype=torch.float16)
+    del comps
+    gc.collect()
+    assert unet() is None
+    again = load_components("tiny", device="cpu")
+    assert sampling_peak(again, kind="txt2img", size=(48, 64), batch=3, dtype=torch.float16) == first
+
+
+def test_plan_sample_predicts_what_the_loaded_call_predicts(tmp_path, capsys):
+    """`customgen plan --sample stylize` loads no weights (styles from their files' shapes, add-ons from their
+    configs and shapes) and predicts the bytes a session with everything loaded predicts for the same call: a LoRA
+    and a Textual Inversion artifact, a kohya LoRA file, a LoHa file with a bundled embedding, a local ControlNet and
+    IP-Adapter, in bf16 (a card that computes it)."""
+    from customgen.inference import adapters, clear_sessions, get_session
+    from customgen.inference.fit import ladder as sampling_ladder, styles_bytes
+    from customgen.inference.library import StyleLibrary
+    from customgen.models.addons import controlnet_file, ip_adapter_file
+    from customgen.models.footprint import addon_shapes
+    from customgen.models.weightfile import family
+    from tests import community_files as cf
+    from tests.addon_fixtures import seeded_controlnet, write_controlnet, write_ip_adapter
+    from tests.artifact_fixtures import make_lora, make_textual_inversion
+
+    clear_sessions()
+    session = get_session("tiny", device="cpu", dtype="bf16")
+    lib = tmp_path / "styles"
+    make_lora(lib / "lora_a", text_encoder=True)
+    make_textual_inversion(lib / "ti_a", n_vectors=2)
+    comps = session.comps
+    cf.write(lib / "plain.safetensors", cf.kohya_state(comps, "locon", conv=False, text_encoder=False, seed=3))
+    cf.write(lib / "ink.safetensors", cf.kohya_state(comps, "loha", seed=4) | {
+        "bundle_emb.ink_style.string_to_param.*": cf.embedding(32, 2, seed=1)})
+    net = write_controlnet(tmp_path / "control_tiny.safetensors", seeded_controlnet("tiny", seed=1))
+    ip = write_ip_adapter(tmp_path / "h94", "tiny", seed=2)
+    names = ["lora_a", "ti_a", "plain", "ink"]
+    argv = ["plan", "--sample", "stylize", "--model", "tiny", "--styles", str(lib), "--controlnet", str(net),
+            "--ip-adapter", str(ip), "--size", "64x48", "--batch", "3", "--gpu", "40", "--json"]
+    for name in names:
+        argv += ["--style", name]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["call"] == "stylize" and rep["dtype"] == "bfloat16" and rep["fits"]
+    assert [s["kind"] for s in rep["styles"]] == ["lora", "textual_inversion", "lora", "merged"]
+
+    library = StyleLibrary(lib)
+    session.activate([(library.resolve(n), 1.0) for n in names])
+    assert [s["bytes"] for s in rep["styles"]] == [session.loaded[library.resolve(n).key].kind.resident_bytes(
+        session, session.loaded[library.resolve(n).key]) for n in names]
+    assert all(s["bytes"] > 0 for s in rep["styles"]) and rep["bytes"]["styles"] == styles_bytes(session)
+    fam = family(session)
+    loaded = addon_shapes(adapters.load_controlnet(session, "canny", controlnet_file(net, fam)),
+                          adapters.ip_adapter_weights(session, ip_adapter_file(ip, None, fam)))
+    need = next(sampling_ladder(session.comps, kind="img2img", size=(48, 64), batch=3, dtype=torch.bfloat16,
+                       addons=loaded, styles=styles_bytes(session)))[3]
+    assert rep["tried"][0]["total_bytes"] == need
+    clear_sessions()
+
+
+def test_plan_sample_refuses_in_one_line_before_anything_loads(tmp_path, capsys):
+    """A file customgen cannot use, an SDXL file, a bad size or batch, a CONFIG mixed with --sample options: one
+    line, exit 2; a card nothing fits is the table, then the line."""
+    from tests import community_files as cf
+
+    sdxl = cf.write(tmp_path / "xl.safetensors", {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
+                                                  torch.zeros(4, 768)})
+    cases = [(["--style", str(sdxl)], "SDXL"), (["--style", str(tmp_path / "missing.safetensors")], "does not exist"),
+             (["--size", "65"], "multiples of 8"), (["--size", "big"], "WIDTHxHEIGHT"), (["--batch", "0"], "at least 1"),
+             (["--sample", "generate", "--controlnet", str(tmp_path)], "--sample stylize"),
+             ([str(ROOT / "configs" / "lora_style.yaml"), "--sample", "stylize"], "give one of them"),
+             (["--set", "train.steps=2"], "training CONFIG")]
+    for extra, message in cases:
+        assert main(["plan", "--model", "tiny", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and err.startswith("error: "), (extra, err)
+    assert main(["plan"]) == 2 and "--sample stylize|generate" in capsys.readouterr().err
+    assert main(["plan", "--sample", "generate", "--model", "sd15-random", "--size", "1024", "--batch", "4",
+                 "--gpu", "2"]) == 2  # SD v1.5's fp16 weights alone are 2 GiB
+    captured = capsys.readouterr()
+    assert "does not fit" in captured.out and "use a smaller --size or fewer --num-images" in captured.err
+
+
 def test_generate_demo_and_evaluate_plan_for_their_cap(tmp_path):
     """generate keeps its batch (one generator) and turns on VAE slicing when the cap asks; the demo's handler and
     the evaluation's requests carry the cap."""

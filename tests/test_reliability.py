@@ -321,12 +321,12 @@ FILE_CASES = ["sdxl lora_te1_/lora_te2_", "sdxl 2048-wide", "sd2 1024-wide", "sd
 
 
 @pytest.mark.parametrize("case", FILE_CASES)
-@pytest.mark.parametrize("command", ["stylize", "generate", "export"])
+@pytest.mark.parametrize("command", ["stylize", "generate", "export", "plan"])
 def test_refused_style_file_is_one_line_before_any_model_loads(sb, capfd, monkeypatch, downloads, case, command):
     """Input: --style FILE (export: FILE) of another family, unsafe, damaged or of an unsupported layout, with no
     model able to load; expected: exit 2, one line naming the file and why, nothing run from the file."""
     from customgen import export as export_module
-    from customgen.inference import img2img, txt2img
+    from customgen.inference import img2img, plan, txt2img
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the file was checked")
@@ -334,9 +334,11 @@ def test_refused_style_file_is_one_line_before_any_model_loads(sb, capfd, monkey
     for module in (img2img, txt2img):
         monkeypatch.setattr(module, "get_session", no_model)
     monkeypatch.setattr(export_module, "load_components", no_model)
+    monkeypatch.setattr(plan, "load_architecture", no_model)  # not even the weightless architecture
     path, match = downloads[case]
     argv = {"stylize": lambda: stylize(sb, "--style", path), "generate": lambda: generate(sb, "--style", path),
-            "export": lambda: ["export", path, "--out", sb.root / "refused_export.safetensors"]}[command]()
+            "export": lambda: ["export", path, "--out", sb.root / "refused_export.safetensors"],
+            "plan": lambda: ["plan", "--sample", "stylize", "--model", "tiny", "--style", path]}[command]()
     cli(capfd, sb.root, argv, code=2, match=re.escape(path.name) + ".*" + match, changes=[sb.root / "downloads"])
     assert not (sb.root / "PAYLOAD_RAN").exists()
 

@@ -121,7 +121,15 @@ def _cmd_train(args) -> int:
     return 0
 
 
+SAMPLING_PLAN = ("sample", "style", "styles", "controlnet", "ip_adapter", "image_encoder", "size", "batch")
+
+
 def _cmd_plan(args) -> int:
+    asked = [f"--{k.replace('_', '-')}" for k in SAMPLING_PLAN if getattr(args, k) is not None]
+    if args.config is None:
+        return _cmd_sampling_plan(args)
+    if asked:
+        raise UserError(f"{' '.join(asked)} plan a sampling call, CONFIG a training run: give one of them")
     from customgen.train.plan import plan_command  # lazy
 
     cfg = load_cli_config(args)
@@ -129,6 +137,29 @@ def _cmd_plan(args) -> int:
     parts += (["--gpu", args.gpu] if args.gpu else []) + [f"--set {shlex.quote(kv)}" for kv in args.set or []]
     with document_only(args.json) as emit:
         return plan_command(cfg, gpu=args.gpu, as_json=args.json, command=" ".join(parts), emit=emit)
+
+
+def _cmd_sampling_plan(args) -> int:
+    """`customgen plan --sample stylize|generate ...`: no CONFIG (handler: customgen.inference.plan)."""
+    if args.set or args.smoke:
+        raise UserError("--set and --smoke change a training CONFIG: `customgen plan CONFIG`; a sampling call is "
+                        "planned with --sample and its options")
+    if args.sample is None and not any(getattr(args, k) is not None for k in SAMPLING_PLAN):
+        raise UserError("give a CONFIG to plan a training run, or --sample stylize|generate to plan a sampling call")
+    from customgen.inference.plan import sampling_plan_command  # lazy
+
+    parts = ["customgen plan", "--sample", args.sample or "stylize"] + [
+        f"{flag} {shlex.quote(str(v))}" for flag, v in
+        [("--model", args.model)] + [("--style", v) for v in args.style or []]
+        + [("--styles", args.styles), ("--controlnet", args.controlnet), ("--ip-adapter", args.ip_adapter),
+           ("--image-encoder", args.image_encoder), ("--size", args.size), ("--batch", args.batch),
+           ("--gpu", args.gpu)] if v is not None]
+    with document_only(args.json) as emit:
+        return sampling_plan_command(
+            model=args.model or DEFAULT_MODEL, call=args.sample or "stylize", styles=args.style or (),
+            styles_dir=args.styles, controlnet=args.controlnet, ip_adapter=args.ip_adapter,
+            image_encoder=args.image_encoder, size=args.size, batch=args.batch if args.batch is not None else 1,
+            gpu=args.gpu, as_json=args.json, command=" ".join(parts), emit=emit)
 
 
 def _cmd_evaluate(args) -> int:
@@ -191,8 +222,10 @@ def _cmd_demo(args) -> int:
     return cmd_demo(args)
 
 
-def _add_config_args(s) -> None:
-    s.add_argument("config", help="a YAML file of overrides, or a name in configs/ or configs/studies/ (subject_report)")
+def _add_config_args(s, optional: bool = False) -> None:
+    s.add_argument("config", nargs="?" if optional else None,
+                   help="a YAML file of overrides, or a name in configs/ or configs/studies/ (subject_report)"
+                        + ("; none with --sample" if optional else ""))
     s.add_argument("--model", default=None, help="model reference (overrides model.ref)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. data.root=/data")
     s.add_argument("--smoke", action="store_true", help="tiny settings (64 px, 2 steps): a plumbing check, not a result")
@@ -266,12 +299,24 @@ def _add_bucket_args(s) -> None:
 
 
 def _add_plan_command(sub) -> None:
-    """`customgen plan` (handler: customgen.train.plan)."""
-    s = sub.add_parser("plan", help="predict a training run's peak GPU memory on a card (no GPU needed): fits or not")
-    _add_config_args(s)
+    """`customgen plan` (handlers: customgen.train.plan for a CONFIG, customgen.inference.plan for --sample)."""
+    s = sub.add_parser("plan", help="predict a training run's or a sampling call's peak GPU memory on a card (no GPU "
+                                    "and no weights needed): fits or not")
+    _add_config_args(s, optional=True)
     s.add_argument("--gpu", default=None, metavar="NAME|GiB",
                    help="t4, p100, l4, a10, a100-40, a100-80, h100 or a size in GiB (default: this GPU, else t4)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    g = s.add_argument_group("a sampling call instead of a CONFIG (stylize or generate with these styles and add-ons)")
+    g.add_argument("--sample", choices=("stylize", "generate"), default=None, help="the call (default: stylize)")
+    g.add_argument("--style", action="append", default=None, metavar="NAME|PATH",
+                   help="a library style, artifact folder or file from elsewhere; repeat for a blend")
+    g.add_argument("--styles", default=None, metavar="DIR",
+                   help="style library folder (default $CUSTOMGEN_STYLES or outputs/styles)")
+    g.add_argument("--size", default=None, metavar="N|WxH",
+                   help="working size: a side (square) or WIDTHxHEIGHT (default: the model's resolution)")
+    g.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="images per call: stylize's --batch, generate's --num-images (default 1)")
+    _local_addon_args(g)
     s.set_defaults(func=_cmd_plan)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from customgen.budget import GPUS, device_gpu
 from customgen.errors import Notice, UserError
 
 P100_FIX = (
@@ -261,3 +262,12 @@ def moved(*modules, device):
     finally:
         for m, home in homes:
             m.to(home)
+
+
+def default_gpu():
+    """The card a plan is for when none is named: the GPU this process runs on, else a Kaggle T4 (customgen's
+    users' card)."""
+    if not torch.cuda.is_available():
+        return GPUS["t4"]
+    info = probe()
+    return device_gpu(info.name, info.total_bytes, bf16=info.bf16, bnb=bnb_works(info.device))

@@ -61,22 +61,34 @@ def candidates(batch: int, split: bool) -> list[tuple[int, bool, bool]]:
     return out
 
 
+def ladder(comps, *, kind: str, size: tuple[int, int], batch: int, dtype: torch.dtype, split: bool = True,
+           addons: Addons | None = None, styles: int = 0):
+    """(batch, slicing, tiling, predicted bytes) of each candidate, fastest first: the card must hold that total
+    (fixed costs included) for the candidate to run."""
+    for b, slicing, tiling in candidates(batch, split):
+        yield b, slicing, tiling, total_bytes(sampling_peak(comps, kind=kind, size=size, batch=b, dtype=dtype,
+                                                            slicing=slicing, tiling=tiling, addons=addons) + styles)
+
+
+def too_big(kind: str, size: tuple[int, int], need: int, batch: int, cap: int, split: bool) -> str:
+    """The line when even the smallest candidate does not fit."""
+    return (f"one {kind} call of {size[1]}x{size[0]} px needs {need / GIB:.2f} GiB on the GPU (predicted, VAE "
+            f"tiling, batch {batch}), more than {cap / GIB:.2f} GiB: use a smaller --size"
+            + ("" if split else " or fewer --num-images"))
+
+
 def fit_sampling(session, *, kind: str, size: tuple[int, int], batch: int, cap_gib: float | None = None,
                  split: bool = True, addons: Addons | None = None) -> SamplingFit:
     """The first (batch, slicing, tiling) predicted to fit; one line when nothing does."""
     cap = card_bytes(session, cap_gib)
     if cap is None:
         return SamplingFit(batch)
-    dtype = session.comps.unet.dtype
-    need, styles = 0, styles_bytes(session)
-    for b, slicing, tiling in candidates(batch, split):
-        need = total_bytes(sampling_peak(session.comps, kind=kind, size=size, batch=b, dtype=dtype, slicing=slicing,
-                                         tiling=tiling, addons=addons) + styles)
+    for b, slicing, tiling, need in ladder(session.comps, kind=kind, size=size, batch=batch,
+                                           dtype=session.comps.unet.dtype, split=split, addons=addons,
+                                           styles=styles_bytes(session)):
         if need <= cap:
             return SamplingFit(b, slicing, tiling, need, cap)
-    raise UserError(f"one {kind} call of {size[1]}x{size[0]} px needs {need / GIB:.2f} GiB on the GPU (predicted, VAE "
-                    f"tiling, batch {b}), more than {cap / GIB:.2f} GiB: use a smaller --size"
-                    + ("" if split else " or fewer --num-images"))
+    raise UserError(too_big(kind, size, need, b, cap, split))
 
 
 def use(session, fit: SamplingFit) -> None:

@@ -181,3 +181,8 @@ class Kind:
         """Bytes a loaded style keeps on the model's device beside the base weights while sampling (LoRA: its
         adapter; Textual Inversion: its embedding rows); what the sampling prediction adds (inference.fit)."""
         return 0
+
+    def planned_bytes(self, style, element_size: int) -> int:
+        """`resident_bytes` known before anything loads, from the manifest or the file, for weights of
+        `element_size` bytes: what `customgen plan --sample` adds for the style (inference.plan)."""
+        return 0

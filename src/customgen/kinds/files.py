@@ -1,6 +1,7 @@
 """File helpers every kind uses: open a weights file safely, and keep an artifact inside its own folder."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -9,6 +10,14 @@ from safetensors import safe_open
 from customgen.errors import UserError
 
 MAX_DETAIL = 200  # characters of a library's message quoted in ours (whole words, then "…")
+
+
+def tensor_values(path: Path) -> int:
+    """How many values a weights file's tensors hold (scalars such as kohya's `.alpha` left out: no layer keeps them
+    as tensors), from the safetensors header alone or a weights-only read."""
+    from customgen.models.weightfile import tensor_shapes  # lazy: models imports kinds
+
+    return sum(math.prod(shape) for shape in tensor_shapes(Path(path)).values() if len(shape) > 0)
 
 
 def inside(folder: Path, name: str) -> Path:

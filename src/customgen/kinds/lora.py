@@ -35,7 +35,7 @@ from customgen.formats.writing import kohya_metadata, kohya_state
 from customgen.kinds.adapter_types import (TYPES, add_adapter, alpha_of, conv_settings, kohya_network,
                                            saved_parameters, text_encoder_config, trained_layers, unet_config)
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import export_stem, first_line, readable
+from customgen.kinds.files import export_stem, first_line, inside, readable, tensor_values
 from customgen.kinds.foreign import NAME as MERGED, check_applied, check_file
 from customgen.kinds.freeze import freeze
 from customgen.kinds.pivotal import Pivotal, PivotalHooks, aliased, check_artifact, load_tokens, single_file_refusal
@@ -291,6 +291,12 @@ class LoraKind(Kind):
         emb = session.comps.text_encoder.get_input_embeddings().weight  # pivotal: its embedding rows
         rows = len(session.state(self).tokens.get(style.key, {})) * emb.shape[1] * emb.element_size()
         return sum(t.numel() * t.element_size() for t in tensors) + rows
+
+    def planned_bytes(self, style, element_size: int) -> int:
+        """The adapter's values (and a pivotal run's new rows), from the files' tensor shapes."""
+        m = style.manifest
+        files = [inside(style.folder, m.weights)] + ([inside(style.folder, m.embeddings)] if m.embeddings else [])
+        return sum(tensor_values(f) for f in files) * element_size
 
     def stock_variants(self) -> dict[str, bool]:
         return {"load_lora_weights": False, "load_lora_weights + fuse_lora": True}  # customgen fuses one style

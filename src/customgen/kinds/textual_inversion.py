@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from customgen.errors import UserError
 from customgen.kinds.base import Kind, Method, Recipe
-from customgen.kinds.files import export_stem, first_line
+from customgen.kinds.files import export_stem, first_line, inside, tensor_values
 from customgen.kinds.freeze import freeze
 from customgen.kinds.validate import RETRAIN, check_embeddings
 from customgen.models import build_pipeline
@@ -198,3 +198,7 @@ class TextualInversionKind(Kind):
         token = self.loaded_token(session, style)
         rows = sum(1 for t in session.comps.tokenizer.get_vocab() if t == token or t.startswith(f"{token}_"))
         return rows * emb.shape[1] * emb.element_size()
+
+    def planned_bytes(self, style, element_size: int) -> int:
+        """Its rows, from the embedding file's tensor shapes."""
+        return tensor_values(inside(style.folder, style.manifest.weights)) * element_size

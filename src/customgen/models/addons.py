@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from customgen.errors import UserError
+from customgen.models.footprint import Addons
 from customgen.models.builders import CONFIGS
 from customgen.models.weightfile import (PICKLES, SAFETENSORS, check_width, existing, family_config, read_weights,
                                          tensor_shapes)
@@ -271,3 +272,23 @@ def load_ip_adapter_file(source: IPAdapterFile) -> tuple[dict, object, object]:
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(source.encoder)).eval()
     size = encoder.config.image_size
     return state, encoder, CLIPImageProcessor(size=size, crop_size=size)
+
+
+# --- shapes alone (customgen plan) ----------------------------------------------------------------------------------
+def planned_addons(controlnet: ControlNetFile | None, ip_adapter: IPAdapterFile | None) -> Addons | None:
+    """The add-ons of a call by shape, from checked files without loading their weights (the ControlNet's config;
+    the IP-Adapter's tensor shapes and its encoder's config): what `customgen plan --sample` predicts with."""
+    if controlnet is None and ip_adapter is None:
+        return None
+    net = ip = None
+    if controlnet is not None:
+        net = json.dumps(ControlNetModel.load_config(str(controlnet.config)), sort_keys=True, default=str)
+    if ip_adapter is not None:
+        state: dict[str, dict] = {"image_proj": {}, "ip_adapter": {}}
+        for name, shape in tensor_shapes(ip_adapter.path).items():
+            part, _, key = name.partition(".")
+            if part in state:
+                state[part][key] = list(shape)
+        encoder = CLIPVisionConfig.from_pretrained(str(ip_adapter.encoder)).to_dict()
+        ip = json.dumps({"encoder": encoder, "state": state}, sort_keys=True, default=str)
+    return Addons(net, ip)

@@ -253,6 +253,19 @@ def place(module, device, dtype) -> None:
         module.to(dtype)
 
 
+SD15_REFS = (DEFAULT_MODEL, "sd15-random")  # references whose architecture is the shipped SD v1.5 configs
+
+
+def load_architecture(ref: str | Path) -> Components:
+    """The model's architecture without weights (meta tensors) for a plan: the shipped configs for SD v1.5's Hub id,
+    `sd15-random` and `tiny` (no network, nothing downloaded), the configs of a folder, file or cached Hub model
+    otherwise."""
+    parsed = resolve_ref(ref)
+    if parsed.kind in ("tiny", "sd15-random") or parsed.value in SD15_REFS:
+        return build_reserved("tiny" if parsed.kind == "tiny" else "sd15-random", meta=True)
+    return load_components(ref, meta=True)
+
+
 def load_components(ref: str | Path = DEFAULT_MODEL, *, dtype=None, device=None, meta: bool = False) -> Components:
     """Model reference → `Components` on `device` in `dtype` (defaults from the GPU probe)."""
     parsed = resolve_ref(ref)

@@ -27,20 +27,16 @@ from customgen.data import ImageRecord
 from customgen.data.cache import CachedLatents
 from customgen.kinds import make_method
 from customgen.memory import MemoryPlan, moved
-from customgen.models import Components, build_reserved, load_components
+from customgen.models import Components, load_components
 from customgen.models.footprint import quiet, sample_once
-from customgen.models.loading import place, resolve_ref
+from customgen.models.loading import load_architecture, place
 from customgen.peak import LiveBytes, blocks, fake_cuda, materialize
-from customgen.request import DEFAULT_MODEL
 from customgen.train.build import STYLE_LIMIT, WEIGHT_DTYPES, Run, assemble, memory_helpers, place_weights
 from customgen.train.data import ImageSet, run_shape
 from customgen.train.loop import offload_unused, optimizer_step
 from customgen.train.optimizers import adamw, make_optimizer
 from customgen.train.perceptual import Perceptual
 from customgen.train.validation import eval_mode, validation_content
-
-SD15_REFS = (DEFAULT_MODEL, "sd15-random")  # references whose architecture is the shipped SD v1.5 configs
-
 
 @dataclass
 class Estimate:
@@ -199,15 +195,6 @@ def shape_set(cfg: Config, n: int, caption: str = "", *, size: tuple[int, int] |
     return ImageSet(ShapeImages(n, (w, h), caption), latents)
 
 
-def architecture(ref: str) -> Components:
-    """The model's architecture without weights (meta tensors): shipped configs for SD v1.5 references and tiny,
-    the configs of a folder, file or cached Hub model otherwise."""
-    parsed = resolve_ref(ref)
-    if parsed.kind in ("tiny", "sd15-random") or parsed.value in SD15_REFS:
-        return build_reserved("tiny" if parsed.kind == "tiny" else "sd15-random", meta=True)
-    return load_components(ref, meta=True)
-
-
 def estimate_training(cfg: Config, plan: MemoryPlan, *, fake: bool = True, comps: Components | None = None) -> Estimate:
     """Bytes of `cfg`'s run under `plan` on a fake CUDA device (`fake`), or measured on real CPU tensors of `comps`
     (default: the model loaded on the CPU in fp32)."""
@@ -215,7 +202,7 @@ def estimate_training(cfg: Config, plan: MemoryPlan, *, fake: bool = True, comps
     cfg = plan.apply(cfg)
     device = "cuda" if fake else "cpu"
     if comps is None:
-        comps = architecture(cfg.model.ref) if fake else load_components(cfg.model.ref, device="cpu",
+        comps = load_architecture(cfg.model.ref) if fake else load_components(cfg.model.ref, device="cpu",
                                                                            dtype=torch.float32)
     with quiet(), (fake_cuda() if fake else contextlib.nullcontext(None)) as mode, LiveBytes(device) as live:
         live.add_all(comps.unet, comps.vae, comps.text_encoder)

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import json
 
-import torch
-
-from customgen.budget import GIB, GPUS, Gpu, device_gpu, fixed_costs, parse_gpu
+from customgen.budget import GIB, fixed_costs, parse_gpu
 from customgen.config import Config
 from customgen.errors import UserError
-from customgen.memory import bnb_works, probe
+from customgen.memory import default_gpu
 from customgen.train.data import settle_data
 from customgen.train.fit import Fitted, describe, plan_for, refusal
 from customgen.train.optimizers import check_optimizer
 
 CAVEAT = ("a prediction (fake CUDA tensors, the run's own code) until `customgen bench --jobs memory` has measured "
           "this card")
-
-
-def default_gpu() -> Gpu:
-    """The GPU this process runs on, else a Kaggle T4 (customgen's users' card)."""
-    if not torch.cuda.is_available():
-        return GPUS["t4"]
-    info = probe()
-    return device_gpu(info.name, info.total_bytes, bf16=info.bf16, bnb=bnb_works(info.device))
 
 
 def report(cfg: Config, fitted: Fitted, *, command: str = "") -> dict:
