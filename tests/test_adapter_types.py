@@ -30,6 +30,7 @@ from customgen.train.checkpoint import checkpoints
 from tests import community_files as cf
 from tests.image_fixtures import make_instance_folder, make_wikiart_tree
 from tests.interrupt import killed_at
+from tests.t4_step import fp16_scaled_step
 from tests.tolerance import gamma
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,25 +138,7 @@ def test_each_setting_trains_in_bf16_and_resumes_bit_identically_after_a_kill(na
 def test_fp16_path_of_a_t4_with_grad_scaler_steps_each_setting(name, data, tmp_path):
     """The T4 recipe on CPU: frozen weights fp16, the adapter's tensors fp32 (DoRA magnitudes, LoHa/LoKr factors
     included), fp16 autocast, GradScaler unscale + step."""
-    from customgen.memory import MemoryPlan
-    from customgen.train.build import place_components
-
-    cfg = cfg_for(name, data)
-    run = build_run(cfg, tmp_path / "fp16")
-    place_components(cfg, run.comps, run.accelerator, MemoryPlan("fp16", True, "adamw"), run.method)
-    trained_params = run.method.trained_params(run.comps)
-    assert {p.dtype for p in trained_params.values()} == {torch.float32}
-    assert {p.dtype for p in run.comps.unet.parameters() if not p.requires_grad} == {torch.float16}
-    before = {k: v.detach().clone() for k, v in trained_params.items()}
-    optimizer, scaler = run.optimizer.optimizer, torch.amp.GradScaler("cpu")
-    with torch.autocast("cpu", dtype=torch.float16):
-        losses = loop.step_losses(run, 0)
-    scaler.scale(losses["loss"]).backward()
-    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients." if a trainable were fp16
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in trained_params.values())
-    scaler.step(optimizer)
-    scaler.update()
-    assert any(not torch.equal(before[k], v) for k, v in trained_params.items())
+    fp16_scaled_step(cfg_for(name, data), tmp_path / "fp16")
 
 
 # --- exports -------------------------------------------------------------------------------------------------------

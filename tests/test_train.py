@@ -20,6 +20,7 @@ from customgen.train.checkpoint import checkpoints
 from tests.artifact_fixtures import assert_same_lora, stock_reads_kohya_text_encoder
 from tests.image_fixtures import make_instance_folder, make_kohya_tree, make_wikiart_tree
 from tests.interrupt import killed_at
+from tests.t4_step import fp16_scaled_step
 from tests.launch import launch_two_processes
 from tests.tolerance import PIXEL_LEVELS
 
@@ -351,27 +352,8 @@ def test_recipe_trains_in_bf16_with_gradient_checkpointing_and_reloads(recipe, d
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_fp16_path_of_a_t4_with_grad_scaler_steps_each_method(recipe, data, tmp_path):
     """The T4 recipe: frozen weights fp16, trainables fp32, fp16 autocast, GradScaler unscale + step (on CPU)."""
-    from customgen.memory import MemoryPlan
-    from customgen.train.build import place_components
-
-    cfg = recipe_cfg(recipe, data, "loss.lpips=0", "loss.gram=0", "train.gradient_checkpointing=true")
-    run = build_run(cfg, tmp_path / "fp16")
-    run.weight_dtype = place_components(cfg, run.comps, run.accelerator, MemoryPlan("fp16", True, "adamw"), run.method)
-    trained = run.method.trained_params(run.comps)
-    assert {p.dtype for p in trained.values()} == {torch.float32}
-    assert {p.dtype for p in run.comps.unet.parameters() if not p.requires_grad} == {torch.float16}
-    before = {k: v.detach().clone() for k, v in trained.items()}
-    optimizer, scaler = run.optimizer.optimizer, torch.amp.GradScaler("cpu")
-    with torch.autocast("cpu", dtype=torch.float16):
-        losses = loop.step_losses(run, 0)
-    assert torch.isfinite(losses["loss"])
-    scaler.scale(losses["loss"]).backward()
-    scaler.unscale_(optimizer)  # raises "Attempting to unscale FP16 gradients." if a trainable were fp16
-    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in trained.values())
-    scaler.step(optimizer)
-    scaler.update()
-    run.method.after_step(run.comps)
-    assert any(not torch.equal(before[k], v) for k, v in trained.items())
+    fp16_scaled_step(recipe_cfg(recipe, data, "loss.lpips=0", "loss.gram=0", "train.gradient_checkpointing=true"),
+                     tmp_path / "fp16")
 
 
 def test_two_runs_in_one_process_may_change_precision(data, tmp_path):
