@@ -422,7 +422,7 @@ def test_prodigy_without_its_package_is_one_line_before_any_weight_loads(sb, cap
         raise AssertionError("a model was loaded before the optimizer was checked")
 
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # `import prodigyopt` raises ImportError
-    for module, name in ((build, "load_components"), (estimate, "architecture"), (estimate, "load_components")):
+    for module, name in ((build, "load_components"), (estimate, "load_architecture"), (estimate, "load_components")):
         monkeypatch.setattr(module, name, no_model)
     argv = train_argv(sb.root, sb.root / "work" / "never", "train.optimizer=prodigy")
     if command == "plan":

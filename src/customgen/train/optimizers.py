@@ -42,7 +42,7 @@ def adamw(groups: list[dict], *, weight_decay: float, fused: bool | None = None)
     if fused:
         try:  # the constructor writes its defaults into the group dicts: each attempt gets copies
             optimizer = torch.optim.AdamW([dict(g) for g in groups], weight_decay=weight_decay, fused=True)
-        except RuntimeError:
+        except RuntimeError:  # no fused kernel for these tensors (dtype, device): the for-loop AdamW below
             pass
         else:
             # fp16's GradScaler would hand an overflowing step to the fused kernel to skip, and accelerate would not
