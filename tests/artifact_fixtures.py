@@ -16,6 +16,7 @@ from PIL import Image
 
 from customgen import kinds
 from customgen.kinds import dreambooth, lora, textual_inversion
+from customgen.kinds.adapter_types import add_adapter
 from customgen.kinds import Manifest
 from customgen.config import TEXT_ENCODER_TARGETS
 from customgen.models import load_components
@@ -80,10 +81,10 @@ def _lora_weights(folder: Path, seed: int, rank: int, alpha: float, text_encoder
     unet = comps.unet
     if cross_attention_dim is not None:  # "another base model": same blocks, different text width
         unet = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": cross_attention_dim})
-    lora.add_lora(unet, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    add_adapter(unet, LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     te = comps.text_encoder if text_encoder else None
     if te is not None:
-        lora.add_lora(te, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS),
+        add_adapter(te, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS),
                                      init_lora_weights="gaussian"))
     gen = torch.Generator().manual_seed(seed)
     for model in filter(None, (unet, te)):

@@ -23,6 +23,7 @@ from customgen import kinds
 from customgen.config import LORA_TARGETS, TEXT_ENCODER_TARGETS
 from customgen.inference import clear_sessions, generate, get_session
 from customgen.kinds import Manifest, dreambooth, lora, textual_inversion
+from customgen.kinds.adapter_types import add_adapter
 from customgen.models import load_components, save_pipeline
 
 FACTS = {"name": "", "method": "dreambooth_lora_subject", "base_model": "", "resolution": 64, "steps": 1, "lr": 1e-4,
@@ -41,8 +42,8 @@ def fill(params: dict, seed: int, std: float) -> None:
 
 def write(base: str, out: Path) -> None:
     c = load_components(base, device="cpu", dtype=torch.float32)
-    lora.add_lora(c.unet, LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGETS)))
-    lora.add_lora(c.text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=list(TEXT_ENCODER_TARGETS)))
+    add_adapter(c.unet, LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGETS)))
+    add_adapter(c.text_encoder, LoraConfig(r=4, lora_alpha=4, target_modules=list(TEXT_ENCODER_TARGETS)))
     for model, seed in ((c.unet, 1), (c.text_encoder, 2)):
         names = {n.replace("text_model.", ""): p for n, p in model.named_parameters() if "lora_" in n}
         fill(names, seed, 0.3)

@@ -47,7 +47,6 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 # an older peft's LoraConfig(**metadata) refuses, so a file written under the newest peft would not load on Kaggle.
 PORTABLE_CONFIG = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights",
                    "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
-add_lora = add_adapter  # the name tests and older callers use
 
 
 # --- files -------------------------------------------------------------------------------------------------
